@@ -1,0 +1,57 @@
+"""The ``puzzle`` command: one entry point, one subcommand per stage.
+
+Each subcommand lives in its own module exposing ``add_parser(subparsers)``, which registers the
+subcommand and sets ``func`` (a callable taking the parsed args and returning an exit code).
+Errors derived from :class:`puzzle.errors.PuzzleError` are printed as one line, without a
+traceback, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from puzzle import __version__
+from puzzle.errors import PuzzleError
+
+# Subcommand modules, in the order `puzzle --help` lists them. A new stage adds one line here.
+COMMAND_MODULES = [
+    "puzzle.cli.inspect_cmd",
+    "puzzle.cli.export_cmd",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="puzzle",
+        description="Distillation-based NAS: turn a Llama-family parent into a faster heterogeneous child.",
+    )
+    parser.add_argument("--version", action="version", version=f"puzzle {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except PuzzleError as e:
+        print(f"puzzle {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"puzzle {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

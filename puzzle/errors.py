@@ -1,0 +1,48 @@
+"""Typed errors. Each names what the user should fix; the CLI prints them without a traceback.
+
+Every class derives from :class:`PuzzleError` and from the builtin exception a caller would
+naturally catch (``ValueError`` for bad values, ``FileNotFoundError`` for missing files), so both
+``except PuzzleError`` and the builtin work.
+"""
+
+from __future__ import annotations
+
+
+class PuzzleError(Exception):
+    """Base class of every error this toolkit raises on purpose."""
+
+
+class SchemaError(PuzzleError, ValueError):
+    """An architecture description (block configs) is invalid."""
+
+
+class ConfigError(PuzzleError, ValueError):
+    """A configuration file or option is invalid (unknown key, wrong type, bad value)."""
+
+
+class UnknownModelError(PuzzleError, ValueError):
+    """A model name is neither an embedded model nor an existing directory."""
+
+
+class ModelFilesError(PuzzleError, FileNotFoundError):
+    """A model directory lacks a file it needs (config.json, weights, tokenizer)."""
+
+
+class UnsupportedArchitectureError(PuzzleError, ValueError):
+    """A checkpoint's architecture (or one of its options) is not supported."""
+
+
+class UnsafeCheckpointError(PuzzleError, ValueError):
+    """A checkpoint only offers pickle-based weights (.bin/.pt/.pth), which are never loaded."""
+
+
+class CorruptArtifactError(PuzzleError, ValueError):
+    """An artifact on disk is truncated, inconsistent with its manifest, or unreadable."""
+
+
+class DataError(PuzzleError, ValueError):
+    """A data source is missing, empty, or in a format that cannot be read."""
+
+
+class ExportError(PuzzleError, ValueError):
+    """An export cannot be written (destination exists, would overwrite the parent, ...)."""

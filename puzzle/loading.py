@@ -1,0 +1,160 @@
+"""One entry point for every model source: embedded name, HF parent dir, runtime dir, DeciLM export.
+
+    resolve_source("smollm2-135m")  -> Source(kind="embedded", directory=<cache dir>)
+    load_config(source)             -> PuzzleConfig (no weights read)
+    load_model(source)              -> PuzzleForCausalLM
+    load_tokenizer(source)          -> a transformers tokenizer
+
+Nothing here contacts a model hub or executes code from a checkpoint directory: DeciLM
+configs are parsed by this project's own ``configuration_decilm`` module.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from puzzle.errors import ModelFilesError, UnknownModelError
+from puzzle.io import load_safetensors
+from puzzle.model import PuzzleConfig, PuzzleForCausalLM
+from puzzle.model.weights import model_from_state_dict
+from puzzle.parents import embedded
+from puzzle.parents.hf import hf_state_dict_to_runtime, puzzle_config_from_hf, read_config_json
+from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig
+
+log = logging.getLogger(__name__)
+
+KINDS = ("embedded", "hf", "runtime", "decilm")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model lives and how to read it."""
+
+    name: str
+    """What the user typed."""
+    kind: str
+    """``embedded`` (cached embedded parent), ``hf`` (Llama/Mistral/Qwen2 dir), ``runtime`` or ``decilm``."""
+    directory: Path
+    """The directory holding config.json, weights and tokenizer files."""
+
+
+def resolve_source(source: str | Path | Source) -> Source:
+    """Classify a model name or directory; raise a clear error when it is neither."""
+    if isinstance(source, Source):
+        return source
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        cfg = read_config_json(path)
+        return Source(name=text, kind=_kind_of(cfg), directory=path)
+    if path.exists():
+        raise ModelFilesError(f"{text} is a file; pass a model directory (with config.json) or an embedded name")
+    if embedded.canonical_name(text) is not None:
+        return Source(name=text, kind="embedded", directory=embedded.resolve_embedded(text))
+    known = ", ".join(sorted(embedded.EMBEDDED))
+    hint = ""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        hint = " It looks like a hub id: puzzle never downloads; fetch the model yourself and pass its directory."
+    raise UnknownModelError(
+        f"unknown model {text!r}: not an existing directory and not an embedded model ({known}).{hint}"
+    )
+
+
+def _kind_of(cfg: dict[str, Any]) -> str:
+    if cfg.get("model_type") == PuzzleConfig.model_type:
+        return "runtime"
+    if cfg.get("model_type") == "nemotron-nas" or "DeciLMForCausalLM" in (cfg.get("architectures") or []):
+        return "decilm"
+    return "hf"
+
+
+def _config_from_decilm(cfg: dict[str, Any]) -> PuzzleConfig:
+    from puzzle.export.remote.configuration_decilm import DeciLMConfig
+
+    kwargs = {k: v for k, v in cfg.items() if k not in ("architectures", "auto_map", "model_type", "transformers_version", "puzzle_version")}
+    deci = DeciLMConfig(**kwargs)
+    blocks = []
+    for spec in deci.resolved_blocks():
+        attention = AttentionConfig(kind=spec["attention"], num_key_value_heads=spec["num_key_value_heads"])
+        ffn = FFNConfig(kind=spec["ffn"], intermediate_size=spec["intermediate_size"])
+        blocks.append(BlockConfig(attention=attention, ffn=ffn))
+    swiglu = [b.ffn.intermediate_size for b in blocks if b.ffn.kind == "swiglu"]
+    return PuzzleConfig(
+        vocab_size=deci.vocab_size,
+        hidden_size=deci.hidden_size,
+        num_attention_heads=deci.num_attention_heads,
+        head_dim=deci.head_dim,
+        num_key_value_heads=deci.num_key_value_heads,
+        intermediate_size=deci.intermediate_size or (max(swiglu) if swiglu else 4 * deci.hidden_size),
+        block_configs=[b.to_dict() for b in blocks],
+        rms_norm_eps=deci.rms_norm_eps,
+        max_position_embeddings=deci.max_position_embeddings,
+        rope_parameters=deci.rope_parameters,
+        tie_word_embeddings=deci.tie_word_embeddings,
+        attention_bias=deci.attention_bias,
+        qkv_bias=deci.qkv_bias,
+        mlp_bias=deci.mlp_bias,
+        bos_token_id=deci.bos_token_id,
+        eos_token_id=deci.eos_token_id,
+        pad_token_id=deci.pad_token_id,
+        parent_architecture="DeciLMForCausalLM",
+    )
+
+
+def load_config(source: str | Path | Source) -> PuzzleConfig:
+    """The runtime config of any source, without reading weights."""
+    src = resolve_source(source)
+    cfg = read_config_json(src.directory)
+    where = str(src.directory / "config.json")
+    if src.kind == "runtime":
+        cfg = {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version", "architectures")}
+        return PuzzleConfig(**cfg)
+    if src.kind == "decilm":
+        return _config_from_decilm(cfg)
+    return puzzle_config_from_hf(cfg, where=where)
+
+
+def load_model(source: str | Path | Source, *, dtype: torch.dtype | None = torch.float32) -> PuzzleForCausalLM:
+    """Load any source into the runtime (eval mode, CPU, ``dtype``; None keeps the stored dtype)."""
+    src = resolve_source(source)
+    config = load_config(src)
+    state = load_safetensors(src.directory)
+    if src.kind in ("hf", "embedded"):
+        state = hf_state_dict_to_runtime(state, config)
+    model = model_from_state_dict(config, state, dtype=dtype)
+    model.name_or_path = str(src.directory)
+    return model
+
+
+def load_tokenizer(source: str | Path | Source) -> Any:
+    """The tokenizer stored with a model (local files only)."""
+    from transformers import AutoTokenizer
+
+    src = resolve_source(source)
+    if not any((src.directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ModelFilesError(f"{src.directory} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    return AutoTokenizer.from_pretrained(str(src.directory), trust_remote_code=False)
+
+
+def save_runtime(model: PuzzleForCausalLM, out_dir: str | Path, *, source: Source | None = None, overwrite: bool = False) -> Path:
+    """Save a runtime model (``model_type: puzzle``) with the source's tokenizer files, atomically."""
+    from puzzle.io import atomic_directory, atomic_write_json, copy_tokenizer_files, save_safetensors
+
+    config = model.config
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        save_safetensors(state, tmp)
+        data = config.to_dict()
+        data.pop("transformers_version", None)
+        atomic_write_json(tmp / "config.json", data)
+        if source is not None:
+            copy_tokenizer_files(source.directory, tmp)
+    return Path(out_dir)

@@ -1,0 +1,1 @@
+"""Parent models: local Hugging Face directories and embedded packaged models."""
