@@ -30,6 +30,9 @@ from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig
 log = logging.getLogger(__name__)
 
 KINDS = ("embedded", "hf", "runtime", "decilm")
+# transformers' generic config fields, meaningless for a decoder LM: kept out of runtime config.json files.
+_GENERIC_CONFIG_KEYS = {"transformers_version", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
+                        "is_encoder_decoder", "output_hidden_states", "output_attentions", "return_dict", "_name_or_path"}
 
 
 @dataclass(frozen=True)
@@ -152,8 +155,8 @@ def save_runtime(model: PuzzleForCausalLM, out_dir: str | Path, *, source: Sourc
         state.pop("lm_head.weight", None)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         save_safetensors(state, tmp)
-        data = config.to_dict()
-        data.pop("transformers_version", None)
+        data = {k: v for k, v in config.to_dict().items() if k not in _GENERIC_CONFIG_KEYS}
+        data["architectures"] = ["PuzzleForCausalLM"]
         atomic_write_json(tmp / "config.json", data)
         if source is not None:
             copy_tokenizer_files(source.directory, tmp)

@@ -40,17 +40,14 @@ class DeciLMForCausalLM(HeterogeneousForCausalLM):
 
 
 def ffn_mult_for(intermediate_size: int, hidden_size: int) -> tuple[float, bool]:
-    """The shortest ``ffn_mult`` (<= 6 decimals) that engines turn back into ``intermediate_size``.
+    """``ffn_mult`` for a SwiGLU width, and whether engines turn it back into that exact width.
 
-    Returns ``(ffn_mult, exact)``; ``exact`` is False when no value works (the size is not a
-    multiple of 256), in which case the closest value is returned.
+    The value is the exact ratio ``3 m / (2 h)`` rounded to 6 decimals, as NVIDIA's configs store
+    it (Llama-3.1-8B's 14336 at hidden 4096 is 5.25). The engines' rule only produces multiples
+    of 256, so any other width is not ``exact``.
     """
-    ideal = 3 * intermediate_size / (2 * hidden_size)
-    for digits in range(7):
-        mult = round(ideal, digits)
-        if mult > 0 and ffn_mult_to_intermediate_size(mult, hidden_size) == intermediate_size:
-            return mult, True
-    return round(ideal, 6), False
+    mult = round(3 * intermediate_size / (2 * hidden_size), 6)
+    return mult, ffn_mult_to_intermediate_size(mult, hidden_size) == intermediate_size
 
 
 def block_to_decilm(block: BlockConfig, *, num_attention_heads: int, hidden_size: int) -> tuple[dict[str, Any], bool]:

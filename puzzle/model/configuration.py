@@ -43,6 +43,9 @@ class PuzzleConfig(PreTrainedConfig):
         hidden_act: str = "silu",
         initializer_range: float = 0.02,
         use_cache: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
         parent_architecture: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -95,6 +98,9 @@ class PuzzleConfig(PreTrainedConfig):
         self.hidden_act = hidden_act
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
         self.parent_architecture = parent_architecture
         """The parent's HF architecture name, for provenance."""
         super().__init__(**kwargs)

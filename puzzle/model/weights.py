@@ -41,7 +41,7 @@ def model_from_state_dict(
             f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}"
         )
     params = dict(model.named_parameters())
-    for name in want:
+    for name in sorted(want):
         if tuple(state[name].shape) != tuple(params[name].shape):
             raise CorruptArtifactError(
                 f"{name}: checkpoint shape {tuple(state[name].shape)} != architecture shape {tuple(params[name].shape)}"

@@ -112,6 +112,9 @@ class DeciLMConfig(PreTrainedConfig):
         hidden_act: str = "silu",
         initializer_range: float = 0.02,
         use_cache: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
         **kwargs: Any,
     ) -> None:
         if "rope_scaling" in kwargs or "rope_theta" in kwargs:  # published Nemotron configs (transformers v4)
@@ -143,6 +146,9 @@ class DeciLMConfig(PreTrainedConfig):
         self.hidden_act = hidden_act
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
         super().__init__(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,42 @@
+"""``puzzle export SOURCE --out DIR``: write a DeciLM / nemotron-nas checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a DeciLM (nemotron-nas) checkpoint that vLLM / TensorRT-LLM / transformers load",
+        description="Export a model to the DeciLM format: config.json with block_configs, safetensors "
+        "weights, tokenizer files, and self-contained configuration_decilm.py / modeling_decilm.py "
+        "(load with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)). The output is "
+        "written to a temporary directory and renamed into place when complete.",
+    )
+    p.add_argument("source", help="embedded model name, Hugging Face parent directory, puzzle runtime "
+                   "directory, or DeciLM directory")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --force)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                   help="weight dtype of the export; auto keeps the source's stored dtype (default: auto)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out directory (never the source)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from puzzle.export import export_decilm
+    from puzzle.loading import load_model, resolve_source
+
+    src = resolve_source(args.source)
+    dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
+    model = load_model(src, dtype=dtype)
+    out = export_decilm(model, args.out, source_dir=src.directory, overwrite=args.force)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"exported {model.config.num_hidden_layers} layers ({next(model.parameters()).dtype}) to {out} "
+          f"({size / 2**20:.1f} MiB)")
+    print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    return 0
