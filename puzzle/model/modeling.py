@@ -51,8 +51,11 @@ class RMSNorm(nn.Module):
 def rope_inverse_frequencies(rope: dict[str, Any], head_dim: int) -> torch.Tensor:
     """Inverse frequencies (head_dim/2,) for ``default``, ``linear`` and ``llama3`` RoPE."""
     base = float(rope["rope_theta"])
-    # An explicit CPU device keeps this real even under a `torch.device("meta")` context.
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    # float32 throughout, in the order transformers uses, so parents reproduce to the last bit:
+    # a 1-ulp difference here grows with the position. The explicit CPU device keeps this real
+    # even under a `torch.device("meta")` context.
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (base**exponents)
     kind = rope.get("rope_type", "default")
     if kind == "default":
         pass
@@ -70,7 +73,7 @@ def rope_inverse_frequencies(rope: dict[str, Any], head_dim: int) -> torch.Tenso
         inv_freq = torch.where(is_medium, blended, inv_freq)
     else:
         raise ValueError(f"rope_type {kind!r} is not supported; supported: default, linear, llama3")
-    return inv_freq.float()
+    return inv_freq
 
 
 class RotaryEmbedding(nn.Module):
