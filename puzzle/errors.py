@@ -46,3 +46,11 @@ class DataError(PuzzleError, ValueError):
 
 class ExportError(PuzzleError, ValueError):
     """An export cannot be written (destination exists, would overwrite the parent, ...)."""
+
+
+class InfeasibleBudgetError(PuzzleError, ValueError):
+    """No architecture meets the budget and constraints; the message says what is achievable."""
+
+
+class SolverFailedError(PuzzleError, RuntimeError):
+    """A MIP solver stopped without a usable answer, or its answer failed verification."""

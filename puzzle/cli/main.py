@@ -20,6 +20,7 @@ from puzzle.errors import PuzzleError
 COMMAND_MODULES = [
     "puzzle.cli.inspect_cmd",
     "puzzle.cli.export_cmd",
+    "puzzle.cli.solve_cmd",
 ]
 
 

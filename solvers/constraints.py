@@ -1,0 +1,311 @@
+"""Constraints: the budget's (memory, throughput, speedup, latency, parameters) and diversity.
+
+Every constraint has two halves that never share code:
+
+* ``compile(problem)`` turns it into one linear row over the candidates (what solvers see).
+  Throughput and speedup are not linear in the choice, but their bounds are: ``batch / step_s >=
+  target`` is ``sum latency_ms <= 1000 * batch / target - fixed_ms``.
+* ``measure(problem, chosen)`` recomputes its quantity from the chosen candidates' own costs, in
+  the user's units (bytes, tokens/s, x, ms, parameters). Verification uses only this half.
+
+Custom constraints (``count(attention != "no_op") >= 8``, ...) live in :mod:`solvers.expressions`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from solvers.errors import ProblemError
+from solvers.model import LinearConstraint
+from solvers.problem import KV_BYTES, PARAMS, WEIGHT_BYTES
+
+if TYPE_CHECKING:
+    from solvers.problem import Problem
+
+REL_TOL = 1e-6
+"""A constraint counts as met when it holds within this fraction of its target (solvers' own tolerance)."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One constraint checked on a choice: its recomputed value against its target."""
+
+    name: str
+    value: float
+    sense: str
+    target: float
+    slack: float
+    """``target - value`` for ``<=``, ``value - target`` for ``>=``, ``-|value - target|`` for ``==``."""
+    ok: bool
+    shown: str = ""
+    """``value`` in the constraint's units, for people (``71.250 GiB``, ``2140.5 tokens/s``)."""
+    shown_slack: str = ""
+
+
+class Constraint(ABC):
+    """A constraint on a choice of candidates."""
+
+    sense: str
+    """``<=``, ``>=`` or ``==``, between :meth:`measure` and :attr:`target`."""
+    target: float
+    quantity: str = "value"
+    """What :meth:`measure` returns, in words (``memory``, ``throughput``, ...)."""
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """Readable and unique within a problem, e.g. ``memory <= 80.00 GiB``."""
+
+    @abstractmethod
+    def compile(self, problem: Problem) -> LinearConstraint:
+        """The linear row ``sum_c coef_c x_c (sense) rhs`` that solvers see."""
+
+    @abstractmethod
+    def measure(self, problem: Problem, chosen: Sequence[int]) -> float:
+        """The constrained quantity of a choice, recomputed from the candidates (not from the row)."""
+
+    def from_lhs(self, problem: Problem, lhs: float) -> float:
+        """The quantity for a value of the compiled row's left-hand side (for diagnoses)."""
+        return lhs
+
+    def format(self, value: float) -> str:
+        return f"{value:.6g}"
+
+    def check(self, problem: Problem, chosen: Sequence[int]) -> Check:
+        value = self.measure(problem, chosen)
+        # + 0.0 turns the -0.0 of an exact equality into 0.0
+        slack = {"<=": self.target - value, ">=": value - self.target,
+                 "==": -abs(value - self.target) + 0.0}[self.sense]
+        ok = slack >= -REL_TOL * max(1.0, abs(self.target))
+        return Check(name=self.name, value=value, sense=self.sense, target=self.target, slack=slack, ok=ok,
+                     shown=self.format(value), shown_slack=self.format(slack))
+
+
+def format_bytes(value: float) -> str:
+    """``85899345920`` -> ``80.000 GiB`` (KiB, MiB, GiB or TiB; plain bytes below 1 KiB)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:.3f} {unit}"
+    return f"{value:g} bytes"
+
+
+def _fixed(problem: Problem, column: str) -> float:
+    return float(problem.fixed.get(column, 0.0))
+
+
+def _require(problem: Problem, what: str, *columns: str) -> None:
+    if not problem.has_columns(*columns):
+        for col in columns:
+            problem.column(col)  # raises, naming the columns there are
+        raise ProblemError(f"{what} needs the cost columns {list(columns)}")
+
+
+@dataclass(frozen=True)
+class MemoryLimit(Constraint):
+    """Weights + KV cache for the scenario + fixed bytes <= ``target`` bytes."""
+
+    target: float
+    sense = "<="
+    quantity = "memory"
+
+    @property
+    def name(self) -> str:
+        return f"memory <= {self.format(self.target)}"
+
+    def compile(self, problem: Problem) -> LinearConstraint:
+        _require(problem, "a memory budget", WEIGHT_BYTES, KV_BYTES)
+        per_token = problem.scenario.batch * problem.scenario.context
+        weights, kv = problem.column(WEIGHT_BYTES), problem.column(KV_BYTES)
+        coefs = [w + k * per_token for w, k in zip(weights, kv, strict=True)]
+        rhs = self.target - self.from_lhs(problem, 0.0)
+        return LinearConstraint(self.name, dict(enumerate(coefs)), "<=", rhs)
+
+    def measure(self, problem: Problem, chosen: Sequence[int]) -> float:
+        return problem.totals(chosen).memory_bytes
+
+    def from_lhs(self, problem: Problem, lhs: float) -> float:
+        per_token = problem.scenario.batch * problem.scenario.context
+        return lhs + _fixed(problem, WEIGHT_BYTES) + _fixed(problem, KV_BYTES) * per_token
+
+    def format(self, value: float) -> str:
+        return format_bytes(value)
+
+
+class _StepTimeBound(Constraint):
+    """Shared compile for the bounds that are a bound on the step time (latency, throughput, speedup)."""
+
+    def max_step_ms(self, problem: Problem) -> float:
+        raise NotImplementedError
+
+    def compile(self, problem: Problem) -> LinearConstraint:
+        col = problem.latency_column
+        rhs = self.max_step_ms(problem) - _fixed(problem, col)
+        return LinearConstraint(self.name, dict(enumerate(problem.column(col))), "<=", rhs)
+
+
+@dataclass(frozen=True)
+class LatencyLimit(_StepTimeBound):
+    """Step time (summed latency + fixed) <= ``target`` ms."""
+
+    target: float
+    sense = "<="
+    quantity = "step time"
+
+    @property
+    def name(self) -> str:
+        return f"step time <= {self.format(self.target)}"
+
+    def max_step_ms(self, problem: Problem) -> float:
+        return self.target
+
+    def measure(self, problem: Problem, chosen: Sequence[int]) -> float:
+        return problem.totals(chosen).step_ms
+
+    def from_lhs(self, problem: Problem, lhs: float) -> float:
+        return lhs + _fixed(problem, problem.latency_column)
+
+    def format(self, value: float) -> str:
+        return f"{value:.4g} ms"
+
+
+@dataclass(frozen=True)
+class ThroughputTarget(_StepTimeBound):
+    """``batch / step time`` >= ``target`` tokens/s."""
+
+    target: float
+    sense = ">="
+    quantity = "throughput"
+
+    @property
+    def name(self) -> str:
+        return f"throughput >= {self.format(self.target)}"
+
+    def max_step_ms(self, problem: Problem) -> float:
+        if self.target <= 0:
+            raise ProblemError(f"throughput target must be positive, got {self.target}")
+        return 1000.0 * problem.scenario.batch / self.target
+
+    def measure(self, problem: Problem, chosen: Sequence[int]) -> float:
+        return problem.totals(chosen).throughput
+
+    def from_lhs(self, problem: Problem, lhs: float) -> float:
+        step = lhs + _fixed(problem, problem.latency_column)
+        return 1000.0 * problem.scenario.batch / step if step > 0 else math.inf
+
+    def format(self, value: float) -> str:
+        return f"{value:.6g} tokens/s"
+
+
+@dataclass(frozen=True)
+class SpeedupTarget(_StepTimeBound):
+    """Parent step time / step time >= ``target``."""
+
+    target: float
+    sense = ">="
+    quantity = "speedup"
+
+    @property
+    def name(self) -> str:
+        return f"speedup >= {self.format(self.target)}"
+
+    def max_step_ms(self, problem: Problem) -> float:
+        if self.target <= 0:
+            raise ProblemError(f"speedup target must be positive, got {self.target}")
+        return problem.sum_of(problem.latency_column, problem.parent) / self.target
+
+    def measure(self, problem: Problem, chosen: Sequence[int]) -> float:
+        return problem.totals(chosen).speedup
+
+    def from_lhs(self, problem: Problem, lhs: float) -> float:
+        step = lhs + _fixed(problem, problem.latency_column)
+        return problem.sum_of(problem.latency_column, problem.parent) / step if step > 0 else math.inf
+
+    def format(self, value: float) -> str:
+        return f"{value:.4f}x"
+
+
+@dataclass(frozen=True)
+class ParamsLimit(Constraint):
+    """Parameters (chosen + fixed) <= ``target``."""
+
+    target: float
+    sense = "<="
+    quantity = "parameter count"
+
+    @property
+    def name(self) -> str:
+        return f"params <= {self.format(self.target)}"
+
+    def compile(self, problem: Problem) -> LinearConstraint:
+        _require(problem, "a parameter budget", PARAMS)
+        return LinearConstraint(self.name, dict(enumerate(problem.column(PARAMS))), "<=",
+                                self.target - _fixed(problem, PARAMS))
+
+    def measure(self, problem: Problem, chosen: Sequence[int]) -> float:
+        return problem.totals(chosen).params
+
+    def from_lhs(self, problem: Problem, lhs: float) -> float:
+        return lhs + _fixed(problem, PARAMS)
+
+    def format(self, value: float) -> str:
+        return f"{value:.6g}"
+
+
+@dataclass(frozen=True)
+class Differs(Constraint):
+    """A choice differs from an earlier one (``previous`` candidate indices) in >= ``target`` layers.
+
+    A layer differs when the candidate covering it is not the one that covered it before.
+    """
+
+    previous: tuple[int, ...]
+    target: int
+    label: str = "a previous solution"
+    sense = ">="
+    quantity = "number of differing layers"
+
+    @property
+    def name(self) -> str:
+        return f"differs from {self.label} in >= {self.target} layers"
+
+    def compile(self, problem: Problem) -> LinearConstraint:
+        # same layers = sum over previous candidates of (layers covered) * x_c <= L - target
+        coefs = {i: float(len(problem.candidates[i].layers)) for i in self.previous}
+        return LinearConstraint(self.name, coefs, "<=", float(problem.num_layers - self.target))
+
+    def measure(self, problem: Problem, chosen: Sequence[int]) -> float:
+        before = {layer: i for i in self.previous for layer in problem.candidates[i].layers}
+        now = {layer: i for i in chosen for layer in problem.candidates[i].layers}
+        return float(sum(before.get(layer) != now.get(layer) for layer in range(problem.num_layers)))
+
+    def from_lhs(self, problem: Problem, lhs: float) -> float:
+        return problem.num_layers - lhs
+
+
+@dataclass(frozen=True, kw_only=True)
+class Budget:
+    """The target's limits; ``None`` means unconstrained."""
+
+    memory_bytes: float | None = None
+    """Capacity for weights + KV cache (scenario batch x context) + fixed bytes."""
+    throughput: float | None = None
+    """Minimum tokens/s: ``batch / step time``."""
+    speedup: float | None = None
+    """Minimum step-time speedup over the parent."""
+    latency_ms: float | None = None
+    """Maximum step time in ms (summed latency + fixed)."""
+    max_params: float | None = None
+    """Maximum parameter count (chosen + fixed)."""
+
+    def constraints(self) -> list[Constraint]:
+        out: list[Constraint] = []
+        for value, cls in ((self.memory_bytes, MemoryLimit), (self.throughput, ThroughputTarget),
+                           (self.speedup, SpeedupTarget), (self.latency_ms, LatencyLimit),
+                           (self.max_params, ParamsLimit)):
+            if value is not None:
+                out.append(cls(float(value)))
+        return out
