@@ -29,7 +29,6 @@ from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig
 
 log = logging.getLogger(__name__)
 
-KINDS = ("embedded", "hf", "runtime", "decilm")
 # transformers' generic config fields, meaningless for a decoder LM: kept out of runtime config.json files.
 _GENERIC_CONFIG_KEYS = {"transformers_version", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
                         "is_encoder_decoder", "output_hidden_states", "output_attentions", "return_dict", "_name_or_path"}

@@ -10,12 +10,6 @@ from puzzle.errors import CorruptArtifactError
 from puzzle.model import PuzzleConfig, PuzzleForCausalLM
 
 
-def expected_keys(config: PuzzleConfig) -> set[str]:
-    """Parameter names the runtime expects for ``config`` (tied ``lm_head.weight`` excluded)."""
-    with torch.device("meta"):
-        return _keys_of(PuzzleForCausalLM(config))
-
-
 def _keys_of(model: PuzzleForCausalLM) -> set[str]:
     keys = set(model.state_dict().keys())
     if model.config.tie_word_embeddings:

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from puzzle.cli.main import build_parser, main
 from tests.conftest import requires_smollm2
@@ -32,8 +33,10 @@ def test_inspect_table_and_json(tiny_llama_dir, capsys):
     assert main(["inspect", str(tiny_llama_dir), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [row["kv_heads"] for row in data["layers"]] == [2, 2]
-    # tiny llama: 2 layers x (attn 4*64*16*2 + 2*64*2*16... ) checked against the module elsewhere
-    assert data["totals"]["params"] == data["totals"]["block_params"] + data["totals"]["embedding_params"]
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)  # transformers' own count
+    assert data["totals"]["params"] == sum(p.numel() for p in reference.parameters())
+    assert [row["params"] for row in data["layers"]] == [
+        sum(p.numel() for p in layer.parameters()) for layer in reference.model.layers]
 
 
 def test_export_then_inspect_the_export(tiny_llama_dir, tmp_path, capsys):
