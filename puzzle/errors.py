@@ -54,3 +54,7 @@ class InfeasibleBudgetError(PuzzleError, ValueError):
 
 class SolverFailedError(PuzzleError, RuntimeError):
     """A MIP solver stopped without a usable answer, or its answer failed verification."""
+
+
+class NumericalError(PuzzleError, FloatingPointError):
+    """A loss or statistic became NaN or infinite (lower the learning rate, use float32)."""

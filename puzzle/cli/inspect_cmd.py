@@ -14,12 +14,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "KV-cache bytes per token) and the totals. Reads config.json only; no weights are loaded.",
     )
     p.add_argument("source", help="embedded model name (smollm2-135m), a Hugging Face Llama/Mistral/Qwen2 "
-                   "directory, a puzzle runtime directory, or an exported DeciLM directory")
+                   "directory, a puzzle runtime directory, an exported DeciLM directory, or a block library "
+                   "(then its variant table is shown)")
     p.add_argument("--json", action="store_true", help="print JSON (layers and totals) instead of a table")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from block_library.artifact import is_library
+
+    if is_library(args.source):
+        return _show_library(args)
     from puzzle.loading import load_config, resolve_source
     from puzzle.summary import format_count, layer_table, totals
 
@@ -47,4 +52,17 @@ def run(args: argparse.Namespace) -> int:
         f"{format_count(tot.embedding_params)} embeddings/head) | {tot.attention_layers} attention layers, "
         f"{tot.ffn_layers} FFN layers | KV cache {tot.kv_bytes_per_token / 1024:.1f} KiB/token (bf16)"
     )
+    return 0
+
+
+def _show_library(args: argparse.Namespace) -> int:
+    from block_library import open_library
+    from puzzle.cli.library_cmd import format_table
+
+    lib = open_library(args.source)
+    if args.json:
+        rows = json.loads(lib.table.to_json(orient="records"))
+        print(json.dumps({"source": str(lib.directory), "kind": "library", "status": lib.status, "variants": rows}, indent=2))
+    else:
+        print(format_table(lib))
     return 0

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "puzzle.cli.inspect_cmd",
     "puzzle.cli.export_cmd",
     "puzzle.cli.solve_cmd",
+    "puzzle.cli.library_cmd",
 ]
 
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"puzzle {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="one subcommand per stage")
     sub.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)

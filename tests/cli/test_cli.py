@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import shutil
 import subprocess
@@ -19,11 +21,15 @@ def test_help_lists_commands_and_every_subcommand_has_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "inspect" in out and "export" in out
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    for name, p in sub.choices.items():
-        for action in p._actions:
-            assert action.help, f"puzzle {name}: {action.dest} has no help text"
+    def check(parser, name):
+        for action in parser._actions:
+            assert action.help, f"{name}: {action.dest} has no help text"
+            choices = getattr(action, "choices", None)
+            for sub_name, sub_parser in (choices.items() if isinstance(choices, dict) else ()):
+                if isinstance(sub_parser, argparse.ArgumentParser):
+                    check(sub_parser, f"{name} {sub_name}")
+
+    check(build_parser(), "puzzle")
 
 
 def test_inspect_table_and_json(tiny_llama_dir, capsys):

@@ -1,0 +1,156 @@
+"""The library directory: per-variant weights, an index table, and assembling a child from them.
+
+    lib/
+      manifest.json          stage, status (initialized | trained), parent, config and its hash
+      config.yaml            the LibraryConfig used (space, bld, data)
+      parent_config.json     the parent's runtime config
+      shared.safetensors     token embedding, final norm (and an untied LM head)
+      init/L007.ffn.swiglu-1024.safetensors     every variant as initialized from the parent
+      trained/L007.ffn.swiglu-1024.safetensors  every trained variant after BLD
+      index.csv              one row per (layer, sub-block, variant), see INDEX_COLUMNS
+      bld/losses.csv         per-step training NMSE of every trained variant
+      bld/validation.csv     validation NMSE per variant at every evaluation
+      tokenizer files
+
+A variant file holds the module state dict of :func:`block_library.variant.build_module` (names
+like ``self_attn.k_proj.weight``), i.e. the runtime's names under ``model.layers.{i}.``.
+No-op variants have no file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from block_library.config import LibraryConfig
+from puzzle.errors import CorruptArtifactError, ModelFilesError, SchemaError
+from puzzle.model import PuzzleConfig, PuzzleForCausalLM
+from puzzle.schema import BlockConfig
+
+MANIFEST = "manifest.json"
+INDEX = "index.csv"
+INDEX_COLUMNS = ["layer", "subblock", "variant", "kind", "is_parent", "trained", "params",
+                 "init_val_nmse", "final_val_nmse", "file"]
+STAGE = "library"
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ModelFilesError(f"{directory} is not a block library (no {MANIFEST}); build one with `puzzle library build`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptArtifactError(f"{path} is not valid JSON: {e}") from None
+    if data.get("stage") != STAGE:
+        raise CorruptArtifactError(f"{path}: stage is {data.get('stage')!r}, expected {STAGE!r}")
+    return data
+
+
+def is_library(directory: str | Path) -> bool:
+    p = Path(directory) / MANIFEST
+    if not p.is_file():
+        return False
+    try:
+        return json.loads(p.read_text()).get("stage") == STAGE
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CorruptArtifactError(f"missing variant file {path}")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CorruptArtifactError(f"cannot read {path}: {e} (truncated?)") from None
+
+
+def write_state(state: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (temp file in the same directory, then rename)."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata or {"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Library:
+    """A built (and possibly trained) block library on disk."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        self.config = LibraryConfig.from_dict(self.manifest["config"])
+        index = self.directory / INDEX
+        if not index.is_file():
+            raise CorruptArtifactError(f"{self.directory} has no {INDEX}: the build was interrupted; rebuild it")
+        self.table = pd.read_csv(index, keep_default_na=False, na_values={"init_val_nmse": [""], "final_val_nmse": [""]})
+        missing = [c for c in INDEX_COLUMNS if c not in self.table.columns]
+        if missing:
+            raise CorruptArtifactError(f"{index} lacks columns {missing}")
+
+    @property
+    def status(self) -> str:
+        return self.manifest["status"]
+
+    @property
+    def parent_config(self) -> PuzzleConfig:
+        data = json.loads((self.directory / "parent_config.json").read_text())
+        return PuzzleConfig(**data)
+
+    def labels(self, layer: int, subblock: str) -> list[str]:
+        t = self.table
+        return list(t[(t.layer == layer) & (t.subblock == subblock)]["variant"])
+
+    def variant_state(self, layer: int, subblock: str, label: str, *, initial: bool = False) -> dict[str, torch.Tensor]:
+        """The module state dict of one variant (empty for a no-op); ``initial``: before BLD."""
+        t = self.table
+        row = t[(t.layer == layer) & (t.subblock == subblock) & (t.variant == label)]
+        if row.empty:
+            raise SchemaError(f"layer {layer}: the library has no {subblock} variant {label!r}; "
+                              f"it has {self.labels(layer, subblock)}")
+        file = str(row.iloc[0]["file"])
+        if file and initial:
+            file = "init/" + Path(file).name
+        return read_state(self.directory / file) if file else {}
+
+    def assemble(self, blocks: Sequence[BlockConfig], *, dtype: torch.dtype = torch.float32,
+                 initial: bool = False) -> PuzzleForCausalLM:
+        """The runtime model of an architecture whose every sub-block is a library variant.
+
+        ``initial=True`` uses the variants as initialized from the parent, before BLD.
+        """
+        from puzzle.model.weights import model_from_state_dict
+
+        parent = self.parent_config
+        if len(blocks) != parent.num_hidden_layers:
+            raise SchemaError(f"the architecture has {len(blocks)} blocks but the library's parent has "
+                              f"{parent.num_hidden_layers} layers")
+        state = dict(read_state(self.directory / "shared.safetensors"))
+        for i, b in enumerate(blocks):
+            for sub, cfg in (("attention", b.attention), ("ffn", b.ffn)):
+                for name, t in self.variant_state(i, sub, cfg.label, initial=initial).items():
+                    state[f"model.layers.{i}.{name}"] = t
+        return model_from_state_dict(parent.with_blocks(list(blocks)), state, dtype=dtype)
+
+
+def open_library(directory: str | Path) -> Library:
+    return Library(directory)

@@ -1,0 +1,138 @@
+"""``build_library``: resolve the search space, initialize every variant from the parent, save.
+
+One streamed parent pass over calibration sequences gathers what the initializers need, each
+variant is initialized by its family (:mod:`block_library.registry`), and one pass over the
+validation sequences scores every initialization. The directory appears only when complete
+(built under a temporary sibling, then renamed); the parent is never written.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from block_library.artifact import INDEX, INDEX_COLUMNS, MANIFEST, STAGE, is_library, write_state
+from block_library.calibration import StatsCollector
+from block_library.config import LibraryConfig
+from block_library.distributed import close_shard
+from block_library.registry import family_of, initialize
+from block_library.session import Session, load_ids, open_session, parent_fingerprint, validate, variant_params
+from block_library.teacher import batches_of, run_pass
+from puzzle import __version__
+from puzzle.errors import ConfigError
+from puzzle.io import atomic_write_json, atomic_write_text, copy_tokenizer_files, replace_directory
+
+log = logging.getLogger(__name__)
+
+
+def _needs(session: Session) -> dict[int, set[str]]:
+    out: dict[int, set[str]] = {}
+    for v in session.owned_variants():
+        if v.is_parent:
+            continue
+        for n in family_of(v).needs:
+            out.setdefault(v.layer, set()).add(f"lsq:{v.subblock}" if n == "lsq" else n)
+    return out
+
+
+def build_library(source: str, out_dir: str | Path, config: LibraryConfig | None = None, *,
+                  overwrite: bool = False, progress: bool = True) -> Path:
+    """Build an initialized (untrained) library of ``source`` in ``out_dir``; return its path."""
+    config = config or LibraryConfig()
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        what = "a block library" if is_library(out) else "files"
+        raise ConfigError(f"{out} already holds {what}; choose another --out or pass --overwrite")
+    session = open_session(source, config)
+    if out == session.source.directory.resolve() or session.source.directory.resolve() in out.parents:
+        raise ConfigError(f"{out} is inside the parent's directory {session.source.directory}; never write there")
+    shard, bld = session.shard, config.bld
+    tmp = out.with_name(f".{out.name}.building")
+    if shard.first:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "init").mkdir(parents=True)
+    shard.barrier()
+    t0 = time.perf_counter()
+    bar = tqdm(desc="calibrate", unit="seq", disable=not (progress and shard.first))
+
+    # Calibration statistics, for this rank's layers.
+    ids, n = load_ids(session, "train", bld.calib_sequences)
+    collector = StatsCollector(_needs(session), eps=session.parent_config.rms_norm_eps, ridge=bld.ridge)
+    blocks = session.teacher.blocks
+
+    def visit(l, x, h, y, ctx):
+        collector(l, x, h, y, ctx, block=blocks[l])
+
+    bar.reset(total=n)
+    batches = batches_of(ids, n, bld.batch_size, config.data.seq_len, first=shard.first)
+    run_pass(session.teacher, batches, visit, after_batch=lambda: bar.update(bld.batch_size))
+    collector.count(n * config.data.seq_len)
+    bar.close()
+
+    # Initialize every variant from the parent and save it.
+    modules = {}
+    for v in tqdm(session.owned_variants(), desc="initialize", unit="variant", disable=not (progress and shard.first)):
+        m = initialize(session.new_module(v), blocks[v.layer], v, collector.stats)
+        modules[v.key] = m
+        if v.kind != "no_op":
+            write_state(m.state_dict(), tmp / "init" / v.filename)
+
+    # Validation NMSE of every initialization.
+    vids, vn = load_ids(session, "validation", bld.val_sequences)
+    vbar = tqdm(desc="validate", total=-(-vn // bld.batch_size), unit="batch", disable=not (progress and shard.first))
+    val = validate(session, modules, vids, vn, progress=vbar)
+    vbar.close()
+    rows = [_row(v, session, val[v.key]) for v in session.owned_variants()]
+    gathered = shard.gather(rows)
+    if shard.first:
+        table = pd.DataFrame([r for part in gathered for r in part], columns=INDEX_COLUMNS)
+        _write_rest(session, tmp, table, seconds=time.perf_counter() - t0, calib_tokens=collector.stats.tokens)
+        replace_directory(tmp, out)
+        log.info("library of %d variants written to %s", len(table), out)
+    shard.barrier()
+    close_shard(shard)
+    return out
+
+
+def _row(v, session: Session, nmse: float) -> dict[str, Any]:
+    return {"layer": v.layer, "subblock": v.subblock, "variant": v.label, "kind": v.kind, "is_parent": v.is_parent,
+            "trained": False, "params": variant_params(v, session.parent_config), "init_val_nmse": nmse,
+            "final_val_nmse": nmse, "file": f"init/{v.filename}" if v.kind != "no_op" else ""}
+
+
+def _write_rest(session: Session, tmp: Path, table: pd.DataFrame, *, seconds: float, calib_tokens: int) -> None:
+    import yaml
+    import torch
+
+    from puzzle.loading import load_model
+
+    cfg = session.config
+    atomic_write_text(tmp / INDEX, table.to_csv(index=False))
+    atomic_write_text(tmp / "config.yaml", "# puzzle library build ... --config config.yaml\n"
+                      + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    pc = {k: v for k, v in session.parent_config.to_dict().items()
+          if k not in ("model_type", "transformers_version", "architectures", "num_hidden_layers", "dtype")}
+    atomic_write_json(tmp / "parent_config.json", pc)
+    parent = load_model(session.source)  # the embedding and head, for assembling children
+    shared = {"model.embed_tokens.weight": parent.model.embed_tokens.weight, "model.norm.weight": parent.model.norm.weight}
+    if not session.parent_config.tie_word_embeddings:
+        shared["lm_head.weight"] = parent.lm_head.weight
+    write_state(shared, tmp / "shared.safetensors")
+    del parent
+    copy_tokenizer_files(session.source.directory, tmp)
+    atomic_write_json(tmp / MANIFEST, {
+        "stage": STAGE, "status": "initialized", "puzzle_version": __version__,
+        "parent": {"source": session.source.name, "directory": str(session.source.directory.resolve()),
+                   "fingerprint": parent_fingerprint(session.source)},
+        "config": cfg.to_dict(), "config_sha256": cfg.sha256(),
+        "build": {"seconds": round(seconds, 2), "calibration_tokens": calib_tokens, "world_size": session.shard.world,
+                  "device": str(session.shard.device), "torch": torch.__version__},
+        "bld": None,
+    })
+
