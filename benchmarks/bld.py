@@ -5,7 +5,7 @@
 Builds a library of the default search space (every layer: 3 attention + 7 FFN variants to
 train), then trains it for ``--tokens`` tokens and reports BLD throughput (tokens of the corpus
 per second; every token trains every variant of every layer), peak memory (process RSS on CPU,
-``max_memory_allocated`` on GPU) and the build time. ``--quick`` keeps variants on layers 0-3
+``max_memory_allocated`` on GPU) the build time, and the median final / initial validation NMSE per family. ``--quick`` keeps variants on layers 0-3
 only (the others keep the parent's blocks) and trains 2048 tokens: under a minute.
 Prints a table and writes benchmarks/results/bld.csv.
 """
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         t = lib.table
         trained = t[t.trained.astype(bool)]
         improved = int((trained.final_val_nmse < trained.init_val_nmse).sum())
+        ratio = trained.final_val_nmse / trained.init_val_nmse
+        family = trained.variant.str.split(":").str[0]  # gqa, swiglu, linear
+        by_family = {f"nmse_ratio_{f}": round(float(r.median()), 4) for f, r in ratio.groupby(family)}
     if cuda:
         device, peak = torch.cuda.get_device_name(), torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "improved": f"{improved}/{len(trained)}",
         "median_nmse_init": round(float(trained.init_val_nmse.median()), 5),
         "median_nmse_final": round(float(trained.final_val_nmse.median()), 5),
+        **by_family,
         "quick": args.quick,
     }
     df = pd.DataFrame([row])

@@ -90,12 +90,7 @@ def train_library(directory: str | Path, *, config: LibraryConfig | None = None,
     if lib.status == "trained" and lib.manifest.get("config_sha256") == config.sha256():
         log.info("%s is already trained with this config; nothing to do", directory)
         return directory
-    if config.sha256("space", "data") != lib.config.sha256("space", "data"):
-        raise CorruptArtifactError("the search space or data differ from the library's; build a new library instead")
-    session = open_session(lib.manifest["parent"]["directory"], config)
-    if parent_fingerprint(session.source) != lib.manifest["parent"]["fingerprint"]:
-        raise CorruptArtifactError(f"the parent at {session.source.directory} is not the one {directory} was built "
-                                   "from (config or weight files differ); rebuild the library")
+    session = _open_checked(lib, config)
     shard, bld = session.shard, config.bld
     trainers = _load_trainers(session, lib)
     ckpt_root, cfg_hash = directory / "bld" / "ckpt", config.sha256()
@@ -118,13 +113,7 @@ def train_library(directory: str | Path, *, config: LibraryConfig | None = None,
     bar = tqdm(total=steps, initial=start, desc="BLD", unit="step", disable=not (progress and shard.first))
     t_start, tokens_per_step = time.perf_counter(), bld.batch_size * config.data.seq_len
     for step in range(start, steps):
-        lr = lr_at(step, steps, bld.lr, bld.warmup_fraction, bld.min_lr_ratio)
-        batch = batches_of(ids, (step + 1) * bld.batch_size, bld.batch_size, config.data.seq_len,
-                           first=shard.first, start=step * bld.batch_size)
-        run_pass(session.teacher, batch, lambda l, x, h, y, ctx: trainers[l].train_on(session, x, h, y, ctx))
-        step_rows = _step_rows(trainers, step, lr)
-        for t in trainers.values():
-            t.step(lr, bld.grad_clip)
+        step_rows = _train_step(session, trainers, ids, step, steps)
         rows["losses"] += step_rows
         done = step + 1
         if bld.eval_every and done % bld.eval_every == 0 and done < steps:
@@ -153,6 +142,31 @@ def train_library(directory: str | Path, *, config: LibraryConfig | None = None,
     shard.barrier()
     close_shard(shard)
     return directory
+
+
+def _open_checked(lib: Library, config: LibraryConfig) -> Session:
+    """The parent session, after checking that the config and the parent still match the library."""
+    if config.sha256("space", "data") != lib.config.sha256("space", "data"):
+        raise CorruptArtifactError("the search space or data differ from the library's; build a new library instead")
+    session = open_session(lib.manifest["parent"]["directory"], config)
+    if parent_fingerprint(session.source) != lib.manifest["parent"]["fingerprint"]:
+        raise CorruptArtifactError(f"the parent at {session.source.directory} is not the one {lib.directory} was "
+                                   "built from (config or weight files differ); rebuild the library")
+    return session
+
+
+def _train_step(session: Session, trainers: dict[int, "LayerTrainer"], ids: torch.Tensor | None, step: int,
+                steps: int) -> list[dict[str, Any]]:
+    """One parent pass over batch ``step`` training every variant, then every optimizer step."""
+    bld, seq_len = session.config.bld, session.config.data.seq_len
+    lr = lr_at(step, steps, bld.lr, bld.warmup_fraction, bld.min_lr_ratio)
+    batch = batches_of(ids, (step + 1) * bld.batch_size, bld.batch_size, seq_len,
+                       first=session.shard.first, start=step * bld.batch_size)
+    run_pass(session.teacher, batch, lambda l, x, h, y, ctx: trainers[l].train_on(session, x, h, y, ctx))
+    step_rows = _step_rows(trainers, step, lr)  # raises on a NaN before any optimizer step
+    for t in trainers.values():
+        t.step(lr, bld.grad_clip)
+    return step_rows
 
 
 def _filename(key: str) -> str:
