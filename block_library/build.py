@@ -46,6 +46,8 @@ def build_library(source: str, out_dir: str | Path, config: LibraryConfig | None
     """Build an initialized (untrained) library of ``source`` in ``out_dir``; return its path."""
     config = config or LibraryConfig()
     out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         what = "a block library" if is_library(out) else "files"
         raise ConfigError(f"{out} already holds {what}; choose another --out or pass --overwrite")
@@ -58,6 +60,21 @@ def build_library(source: str, out_dir: str | Path, config: LibraryConfig | None
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "init").mkdir(parents=True)
     shard.barrier()
+    try:
+        _build_into(session, tmp, out, progress=progress)
+    except BaseException:
+        if shard.first:  # leave nothing half-written behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shard.barrier()
+    close_shard(shard)
+    return out
+
+
+def _build_into(session: Session, tmp: Path, out: Path, *, progress: bool) -> None:
+    """Calibrate, initialize, validate and write into ``tmp``; rank 0 then moves it to ``out``."""
+    shard, config = session.shard, session.config
+    bld = config.bld
     t0 = time.perf_counter()
     bar = tqdm(desc="calibrate", unit="seq", disable=not (progress and shard.first))
 
@@ -71,7 +88,7 @@ def build_library(source: str, out_dir: str | Path, config: LibraryConfig | None
 
     bar.reset(total=n)
     batches = batches_of(ids, n, bld.batch_size, config.data.seq_len, first=shard.first)
-    run_pass(session.teacher, batches, visit, after_batch=lambda: bar.update(bld.batch_size))
+    run_pass(session.teacher, batches, visit, after_batch=lambda: bar.update(min(bld.batch_size, n - bar.n)))
     collector.count(n * config.data.seq_len)
     bar.close()
 
@@ -95,9 +112,6 @@ def build_library(source: str, out_dir: str | Path, config: LibraryConfig | None
         _write_rest(session, tmp, table, seconds=time.perf_counter() - t0, calib_tokens=collector.stats.tokens)
         replace_directory(tmp, out)
         log.info("library of %d variants written to %s", len(table), out)
-    shard.barrier()
-    close_shard(shard)
-    return out
 
 
 def _row(v, session: Session, nmse: float) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from block_library import build_library, open_library, train_library
+from block_library import LibraryConfig, build_library, open_library, train_library
 from block_library.bld import lr_at
 from puzzle.errors import ConfigError, CorruptArtifactError, ModelFilesError, NumericalError, SchemaError
 from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig
@@ -175,6 +175,19 @@ def test_bad_input_is_a_clear_error(built, tiny_text_parent, tmp_path):
         build_library(str(tiny_text_parent), tiny_text_parent / "lib", tiny_config(), progress=False)
     with pytest.raises(ModelFilesError, match="not a block library"):
         train_library(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        build_library(str(tiny_text_parent), tmp_path / "afile", tiny_config(), progress=False)
+    # A build that fails midway (no data) leaves no directory, not even its temporary one.
+    from puzzle.errors import DataError
+
+    empty = tmp_path / "empty_corpus"
+    empty.mkdir()
+    (empty / "a.txt").write_text("too short")
+    cfg = LibraryConfig.from_dict({**tiny_config().to_dict(), "data": {"sources": [str(empty)], "seq_len": 64}})
+    with pytest.raises(DataError):
+        build_library(str(tiny_text_parent), tmp_path / "never", cfg, progress=False)
+    assert not (tmp_path / "never").exists() and not list(tmp_path.glob(".never*"))
     broken = tmp_path / "broken"
     shutil.copytree(built, broken)
     (broken / "init" / "L001.ffn.swiglu-64.safetensors").write_bytes(b"\x00" * 10)
