@@ -124,8 +124,6 @@ def _write_rest(session: Session, tmp: Path, table: pd.DataFrame, *, seconds: fl
     import yaml
     import torch
 
-    from puzzle.loading import load_model
-
     cfg = session.config
     atomic_write_text(tmp / INDEX, table.to_csv(index=False))
     atomic_write_text(tmp / "config.yaml", "# puzzle library build ... --config config.yaml\n"
@@ -133,12 +131,7 @@ def _write_rest(session: Session, tmp: Path, table: pd.DataFrame, *, seconds: fl
     pc = {k: v for k, v in session.parent_config.to_dict().items()
           if k not in ("model_type", "transformers_version", "architectures", "num_hidden_layers", "dtype")}
     atomic_write_json(tmp / "parent_config.json", pc)
-    parent = load_model(session.source)  # the embedding and head, for assembling children
-    shared = {"model.embed_tokens.weight": parent.model.embed_tokens.weight, "model.norm.weight": parent.model.norm.weight}
-    if not session.parent_config.tie_word_embeddings:
-        shared["lm_head.weight"] = parent.lm_head.weight
-    write_state(shared, tmp / "shared.safetensors")
-    del parent
+    write_state(session.shared, tmp / "shared.safetensors")  # embedding and head, for assembling children
     copy_tokenizer_files(session.source.directory, tmp)
     atomic_write_json(tmp / MANIFEST, {
         "stage": STAGE, "status": "initialized", "puzzle_version": __version__,

@@ -57,6 +57,8 @@ class Session:
     layer_variants: list[LayerVariants]
     compute_dtype: torch.dtype
     """The teacher's dtype (and the autocast dtype of variants on GPU)."""
+    shared: dict[str, torch.Tensor]
+    """Rank 0: the parent's embedding, final norm and untied LM head (CPU, as loaded), for the library."""
 
     def variants(self, layer: int) -> list[Variant]:
         return variants_of(self.layer_variants[layer])
@@ -101,10 +103,16 @@ def open_session(source: str | Source, config: LibraryConfig) -> Session:
     costs = [sum(variant_params(v, pc) * (3 if v.trainable else 1) for v in variants_of(lv)) for lv in lvs]
     shard = init_shard(costs, device=config.bld.device)
     dtype = _compute_dtype(config.bld.dtype, shard.device)
+    shared = {}
+    if shard.first:
+        shared = {"model.embed_tokens.weight": model.model.embed_tokens.weight.detach().clone(),
+                  "model.norm.weight": model.model.norm.weight.detach().clone()}
+        if not pc.tie_word_embeddings:
+            shared["lm_head.weight"] = model.lm_head.weight.detach().clone()
     teacher = Teacher(model, shard, dtype=dtype)
     del model
     return Session(source=src, config=config, parent_config=pc, shard=shard, teacher=teacher,
-                   layer_variants=lvs, compute_dtype=dtype)
+                   layer_variants=lvs, compute_dtype=dtype, shared=shared)
 
 
 def load_ids(session: Session, split: str, num_sequences: int, *, offset: int = 0) -> tuple[torch.Tensor | None, int]:
