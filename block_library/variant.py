@@ -17,9 +17,6 @@ from torch import nn
 from puzzle.model.modeling import DecoderBlock
 from puzzle.schema import AttentionConfig, FFNConfig
 
-SUBBLOCKS = ("attention", "ffn")
-
-
 @dataclass(frozen=True)
 class Variant:
     """Layer ``layer``'s ``subblock`` ("attention" or "ffn") as ``config``."""
@@ -67,11 +64,3 @@ def block_spec(variant: Variant) -> dict[str, Any]:
 def build_module(variant: Variant, config: Any) -> nn.Module:
     """An uninitialized module computing ``x + variant(norm(x))`` (identity for a no-op)."""
     return DecoderBlock(config, block_spec(variant), cache_slot=0)
-
-
-def parent_variant_config(parent_block: nn.Module, subblock: str) -> AttentionConfig | FFNConfig:
-    """The schema config of a parent ``DecoderBlock``'s sub-block."""
-    spec = parent_block.spec
-    if subblock == "attention":
-        return AttentionConfig(kind=spec["attention"], num_key_value_heads=spec["num_key_value_heads"])
-    return FFNConfig(kind=spec["ffn"], intermediate_size=spec["intermediate_size"])
