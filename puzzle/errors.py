@@ -58,3 +58,11 @@ class SolverFailedError(PuzzleError, RuntimeError):
 
 class NumericalError(PuzzleError, FloatingPointError):
     """A loss or statistic became NaN or infinite (lower the learning rate, use float32)."""
+
+
+class UnknownTargetError(PuzzleError, ValueError):
+    """A hardware target (``8xH100``, ``cpu``) or its dtype is not known; the message lists the known ones."""
+
+
+class StaleArtifactError(PuzzleError, ValueError):
+    """An output directory holds results computed from other inputs (rerun with --force to redo them)."""

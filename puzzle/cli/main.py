@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "puzzle.cli.export_cmd",
     "puzzle.cli.solve_cmd",
     "puzzle.cli.library_cmd",
+    "puzzle.cli.profile_cmd",
 ]
 
 

@@ -1,0 +1,175 @@
+"""Hardware targets: the accelerators the profiler knows, their efficiencies, and budget strings.
+
+A target is ``COUNTxNAME`` (``8xH100``, ``1xH200``, ``4xB200``) or ``cpu`` (the machine the
+profiler runs on), with a dtype (``bf16`` or ``fp8``; ``fp32`` on the CPU). The count is the
+tensor-parallel degree: weights and heads are split across that many GPUs.
+
+Datasheet figures are dense (no 2:4 sparsity) tensor-core FLOP/s, HBM capacity and bandwidth,
+and GPU-to-GPU bandwidth per direction. :class:`Efficiency` holds the fractions of those peaks
+that real kernels reach; the GPU defaults were read off ``h100_measured.csv`` (the calibration
+points this project ships, ``puzzle/profiler/data/``): a large BF16 GEMM reaches 787.3 / 989.4 =
+0.796 of the peak, FP8 1421.7 / 1978.9 = 0.718, and streaming reaches 2.99 / 3.35 = 0.89 of the
+bandwidth. The same fractions are assumed for the other GPUs until a measured calibration
+(``puzzle profile --measure`` on that GPU) replaces them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from puzzle.errors import UnknownTargetError
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+"""Bytes per weight element for each serving dtype."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Efficiency:
+    """Fractions of the datasheet peaks that kernels reach, and fixed per-kernel costs."""
+
+    compute: Mapping[str, float] = field(default_factory=lambda: {"bf16": 0.796, "fp8": 0.718})
+    """Per dtype: achieved / peak FLOP/s of a large GEMM."""
+    memory: float = 0.89
+    """Achieved / peak memory bandwidth when streaming weights, activations or KV cache."""
+    kernel_overhead_us: float = 1.0
+    """Fixed cost of one kernel (launch and tail), in microseconds."""
+    link: float = 0.8
+    """Achieved / peak GPU-to-GPU bandwidth in an all-reduce."""
+    allreduce_latency_us: float = 8.0
+    """Fixed latency of one all-reduce (NCCL small-message latency on NVLink)."""
+
+    def replace(self, **changes: object) -> Efficiency:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, object]:
+        return {**dataclasses.asdict(self), "compute": dict(self.compute)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> Efficiency:
+        return cls(**{**data, "compute": dict(data["compute"])})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Accelerator:
+    """One device type: its peaks and the efficiencies reached on it."""
+
+    name: str
+    """Canonical name, e.g. ``H100-SXM``."""
+    tflops: Mapping[str, float]
+    """Dense peak TFLOP/s per dtype (a dtype missing here is not supported)."""
+    memory_gb: float
+    """Device memory in GB (1e9 bytes), as datasheets give it."""
+    bandwidth_tbs: float
+    """Peak memory bandwidth, TB/s (1e12 bytes/s)."""
+    link_gbs: float = 0.0
+    """GPU-to-GPU bandwidth per direction, GB/s (NVLink; PCIe where there is none)."""
+    efficiency: Efficiency = field(default_factory=Efficiency)
+
+    def peak_flops(self, dtype: str) -> float:
+        """Dense peak FLOP/s for ``dtype``; :class:`UnknownTargetError` if it has no such units."""
+        if dtype not in self.tflops:
+            raise UnknownTargetError(f"{self.name} does not support {dtype}; it supports {sorted(self.tflops)}")
+        return self.tflops[dtype] * 1e12
+
+    @property
+    def bandwidth(self) -> float:
+        """Peak memory bandwidth in bytes/s."""
+        return self.bandwidth_tbs * 1e12
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_gb * 1e9
+
+
+# Dense tensor-core peaks (NVIDIA datasheets; SXM parts), HBM, NVLink per direction.
+ACCELERATORS: dict[str, Accelerator] = {
+    "A100-80GB": Accelerator(name="A100-80GB", tflops={"bf16": 312.0}, memory_gb=80, bandwidth_tbs=2.039,
+                             link_gbs=300),
+    "H100-SXM": Accelerator(name="H100-SXM", tflops={"bf16": 989.4, "fp8": 1978.9}, memory_gb=80,
+                            bandwidth_tbs=3.35, link_gbs=450),
+    "H200": Accelerator(name="H200", tflops={"bf16": 989.4, "fp8": 1978.9}, memory_gb=141, bandwidth_tbs=4.8,
+                        link_gbs=450),
+    "B100": Accelerator(name="B100", tflops={"bf16": 1750.0, "fp8": 3500.0}, memory_gb=192, bandwidth_tbs=8.0,
+                        link_gbs=900),
+    "B200": Accelerator(name="B200", tflops={"bf16": 2250.0, "fp8": 4500.0}, memory_gb=192, bandwidth_tbs=8.0,
+                        link_gbs=900),
+    # L40S has no NVLink: tensor-parallel traffic crosses PCIe Gen4 x16 (about 32 GB/s per direction).
+    "L40S": Accelerator(name="L40S", tflops={"bf16": 362.05, "fp8": 733.0}, memory_gb=48, bandwidth_tbs=0.864,
+                        link_gbs=32),
+}
+ALIASES = {"A100": "A100-80GB", "A100-SXM": "A100-80GB", "H100": "H100-SXM", "H100-80GB": "H100-SXM"}
+CPU = "cpu"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """What the child is served on: ``count`` devices of one kind (tensor parallel), in ``dtype``."""
+
+    accelerator: Accelerator
+    count: int = 1
+    """Tensor-parallel degree (GPUs sharing every layer)."""
+    dtype: str = "bf16"
+    """Weight and GEMM dtype: ``bf16`` or ``fp8`` on GPUs, ``fp32`` (or ``bf16``) on the CPU."""
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise UnknownTargetError(f"the device count must be >= 1, got {self.count}")
+        self.accelerator.peak_flops(self.dtype)  # raises for an unsupported dtype
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.accelerator.name == CPU
+
+    @property
+    def tp(self) -> int:
+        return self.count
+
+    @property
+    def name(self) -> str:
+        """``8xH100-SXM:bf16`` / ``cpu:fp32``."""
+        prefix = CPU if self.is_cpu else f"{self.count}x{self.accelerator.name}"
+        return f"{prefix}:{self.dtype}"
+
+    def with_efficiency(self, efficiency: Efficiency) -> Target:
+        acc = dataclasses.replace(self.accelerator, efficiency=efficiency)
+        return dataclasses.replace(self, accelerator=acc)
+
+
+def known_targets() -> list[str]:
+    """Names the parser accepts (``cpu`` plus every accelerator and alias)."""
+    return [CPU, *ACCELERATORS, *ALIASES]
+
+
+def lookup_accelerator(name: str) -> Accelerator:
+    by_upper = {k.upper(): k for k in ACCELERATORS} | {k.upper(): v for k, v in ALIASES.items()}
+    key = by_upper.get(name.strip().upper())
+    if key is None:
+        raise UnknownTargetError(f"unknown accelerator {name!r}; known: {', '.join(known_targets())}")
+    return ACCELERATORS[key]
+
+
+_BUDGET = re.compile(r"^\s*(?:(?P<n>\d+)\s*[xX*]\s*)?(?P<name>[A-Za-z][\w.-]*)\s*$")
+
+
+def parse_target(text: str, *, dtype: str | None = None) -> Target:
+    """``"8xH100"`` -> 8 tensor-parallel H100s; ``"cpu"`` -> this machine (measured once, cached).
+
+    ``dtype`` defaults to ``bf16`` on GPUs and ``fp32`` on the CPU.
+    """
+    m = _BUDGET.match(text or "")
+    if m is None:
+        raise UnknownTargetError(f"cannot read target {text!r}; write COUNTxNAME such as 8xH100, 1xH200, 4xB200, "
+                                 f"or cpu (known: {', '.join(known_targets())})")
+    count = int(m.group("n") or 1)
+    if dtype is not None and dtype not in DTYPE_BYTES:
+        raise UnknownTargetError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_BYTES)}")
+    if m.group("name").lower() == CPU:
+        if count != 1:
+            raise UnknownTargetError(f"target {text!r}: the cpu target is this one machine; write just 'cpu'")
+        from puzzle.profiler.cpu import cpu_accelerator
+
+        return Target(accelerator=cpu_accelerator(), count=1, dtype=dtype or "fp32")
+    return Target(accelerator=lookup_accelerator(m.group("name")), count=count, dtype=dtype or "bf16")
