@@ -161,7 +161,8 @@ def fixed_ops(shape: ModelShape, sc: Scenario, *, dtype: str, tp: int = 1) -> li
            gemm("lm_head", rows, H, V, dtype)]
     if tp > 1:  # vocab-parallel embedding sums its partial lookups; the head gathers its logits
         ops += allreduce("embed.allreduce", sc, shape, dtype, tp)
-        ops.append(Op("lm_head.gather", kernels=0, allreduce_bytes=float(rows * V * act_bytes(dtype)) / 2))
+        # A ring all-gather of the full (rows, tp * V) logits moves half what an all-reduce of them does.
+        ops.append(Op("lm_head.gather", kernels=0, allreduce_bytes=float(rows * tp * V * act_bytes(dtype)) / 2))
     return ops
 
 

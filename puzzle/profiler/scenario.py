@@ -79,16 +79,16 @@ def parse_scenario(text: str) -> Scenario:
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, _, value = item.partition("=")
         key = key.strip().lower()
+        if key != "batch" and key not in _LENGTH_KEYS:
+            raise ConfigError(f"scenario {text!r}: unknown key {key!r}; use batch and one of {_LENGTH_KEYS}")
         try:
             number = int(value)
         except ValueError:
             raise ConfigError(f"scenario {text!r}: {key} must be an integer, got {value!r}") from None
         if key == "batch":
             batch = number
-        elif key in _LENGTH_KEYS:
-            length = number
         else:
-            raise ConfigError(f"scenario {text!r}: unknown key {key!r}; use batch and one of {_LENGTH_KEYS}")
+            length = number
     return Scenario(name=name.strip() or phase, phase=phase, batch=batch, length=length)
 
 
