@@ -38,6 +38,10 @@ class Efficiency:
     """Fixed cost per kernel of the eager runtime's count, in microseconds. On GPUs the lean runtime
     (CUDA graphs / torch.compile) fuses the ~39 eager kernels of a layer into about 10 of ~1 us each,
     hence 0.25 us per eager kernel; on the CPU it is the eager dispatch cost, fitted by ``--measure``."""
+    overlap: float = 1.0
+    """How far an op's compute hides its memory traffic: 1 = fully (time is the larger of the two,
+    the roofline; GPUs), 0 = not at all (time is their sum; CPU GEMMs pack weight panels before
+    computing on them). Fitted by ``--measure`` on the CPU."""
     link: float = 0.8
     """Achieved / peak GPU-to-GPU bandwidth in an all-reduce."""
     allreduce_latency_us: float = 8.0

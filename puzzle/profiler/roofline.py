@@ -1,7 +1,8 @@
 """Time from counts: a roofline per op, all-reduces from the link, and the runtime's host floor.
 
-    op time      = max(FLOPs / (peak[dtype] * eff.compute[dtype]), bytes / (bandwidth * eff.memory))
-                   + kernels * eff.kernel_overhead_us
+    op time      = max(t_compute, t_memory) + (1 - eff.overlap) * min(t_compute, t_memory)
+                   + kernels * eff.kernel_overhead_us,
+                   t_compute = FLOPs / (peak[dtype] * eff.compute[dtype]), t_memory = bytes / (bandwidth * eff.memory)
     all-reduce   = 2 (tp - 1) / tp * payload / (link * eff.link) + eff.allreduce_latency_us   (ring)
     step time    = sum of op times over the blocks + fixed ops            (runtime "lean")
                  = max(that, host time of the runtime)                    (runtime "hf-eager")
@@ -58,7 +59,8 @@ def op_seconds(op: Op, target: Target) -> float:
     dtype = op.dtype if op.dtype in acc.tflops else target.dtype
     t_compute = op.flops / (acc.peak_flops(dtype) * compute_eff) if op.flops else 0.0
     t_memory = op.bytes / (acc.bandwidth * eff.memory) if op.bytes else 0.0
-    return max(t_compute, t_memory) + op.kernels * eff.kernel_overhead_us * 1e-6
+    overlapped = max(t_compute, t_memory) + (1.0 - eff.overlap) * min(t_compute, t_memory)
+    return overlapped + op.kernels * eff.kernel_overhead_us * 1e-6
 
 
 def ops_ms(ops: Iterable[Op], target: Target) -> float:
