@@ -122,6 +122,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.cache_slot)  # (B, nkv, S, hd), S = past + T
         mask = ctx["mask"]
+        if T == 1 and mask is None and self.n_kv != self.n_heads:
+            # Decode: the g query heads sharing a KV head become g query rows of that head, so K and V
+            # are read once per KV head instead of being expanded to every query head (which CPU SDPA
+            # does with enable_gqa, making fewer KV heads no faster).
+            g = self.n_heads // self.n_kv
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv, g, self.head_dim), k, v)  # (B, nkv, g, hd)
+            return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv != self.n_heads
         )  # (B, nh, T, hd)
@@ -262,6 +269,8 @@ class HeterogeneousModel(HeterogeneousPreTrainedModel):
     ) -> tuple[torch.Tensor, Cache | None, tuple[torch.Tensor, ...] | None]:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if past_key_values is None:  # newer transformers (5.2x) name the cache `cache`
+            past_key_values = kwargs.pop("cache", None)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
         B, T, _ = x.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -316,6 +325,8 @@ class HeterogeneousForCausalLM(HeterogeneousPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        if past_key_values is None:  # newer transformers (5.2x) name the cache `cache`
+            past_key_values = kwargs.pop("cache", None)
         x, cache, hidden = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
