@@ -1,7 +1,8 @@
 """Shared fixtures: tiny random HF parents saved with save_pretrained, and the real SmolLM2-135M.
 
 The real parent is converted once per machine into the user cache (about 20 s on 2 cores) and
-reused by every test that needs it through session-scoped fixtures.
+reused by every test that needs it through session-scoped fixtures, as is its block library
+trained with a small budget (about 3.5 min), which the BLD and the scoring tests share.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+TINY_BLD = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
@@ -95,3 +98,35 @@ def smollm2_hf_from_gguf():
 
     path = gguf_path(EMBEDDED["smollm2-135m"])
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_parent(tmp_path_factory, smollm2_source) -> Path:
+    """A random 3-layer Llama (hidden 64, 4 heads / 2 KV heads, FFN 96) with SmolLM2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from puzzle.io import copy_tokenizer_files
+
+    directory = tmp_path_factory.mktemp("tiny_text_parent")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_BLD, initializer_range=0.1)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    copy_tokenizer_files(smollm2_source.directory, directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2_trained_library(smollm2_source, tmp_path_factory):
+    """SmolLM2-135M's library on the default search space (30 layers x 12 variants), BLD-trained on
+    8192 tokens (4 steps of 8 x 256): build and train take about 3.5 min on 2 cores, once per session."""
+    from block_library import LibraryConfig, build_library, open_library, train_library
+
+    out = tmp_path_factory.mktemp("smollm2_lib") / "lib"
+    cfg = LibraryConfig().with_bld(tokens=8192, checkpoint_every=0)
+    build_library("smollm2-135m", out, cfg, progress=False)
+    train_library(out, progress=False)
+    return open_library(out)

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "puzzle.cli.solve_cmd",
     "puzzle.cli.library_cmd",
     "puzzle.cli.profile_cmd",
+    "puzzle.cli.score_cmd",
 ]
 
 

@@ -1,7 +1,7 @@
 """BLD on the real SmolLM2-135M with the default search space and a small CPU token budget.
 
 Build (calibration, 360 variants initialized and validated) and 4 BLD steps of 8 x 256 tokens:
-about 3 minutes on 2 cores.
+about 3 minutes on 2 cores, in the session fixture ``smollm2_trained_library`` (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -10,19 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from block_library import LibraryConfig, build_library, open_library, train_library
 from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2_library(smollm2_source, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smollm2_lib") / "lib"
-    cfg = LibraryConfig().with_bld(tokens=8192, checkpoint_every=0)
-    build_library("smollm2-135m", out, cfg, progress=False)
-    train_library(out, progress=False)
-    return open_library(out)
+def smollm2_library(smollm2_trained_library):
+    return smollm2_trained_library  # session-scoped in tests/conftest.py, shared with the scoring tests
 
 
 def test_default_space_every_trained_variant_improves(smollm2_library):

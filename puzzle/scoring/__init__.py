@@ -1,0 +1,16 @@
+"""Replace-1-block scoring of a block library (``puzzle score``).
+
+    from puzzle.scoring import ScoreConfig, score_library
+    result = score_library("runs/lib", "runs/scores", ScoreConfig(pairs="additive"))
+    result.scores        # solvers table: layer, variant (ATTENTION|FFN), is_parent, kl, loss_delta, ...
+    result.subblocks     # layer, subblock, variant, kl, loss_delta, top1_agreement, final_val_nmse
+
+See :mod:`puzzle.scoring.replace1` for the method and :mod:`puzzle.scoring.artifact` for the directory.
+"""
+
+from puzzle.scoring.config import ScoreConfig
+from puzzle.scoring.metrics import TokenSums, compare_logits, next_token_logprobs
+from puzzle.scoring.replace1 import Replacement, ScoreResult, replacements, score_library
+
+__all__ = ["Replacement", "ScoreConfig", "ScoreResult", "TokenSums", "compare_logits", "next_token_logprobs",
+           "replacements", "score_library"]
