@@ -40,7 +40,7 @@ from puzzle.scoring import artifact
 from puzzle.scoring.activations import ParentCache, ParentRunner, run_parent
 from puzzle.scoring.config import ScoreConfig
 from puzzle.scoring.metrics import TokenSums
-from puzzle.scoring.tables import block_table, cost_summary, subblock_table
+from puzzle.scoring.tables import block_table, cost_summary, parent_labels, subblock_table
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,6 @@ class ScoreResult:
     manifest: dict[str, Any]
     reused: bool = False
     """True when ``out_dir`` already held these scores and nothing ran."""
-
-
-def parent_labels(lib: Library, layer: int) -> tuple[str, str]:
-    t = lib.table
-    rows = t[(t.layer == layer) & t.is_parent.astype(bool)]
-    return (str(rows[rows.subblock == "attention"].variant.iloc[0]), str(rows[rows.subblock == "ffn"].variant.iloc[0]))
 
 
 def replacements(lib: Library, layer: int, pairs: str) -> list[Replacement]:

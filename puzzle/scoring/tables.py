@@ -18,7 +18,8 @@ SCORE_COLUMNS = ["layer", "variant", "is_parent", "kl", "loss_delta", "top1_disa
 SUBBLOCK_COLUMNS = ["layer", "subblock", "variant", "kl", "loss_delta", "top1_agreement"]
 
 
-def _parents(lib: Library, layer: int) -> tuple[str, str]:
+def parent_labels(lib: Library, layer: int) -> tuple[str, str]:
+    """The parent's own (attention, FFN) labels at ``layer``."""
     t = lib.table
     rows = t[(t.layer == layer) & t.is_parent.astype(bool)].set_index("subblock").variant
     return str(rows["attention"]), str(rows["ffn"])
@@ -33,7 +34,7 @@ def block_table(lib: Library, records: dict[int, dict[str, Any]]) -> pd.DataFram
     """The solvers' scores table (solvers/io.py): every (layer, ``ATTENTION|FFN``) of the library."""
     out = []
     for layer in sorted(records):
-        pa, pf = _parents(lib, layer)
+        pa, pf = parent_labels(lib, layer)
         got = _measured(records[layer])
         for a in lib.labels(layer, "attention"):
             for f in lib.labels(layer, "ffn"):
@@ -52,7 +53,7 @@ def subblock_table(lib: Library, records: dict[int, dict[str, Any]], *, initial:
     t = lib.table.set_index(["layer", "subblock", "variant"])
     out = []
     for layer in sorted(records):
-        pa, pf = _parents(lib, layer)
+        pa, pf = parent_labels(lib, layer)
         by_pair = {(r["attention"], r["ffn"]): r for r in records[layer]["rows"]}
         for sub in ("attention", "ffn"):
             for label in lib.labels(layer, sub):
