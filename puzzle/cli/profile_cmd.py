@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrated(args, target, shape, candidates, scenarios):  # noqa: ANN001, ANN202 (filled by measure)
+def _calibrated(args, target, shape, candidates, scenarios):  # noqa: ANN001, ANN202
     from puzzle.profiler.calibrate import calibrate_target
 
     return calibrate_target(target, shape, candidates, scenarios, measure=args.measure,
@@ -109,5 +109,5 @@ def _print(table, target, scenarios, parent, config, runtime, out: Path) -> None
         if runtime == "hf-eager":
             ms = max(ms, HF_EAGER.step_ms(sc, config.num_hidden_layers))
         print(f"parent, {sc.describe()}: {ms:.3f} ms/step, {sc.tokens / ms * 1e3:,.0f} tokens/s")
-    print(f"parent memory per GPU: weights {parent['weight_bytes'] / 2**30:.3f} GiB, "
+    print(f"parent memory per device: weights {parent['weight_bytes'] / 2**30:.3f} GiB, "
           f"KV cache {parent['kv_bytes_per_token'] / 1024:.1f} KiB per token of context")
