@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "puzzle.cli.library_cmd",
     "puzzle.cli.profile_cmd",
     "puzzle.cli.score_cmd",
+    "puzzle.cli.fuse_cmd",
 ]
 
 

@@ -97,6 +97,17 @@ def _evaluate(d: _Design, params: np.ndarray, bandwidth: float) -> tuple[np.ndar
     return loss.mean(axis=1), o
 
 
+def _compute_bound_somewhere(d: _Design, i: int, target: Target, base: Efficiency) -> bool:
+    """Whether, in some record, the ops of dtype ``d.dtypes[i]`` take longer in compute than in memory
+    traffic at ``base``'s fractions (else the data cannot pin that compute fraction down)."""
+    n, mine = len(d.y), d.dtype_idx == i
+    t_compute = np.where(mine, d.flops / (d.peak * base.compute.get(d.dtypes[i], 1.0)), 0.0)
+    t_memory = np.where(mine, d.bytes / (target.accelerator.bandwidth * base.memory), 0.0)
+    compute = np.bincount(d.owner, weights=t_compute, minlength=n)  # (N,)
+    memory = np.bincount(d.owner, weights=t_memory, minlength=n)  # (N,)
+    return bool((compute[compute > 0] >= memory[compute > 0]).any())
+
+
 def _grid(center: np.ndarray, half_width: np.ndarray, lo: np.ndarray, hi: np.ndarray, points: int) -> np.ndarray:
     """``points`` values per axis around ``center`` (in search coordinates), clipped to [lo, hi]; all combinations."""
     axes = [np.unique(np.clip(np.linspace(c - w, c + w, points), a, b)) for c, w, a, b in zip(center, half_width, lo, hi)]
@@ -118,6 +129,12 @@ def fit_efficiency(records: Sequence[Timed], target: Target, *, base: Efficiency
     # Search coordinates: log of each compute fraction and of the memory fraction, overlap as is.
     lo = np.array([np.log(GRID_RANGE[0])] * (len(d.dtypes) + 1) + [0.0 if fit_overlap else base.overlap])
     hi = np.array([np.log(GRID_RANGE[1])] * (len(d.dtypes) + 1) + [1.0 if fit_overlap else base.overlap])
+    for i, dt in enumerate(d.dtypes):
+        if not _compute_bound_somewhere(d, i, target, base):
+            # Only memory-bound ops of this dtype (decode points, say): the data cannot tell its compute
+            # fraction, and a free fit would drift to any value and mispredict prefill. Keep the base one.
+            lo[i] = hi[i] = np.log(base.compute.get(dt, 1.0))
+            log.info("no compute-bound %s measurement: keeping its compute fraction at %.3g", dt, np.exp(lo[i]))
     points = {2: 41, 3: 25}.get(len(lo), 13)
     center, half_width, overhead = (lo + hi) / 2, (hi - lo) / 2, 0.0
     for _ in range(5):  # the whole box, then boxes two steps of the previous grid wide around the best

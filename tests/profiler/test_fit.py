@@ -53,6 +53,19 @@ def test_fit_recovers_cpu_factors():
     assert np.abs(errs).max() < 0.05
 
 
+def test_decode_only_measurements_keep_the_base_compute_fraction():
+    """Memory-bound points cannot tell the compute fraction: the fit keeps the base value (it used to
+    drift to whatever the grid liked, then mispredicted prefill several-fold)."""
+    truth = Efficiency(compute={"fp32": 0.62}, memory=0.71, kernel_overhead_us=6.5)
+    target = Target(accelerator=CPU, dtype="fp32")
+    recs = synthetic(target, truth, "fp32", scenarios=SCENARIOS[1:2])  # decode, batch 1: all memory-bound
+    fitted = fit_efficiency(recs, target)
+    assert fitted.compute["fp32"] == pytest.approx(1.0)  # CPU's base efficiency, untouched
+    assert fitted.memory == pytest.approx(0.71, rel=0.1)
+    with_prefill = fit_efficiency(synthetic(target, truth, "fp32"), target)
+    assert with_prefill.compute["fp32"] == pytest.approx(0.62, rel=0.05)
+
+
 def test_fit_recovers_serial_compute_and_memory():
     """A CPU whose GEMMs do not overlap compute with memory traffic (overlap 0.1)."""
     truth = Efficiency(compute={"fp32": 0.9}, memory=0.45, overlap=0.1, kernel_overhead_us=6.0)

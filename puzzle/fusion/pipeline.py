@@ -1,0 +1,228 @@
+"""The fusion stage: detect runs, measure dependencies, choose segments, fuse, evaluate, report.
+
+    from puzzle.fusion import FusionConfig, fuse_and_report
+    result = fuse_and_report(model, tokenizer, FusionConfig(threshold=0.1))
+    result.segments        # the fused segments, e.g. [Segment(20, 24)]
+    result.report          # one row per segment and an "all" row: dependency, KL, latency
+    result.model           # the fused runtime model (export it with puzzle.export.export_decilm)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from puzzle.data.packing import load_sequences
+from puzzle.errors import ConfigError
+from puzzle.fusion.dependency import RunDependency, parallel_error, run_dependency, run_inputs
+from puzzle.fusion.distill import distill_fused_block
+from puzzle.fusion.evaluate import kl_to_reference, measured_ms, predicted_ms, reference_logprobs
+from puzzle.fusion.fuse import fuse_model, sequential_reference
+from puzzle.fusion.runs import Segment, check_segments, choose_segments, find_runs, fused_blocks, fused_width
+from puzzle.model import PuzzleForCausalLM
+from puzzle.profiler.hardware import parse_target
+from puzzle.profiler.scenario import Scenario, default_scenarios
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FusionConfig:
+    """How runs are chosen, measured and reported."""
+
+    threshold: float = 0.1
+    """Largest mean pairwise dependency (cosine distance) a fused segment may have."""
+    max_width_mult: float | None = 8.0
+    """Largest fused width as a multiple of the parent's FFN width (Nemotron-Ultra: 8); None: no limit."""
+    segments: tuple[Segment, ...] | None = None
+    """Fuse exactly these segments instead of choosing by threshold (dependencies are still reported)."""
+    sources: tuple[str, ...] = ("stdlib",)
+    """Corpus: its train split calibrates (dependency, distillation), its validation split evaluates."""
+    seq_len: int = 256
+    """Tokens per sequence."""
+    calib_sequences: int = 8
+    """Sequences for the dependency analysis and the optional distillation."""
+    eval_sequences: int = 8
+    """Held-out sequences for the KL of the fused model to the unfused one."""
+    distill_steps: int = 0
+    """Local distillation steps per fused block against its sequential run (0: none, exact fusion)."""
+    distill_lr: float = 1e-4
+    """Learning rate of that distillation."""
+    targets: tuple[str, ...] = ("8xH100",)
+    """Targets whose latency the profiler predicts (``cpu`` is this machine's roofline)."""
+    dtype: str = "bf16"
+    """Serving dtype of the GPU targets (the cpu target always uses fp32)."""
+    scenarios: tuple[Scenario, ...] = field(default_factory=lambda: tuple(default_scenarios()))
+    """Serving steps to predict and measure."""
+    measure: bool = True
+    """Also measure the unfused and fused models' step time on this machine."""
+    repeats: int = 10
+    """Timing repeats per measured step (the fastest is kept)."""
+
+    def __post_init__(self) -> None:
+        if not self.threshold >= 0:
+            raise ConfigError(f"threshold must be >= 0 (a cosine distance), got {self.threshold}")
+        if self.max_width_mult is not None and self.max_width_mult <= 0:
+            raise ConfigError(f"max_width_mult must be positive or None, got {self.max_width_mult}")
+        for name in ("seq_len", "calib_sequences", "eval_sequences", "repeats"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.distill_steps < 0:
+            raise ConfigError(f"distill_steps must be >= 0, got {self.distill_steps}")
+
+
+@dataclass
+class FusionResult:
+    model: PuzzleForCausalLM
+    """The fused model (the input model is never modified)."""
+    segments: list[Segment]
+    """The fused segments, in layer order."""
+    dependencies: list[RunDependency]
+    """One matrix per maximal run."""
+    report: pd.DataFrame
+    """One row per fused segment and a final ``all`` row."""
+    latency: pd.DataFrame
+    """target, scenario, source (predicted | measured), unfused_ms, fused_ms, speedup."""
+    distill_losses: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _latency_rows(unfused: PuzzleForCausalLM, fused: PuzzleForCausalLM, cfg: FusionConfig) -> list[dict[str, Any]]:
+    rows = []
+    for text in cfg.targets:
+        target = parse_target(text, dtype=None if text == "cpu" else cfg.dtype)
+        before = predicted_ms(unfused.config, unfused.config.blocks, cfg.scenarios, target)
+        after = predicted_ms(fused.config, fused.config.blocks, cfg.scenarios, target)
+        for sc in cfg.scenarios:
+            rows.append({"target": f"{text}:{target.dtype}", "scenario": sc.name, "source": "predicted",
+                         "unfused_ms": before[sc.name], "fused_ms": after[sc.name]})
+    if cfg.measure:
+        device = next(unfused.parameters()).device
+        before, after = measured_ms(unfused, cfg.scenarios, repeats=cfg.repeats), measured_ms(fused, cfg.scenarios, repeats=cfg.repeats)
+        for sc in cfg.scenarios:
+            rows.append({"target": f"this {device.type}:{str(next(unfused.parameters()).dtype).removeprefix('torch.')}",
+                         "scenario": sc.name, "source": "measured",
+                         "unfused_ms": before[sc.name], "fused_ms": after[sc.name]})
+    for r in rows:
+        r["speedup"] = r["unfused_ms"] / r["fused_ms"]
+    return rows
+
+
+def _segment_gain(model: PuzzleForCausalLM, seg: Segment, cfg: FusionConfig) -> dict[str, float]:
+    """Predicted ms saved per step by fusing this segment alone, per target and scenario."""
+    blocks = model.config.blocks
+    after, _ = fused_blocks(blocks, [seg])
+    out = {}
+    for text in cfg.targets:
+        target = parse_target(text, dtype=None if text == "cpu" else cfg.dtype)
+        b, a = predicted_ms(model.config, blocks, cfg.scenarios, target), predicted_ms(model.config, after, cfg.scenarios, target)
+        for sc in cfg.scenarios:
+            out[f"{text}_{sc.name}_saved_ms"] = b[sc.name] - a[sc.name]
+    return out
+
+
+def _choose(model: PuzzleForCausalLM, deps: Sequence[RunDependency], cfg: FusionConfig) -> list[Segment]:
+    blocks = model.config.blocks
+    if cfg.segments is not None:
+        return check_segments(blocks, cfg.segments)
+    max_width = None if cfg.max_width_mult is None else int(cfg.max_width_mult * model.config.intermediate_size)
+    out = []
+    for d in deps:
+        out += choose_segments(d.run, d.matrix, d.widths, threshold=cfg.threshold, max_width=max_width)
+    return out
+
+
+def fuse_and_report(model: PuzzleForCausalLM, tokenizer: Any, cfg: FusionConfig | None = None, *,
+                    parent: PuzzleForCausalLM | None = None, progress: bool = True) -> FusionResult:
+    """Run the whole fusion stage on ``model`` (not modified); see :class:`FusionConfig`.
+
+    ``parent``: the model ``model`` was derived from; the ``all`` rows then also report
+    ``kl_to_parent`` of the unfused and the fused model (KL before and after fusion).
+    """
+    cfg = cfg or FusionConfig()
+    blocks = model.config.blocks
+    runs = find_runs(blocks)
+    if cfg.segments is not None:
+        check_segments(blocks, cfg.segments)
+    calib = load_sequences(list(cfg.sources), tokenizer, seq_len=cfg.seq_len, num_sequences=cfg.calib_sequences)
+    heldout = load_sequences(list(cfg.sources), tokenizer, seq_len=cfg.seq_len, num_sequences=cfg.eval_sequences,
+                             split="validation")
+    starts = sorted({r.start for r in runs} | {s.start for s in (cfg.segments or ())})
+    inputs = run_inputs(model, calib, starts) if starts else {}
+    deps = [run_dependency(model, r, inputs[r.start]) for r in tqdm(runs, desc="dependency", disable=not progress)]
+    segments = _choose(model, deps, cfg)
+    if not runs:
+        log.warning("no run of two or more attention-free SwiGLU layers: nothing to fuse")
+    extra = sorted({s.start for s in segments} - set(inputs))
+    if extra:
+        inputs.update(run_inputs(model, calib, extra))
+    reference = reference_logprobs(model, heldout)
+    rows, losses = [], {}
+    fused_all = model
+    for seg in tqdm(segments, desc="fused segments", disable=not progress):
+        x0 = inputs[seg.start]
+        dep = next((d for d in deps if d.run.start <= seg.start and seg.stop <= d.run.stop), None)
+        matrix = dep.matrix if dep is not None else None
+        lo = seg.start - dep.run.start if dep is not None else 0
+        pairs = [matrix[i][j] for i in range(lo, lo + len(seg)) for j in range(i + 1, lo + len(seg))] if matrix else []
+        one = fuse_model(model, [seg])
+        row = {"segment": seg.label, "layers": len(seg), "width": fused_width(blocks, seg),
+               "width_mult": fused_width(blocks, seg) / model.config.intermediate_size,
+               "dependency": sum(pairs) / len(pairs) if pairs else float("nan"),
+               "max_pair_dependency": max(pairs) if pairs else float("nan"),
+               "parallel_error": parallel_error(model, seg, x0)}
+        row.update({f"{k}": v for k, v in kl_to_reference(one, heldout, reference).items()})
+        row.update(_segment_gain(model, seg, cfg))
+        rows.append(row)
+    if segments:
+        fused_all = fuse_model(model, segments)
+    to_parent = reference_logprobs(parent, heldout) if parent is not None else None
+
+    def quality(m: PuzzleForCausalLM) -> dict[str, float]:
+        out = kl_to_reference(m, heldout, reference)
+        if to_parent is not None:
+            out["kl_to_parent"] = kl_to_reference(m, heldout, to_parent)["kl"]
+        return out
+
+    nan = float("nan")
+    blank = {"width": nan, "width_mult": nan, "dependency": nan, "max_pair_dependency": nan, "parallel_error": nan}
+    if to_parent is not None:
+        rows.insert(0, {"segment": "unfused", "layers": 0, **blank, "kl": 0.0, "loss_delta": 0.0,
+                        "top1_agreement": 1.0, "kl_to_parent": kl_to_reference(model, heldout, to_parent)["kl"]})
+    total = {"segment": "all", "layers": sum(len(s) for s in segments), **blank, **quality(fused_all)}
+    for text in cfg.targets:
+        for sc in cfg.scenarios:
+            key = f"{text}_{sc.name}_saved_ms"
+            total[key] = sum(r.get(key, 0.0) for r in rows)
+    rows.append(total)
+    if segments and cfg.distill_steps:
+        fused_all, losses = _distill(model, fused_all, segments, inputs, cfg, progress=progress)
+        rows.append({**total, "segment": "all (distilled)", **quality(fused_all)})
+    report = pd.DataFrame(rows)
+    latency = pd.DataFrame(_latency_rows(model, fused_all, cfg))
+    return FusionResult(model=fused_all, segments=segments, dependencies=deps, report=report, latency=latency,
+                        distill_losses=losses)
+
+
+def _distill(model: PuzzleForCausalLM, fused: PuzzleForCausalLM, segments: Sequence[Segment],
+             inputs: dict[int, torch.Tensor], cfg: FusionConfig, *, progress: bool
+             ) -> tuple[PuzzleForCausalLM, dict[str, list[float]]]:
+    _, origin = fused_blocks(model.config.blocks, segments)
+    losses = {}
+    for seg in tqdm(segments, desc="distill fused blocks", disable=not progress):
+        x0 = inputs[seg.start]
+        with torch.no_grad():
+            target = sequential_reference(model, seg, x0)
+        block = fused.model.layers[origin.index(seg.start)]
+        losses[seg.label] = distill_fused_block(block, x0, target, steps=cfg.distill_steps, lr=cfg.distill_lr)
+    return fused, losses
+
+
+def with_segments(cfg: FusionConfig, segments: Sequence[Segment] | None) -> FusionConfig:
+    """``cfg`` with explicit segments (or None to choose by threshold)."""
+    return replace(cfg, segments=tuple(segments) if segments is not None else None)
