@@ -49,8 +49,12 @@ def run_inputs(model: PuzzleForCausalLM, ids: torch.Tensor, layers: Sequence[int
 
 
 def _cos_distance_sum(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Sum over tokens of 1 - cos(a, b), both (B, T, H), in float32."""
-    return float((1.0 - F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12)).double().sum())
+    """Sum over tokens of 1 - cos(a, b), both (B, T, H), in float32; 0 where both are zero (an FFN
+    whose output is zero with and without the other block did not change)."""
+    a, b = a.float(), b.float()
+    dist = 1.0 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)  # (B, T)
+    both_zero = (a.abs().amax(-1) == 0) & (b.abs().amax(-1) == 0)
+    return float(dist.masked_fill(both_zero, 0.0).double().sum())
 
 
 @torch.no_grad()

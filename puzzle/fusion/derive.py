@@ -32,7 +32,8 @@ def derive_model(model: PuzzleForCausalLM, blocks: Sequence[BlockConfig]) -> Puz
                 raise ConfigError(f"layer {i}: {sub} {w.label} is neither the model's own ({o.label}) nor no_op; "
                                   f"other variants need trained weights: pass a block library (--library)")
             drop += [f"model.layers.{i}.{prefix}" for prefix in _SUB[sub]]
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(drop))}
+    # Copies: the derived model shares no tensor with ``model`` (training it never moves the parent).
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(tuple(drop))}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     dtype = next(model.parameters()).dtype

@@ -44,13 +44,13 @@ def distill_fused_block(block: torch.nn.Module, x: torch.Tensor, target: torch.T
         with torch.enable_grad():
             out = block(x[idx], _CTX)  # (b, T, H)
             loss = (out - target[idx]).float().pow(2).mean() / energy
-            if not math.isfinite(float(loss)):
-                raise NumericalError(f"fused-block distillation: loss is {float(loss)} at step {step + 1}; "
+            if not math.isfinite(loss.item()):
+                raise NumericalError(f"fused-block distillation: loss is {loss.item()} at step {step + 1}; "
                                      f"lower the learning rate (now {lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     block.eval()
     log.info("fused-block distillation: NMSE %.4g -> %.4g over %d steps", losses[0], losses[-1], steps)
     return losses

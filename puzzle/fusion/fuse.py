@@ -56,7 +56,8 @@ def fuse_model(model: PuzzleForCausalLM, segments: Sequence[Segment]) -> PuzzleF
     config = model.config
     blocks, origin = fused_blocks(config.blocks, segments)
     spans = {s.start: s for s in segments}
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    # Copies: the fused model shares no tensor with ``model``, so training it (GKD) never moves the source.
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     new = {k: v for k, v in state.items() if not k.startswith("model.layers.")}
     if config.tie_word_embeddings:
         new.pop("lm_head.weight", None)

@@ -128,8 +128,8 @@ def _segment_gain(model: PuzzleForCausalLM, seg: Segment, cfg: FusionConfig) -> 
 
 def _choose(model: PuzzleForCausalLM, deps: Sequence[RunDependency], cfg: FusionConfig) -> list[Segment]:
     blocks = model.config.blocks
-    if cfg.segments is not None:
-        return check_segments(blocks, cfg.segments)
+    if cfg.segments is not None:  # one-layer segments are nothing to fuse
+        return [s for s in check_segments(blocks, cfg.segments) if len(s) > 1]
     max_width = None if cfg.max_width_mult is None else int(cfg.max_width_mult * model.config.intermediate_size)
     out = []
     for d in deps:

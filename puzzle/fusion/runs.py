@@ -101,9 +101,9 @@ def parse_segments(text: str) -> list[Segment]:
     """``"20-23,25-27"`` (inclusive ranges, as printed in reports) -> segments."""
     out = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        lo, _, hi = part.partition("-")
+        lo, dash, hi = part.partition("-")
         try:
-            a, b = int(lo), int(hi or lo)
+            a, b = int(lo), int(hi if dash else lo)
         except ValueError:
             raise ConfigError(f"cannot read layer range {part!r}; write ranges like 20-23,25-27") from None
         if b < a:
