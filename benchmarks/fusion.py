@@ -5,14 +5,15 @@
 1. Remove attention from the K consecutive layers where removing it costs the least KL to the
    parent (sum of replace-1-block KLs on held-out stdlib text): a hand-made stand-in for a MIP
    child, contiguous so that it has a run to fuse.
-2. ``puzzle.fusion.fuse_and_report`` on that child: dependency matrices, segments chosen by
-   ``--threshold`` (mean pairwise dependency), KL of the fused model to the unfused one and to
+2. ``puzzle.fusion.fuse_and_report`` on that child for a sweep of thresholds on the segment
+   score (max pairwise dependency; the paper's mean once), the last also with a short local
+   distillation of the fused blocks: KL of the fused model to the unfused one and to
    the parent, latency predicted on 8xH100 bf16 and on this CPU, and measured on this CPU.
 3. Which run-level score predicts the damage: for every sub-segment of 2..4 layers, its mean and
    max pairwise dependency and parallel error against the KL of fusing it alone (Spearman).
 
-Writes ``benchmarks/results/fusion.csv`` (the fusion report), ``fusion_latency.csv`` and
-``fusion_segments.csv`` (the score study).
+Writes ``benchmarks/results/fusion.csv`` (one row per threshold: segments, KL before/after,
+predicted and measured speedups) and ``fusion_segments.csv`` (the score study).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from puzzle.fusion.derive import derive_model, without_attention
 from puzzle.fusion.evaluate import kl_to_reference, reference_logprobs
 from puzzle.fusion.runs import Segment, segment_score
 from puzzle.loading import load_model, load_tokenizer
+from puzzle.profiler.scenario import parse_scenario
 
 RESULTS = Path(__file__).parent / "results"
+QUICK_SCENARIOS = ("prefill:batch=1,prompt=256", "decode:batch=8,context=256")
 
 
 def attention_removal_kl(parent, ids, reference) -> list[float]:  # noqa: ANN001
@@ -67,7 +70,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="reduced run (under a minute)")
     ap.add_argument("--drop", type=int, default=None, help="attention layers to remove (default 10; quick 6)")
-    ap.add_argument("--threshold", type=float, default=0.1, help="fusion threshold (default 0.1)")
+    ap.add_argument("--threshold", type=float, default=None, help="one fusion threshold (default: a sweep)")
+    ap.add_argument("--distill-steps", type=int, default=100, help="distillation steps of the last setting (default 100)")
+    ap.add_argument("--distill-lr", type=float, default=1e-4, help="distillation learning rate (default 1e-4)")
+    ap.add_argument("--score", choices=("max", "mean"), default="max", help="segment score with --threshold (default max)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's count)")
     ap.add_argument("--sequences", type=int, default=None, help="calibration / held-out sequences (default 8; quick 2)")
     args = ap.parse_args()
@@ -75,7 +81,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     quick = args.quick
     drop = args.drop or (6 if quick else 10)
-    n_seq, seq_len = args.sequences or (2 if quick else 8), 128 if quick else 256
+    n_seq, seq_len = args.sequences or (1 if quick else 8), 128 if quick else 256
     t0 = time.perf_counter()
     parent, tok = load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
     heldout = load_sequences(["stdlib"], tok, seq_len=seq_len, num_sequences=n_seq, split="validation")
@@ -90,26 +96,53 @@ def main() -> None:
     print("replace-1 KL of removing attention, per layer: " + " ".join(f"{k:.3f}" for k in kls))
     print(f"attention removed from layers {start}-{start + drop - 1} (sum of replace-1 KL {sum(kls[start:start + drop]):.3f})")
 
-    cfg = FusionConfig(threshold=args.threshold, seq_len=seq_len, calib_sequences=n_seq, eval_sequences=n_seq,
-                       targets=("8xH100", "cpu"), repeats=3 if quick else 10)
-    result = fuse_and_report(child, tok, cfg, parent=parent, progress=False)
-    for d in result.dependencies:
-        print(f"run {d.run.label}: adjacent-pair dependency " + " ".join(f"{d.matrix[i][i + 1]:.3f}" for i in range(len(d.run) - 1)))
-    report, latency = result.report, result.latency
-    study = score_study(child, result, heldout, calib, result_reference(child, heldout), 2 if quick else 4)
-    with pd.option_context("display.width", 220, "display.max_columns", 40, "display.float_format", "{:.4g}".format):
-        print(report.to_string(index=False))
-        print(latency.to_string(index=False))
+    rows, study = [], pd.DataFrame()
+    if args.threshold is not None:
+        settings = [(args.score, args.threshold, 0)]
+    elif quick:
+        settings = [("max", 0.2, 0)]
+    else:  # max-score sweep, the paper's mean score at the largest threshold, and distillation on top
+        settings = [("max", 0.12, 0), ("max", 0.16, 0), ("max", 0.2, 0), ("mean", 0.2, 0),
+                    ("max", 0.2, args.distill_steps)]
+    for score, threshold, steps in settings:
+        cfg = FusionConfig(threshold=threshold, seq_len=seq_len, calib_sequences=n_seq, eval_sequences=n_seq,
+                           targets=("8xH100", "cpu"), repeats=3 if quick else 10, distill_steps=steps,
+                           distill_lr=args.distill_lr, score=score,
+                           scenarios=tuple(parse_scenario(x) for x in QUICK_SCENARIOS) if quick else FusionConfig().scenarios)
+        result = fuse_and_report(child, tok, cfg, parent=parent, progress=False)
+        rep = result.report.set_index("segment")
+        final = rep.loc["all (distilled)" if steps else "all"]
+        lat = {(r.target.split(":")[0], r.scenario, r.source): r.speedup for r in result.latency.itertuples()}
+        rows.append({"score": score, "threshold": threshold, "distill_steps": steps,
+                     "segments": " ".join(s.label for s in result.segments) or "-",
+                     "layers_before": child.config.num_hidden_layers, "layers_after": result.model.config.num_hidden_layers,
+                     "kl_unfused_to_parent": rep.loc["unfused", "kl_to_parent"],
+                     "kl_fused_to_parent": final["kl_to_parent"], "kl_fused_to_unfused": final["kl"],
+                     "top1_fused_vs_unfused": final["top1_agreement"],
+                     "pred_8xH100_bf16_prefill_speedup": lat[("8xH100", "prefill", "predicted")],
+                     "pred_8xH100_bf16_decode_speedup": lat[("8xH100", "decode", "predicted")],
+                     "pred_cpu_prefill_speedup": lat[("cpu", "prefill", "predicted")],
+                     "pred_cpu_decode_speedup": lat[("cpu", "decode", "predicted")],
+                     "meas_cpu_prefill_speedup": lat[("this cpu", "prefill", "measured")],
+                     "meas_cpu_decode_speedup": lat[("this cpu", "decode", "measured")]})
+        print(f"{score} <= {threshold}, distill {steps}: {rows[-1]['segments']}", flush=True)
+        if len(rows) == 1:
+            for d in result.dependencies:
+                print(f"run {d.run.label}: adjacent-pair dependency "
+                      + " ".join(f"{d.matrix[i][i + 1]:.3f}" for i in range(len(d.run) - 1)))
+            study = score_study(child, result, heldout, calib, result_reference(child, heldout), 2 if quick else 4)
+    table = pd.DataFrame(rows)
+    with pd.option_context("display.width", 250, "display.max_columns", 40, "display.float_format", "{:.4g}".format):
+        print(table.T.to_string(header=False))
         if len(study) > 2:
             corr = study[["mean_dependency", "max_dependency", "parallel_error", "kl"]].corr(method="spearman")["kl"]
             print(f"\nscore study ({len(study)} sub-segments of 2..{study.layers.max()} layers): Spearman rank "
                   f"correlation with the KL of fusing it alone:\n{corr.drop('kl').to_string()}")
             print(study.sort_values("kl").head(8).to_string(index=False))
     RESULTS.mkdir(exist_ok=True)
-    report.assign(dropped_attention=" ".join(map(str, layers))).to_csv(RESULTS / "fusion.csv", index=False)
-    latency.to_csv(RESULTS / "fusion_latency.csv", index=False)
+    table.assign(dropped_attention=f"{layers[0]}-{layers[-1]}").to_csv(RESULTS / "fusion.csv", index=False)
     study.to_csv(RESULTS / "fusion_segments.csv", index=False)
-    print(f"\nwrote {RESULTS / 'fusion.csv'} (+ _latency, _segments) in {time.perf_counter() - t0:.0f} s")
+    print(f"\nwrote {RESULTS / 'fusion.csv'} (+ fusion_segments.csv) in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

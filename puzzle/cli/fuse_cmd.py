@@ -6,7 +6,7 @@
     puzzle fuse runs/child --segments 20-23,25-27 --distill-steps 50 --out runs/fused
 
 Finds the runs of attention-free SwiGLU layers, measures how much each FFN depends on the ones
-before it, fuses the segments whose mean dependency is below ``--threshold`` (or exactly
+before it, fuses the segments whose largest pairwise dependency is below ``--threshold`` (or exactly
 ``--segments``), and reports per segment the dependency, the KL of the fused model to the
 unfused one, and the latency change predicted for each ``--target`` and measured here.
 """
@@ -31,10 +31,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "must be the model's own or no_op")
     p.add_argument("--no-attention", metavar="LAYERS", help="remove attention from these layers of SOURCE first "
                    "(ranges like 14-25,27), an attention-removed child by hand")
+    p.add_argument("--parent", help="the parent of an exported child SOURCE (embedded name or directory): adds "
+                   "the KL to the parent before and after fusion (known already for --arch / --no-attention)")
     p.add_argument("--segments", metavar="LAYERS", help="fuse exactly these ranges (e.g. 20-23,25-27) instead of "
                    "choosing by --threshold")
-    p.add_argument("--threshold", type=float, default=0.1, help="largest mean pairwise dependency (cosine "
-                   "distance, 0..2) of a fused segment (default: 0.1)")
+    p.add_argument("--threshold", type=float, default=0.2, help="largest segment score (pairwise dependency, "
+                   "a cosine distance 0..2) of a fused segment (default: 0.2)")
+    p.add_argument("--score", choices=("max", "mean"), default="max", help="segment score compared with "
+                   "--threshold: max of its pairwise dependencies (every pair independent enough) or their mean "
+                   "(the paper's run-level view; lets long runs through on small models) (default: max)")
     p.add_argument("--max-width-mult", type=float, default=8.0, help="largest fused width as a multiple of the "
                    "parent FFN width (default: 8, as Nemotron-Ultra); 0 for no limit")
     p.add_argument("--data", nargs="+", default=["stdlib"], help="corpus: train split calibrates, validation "
@@ -73,8 +78,8 @@ def _models(args: argparse.Namespace):  # noqa: ANN202
         model = parent = load_model(src)
         if args.arch:
             model = derive_model(parent, load_blocks(args.arch))
-        else:
-            parent = None  # an exported child: its parent is not known here
+        else:  # an exported child: its parent only if given
+            parent = load_model(resolve_source(args.parent)) if args.parent else None
     if args.no_attention:
         layers = [i for s in parse_segments(args.no_attention) for i in s.layers]
         base = parent if parent is not None else model
@@ -96,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     for protected in {src.directory.resolve(), Path(args.source).resolve()}:
         if out.resolve() == protected or protected in out.resolve().parents:
             raise ConfigError(f"--out {out} is inside the source {protected}; never write there")
-    cfg = FusionConfig(threshold=args.threshold, max_width_mult=args.max_width_mult or None,
+    cfg = FusionConfig(threshold=args.threshold, score=args.score, max_width_mult=args.max_width_mult or None,
                        segments=tuple(parse_segments(args.segments)) if args.segments else None,
                        sources=tuple(args.data), seq_len=args.seq_len, calib_sequences=args.sequences,
                        eval_sequences=args.sequences, distill_steps=args.distill_steps, distill_lr=args.distill_lr,

@@ -8,7 +8,8 @@
 Modules: ``runs`` (detection and choice, no torch), ``fuse`` (exact weight fusion),
 ``dependency`` (pairwise dependency on calibration data), ``evaluate`` (KL and latency),
 ``distill`` (optional local distillation of a fused block), ``pipeline`` (the stage),
-``artifact`` (the output directory).
+``artifact`` (the output directory), ``derive`` (attention removed by hand), ``candidates``
+(fused segments as span rows of the MIP's tables).
 """
 
 from puzzle.fusion.fuse import fuse_model

@@ -15,7 +15,7 @@ import torch
 from puzzle.model import PuzzleForCausalLM
 from puzzle.profiler.counts import ModelShape
 from puzzle.profiler.hardware import Target
-from puzzle.profiler.model_speed import measure_model_ms
+from puzzle.profiler.model_speed import measure_models_ms
 from puzzle.profiler.roofline import model_ms
 from puzzle.profiler.scenario import Scenario
 from puzzle.schema import BlockConfig
@@ -50,6 +50,11 @@ def predicted_ms(config_or_shape: object, blocks: Sequence[BlockConfig], scenari
     return {sc.name: model_ms(shape, blocks, sc, target) for sc in scenarios}
 
 
-def measured_ms(model: PuzzleForCausalLM, scenarios: Sequence[Scenario], *, repeats: int = 10) -> dict[str, float]:
-    """Measured step milliseconds on the model's device per scenario (fastest of ``repeats``)."""
-    return {sc.name: measure_model_ms(model, sc, repeats=repeats) for sc in scenarios}
+def measured_ms(models: Sequence[PuzzleForCausalLM], scenarios: Sequence[Scenario], *, repeats: int = 10
+                ) -> list[dict[str, float]]:
+    """Measured step milliseconds per model and scenario on this device: interleaved rounds, fastest kept."""
+    out: list[dict[str, float]] = [{} for _ in models]
+    for sc in scenarios:
+        for k, ms in enumerate(measure_models_ms(models, sc, rounds=5, repeats=max(1, repeats // 5))):
+            out[k][sc.name] = ms
+    return out

@@ -114,18 +114,26 @@ def parse_segments(text: str) -> list[Segment]:
     return out
 
 
-def segment_score(dependency: Sequence[Sequence[float]], lo: int, hi: int) -> float:
-    """Mean pairwise dependency ``d[i][j]`` over ``lo <= i < j < hi`` (0 for a single layer).
+SEGMENT_SCORES = ("mean", "max")
+
+
+def segment_score(dependency: Sequence[Sequence[float]], lo: int, hi: int, *, how: str = "mean") -> float:
+    """Mean (or max) pairwise dependency ``d[i][j]`` over ``lo <= i < j < hi`` (0 for a single layer).
 
     ``dependency`` is indexed relative to its run (``d[0][1]`` is the run's first two layers).
+    ``mean`` is the FFN Fusion paper's run-level view; ``max`` asks every pair to be independent.
     """
+    if how not in SEGMENT_SCORES:
+        raise ConfigError(f"segment score {how!r} is not one of {SEGMENT_SCORES}")
     pairs = [dependency[i][j] for i in range(lo, hi) for j in range(i + 1, hi)]
-    return sum(pairs) / len(pairs) if pairs else 0.0
+    if not pairs:
+        return 0.0
+    return sum(pairs) / len(pairs) if how == "mean" else max(pairs)
 
 
 def choose_segments(run: Segment, dependency: Sequence[Sequence[float]], widths: Sequence[int], *,
-                    threshold: float, max_width: int | None = None) -> list[Segment]:
-    """Split ``run`` into as few consecutive segments as possible, each with a mean pairwise
+                    threshold: float, max_width: int | None = None, how: str = "mean") -> list[Segment]:
+    """Split ``run`` into as few consecutive segments as possible, each with a mean (``how``) pairwise
     dependency <= ``threshold`` and a fused width <= ``max_width``; ties go to the lowest total
     dependency. Segments of one layer stay unfused; only those of two or more are returned.
 
@@ -140,7 +148,7 @@ def choose_segments(run: Segment, dependency: Sequence[Sequence[float]], widths:
     for k in range(1, n + 1):
         for j in range(k):
             width = sum(widths[j:k])
-            score = segment_score(dependency, j, k)
+            score = segment_score(dependency, j, k, how=how)
             ok = k - j == 1 or (score <= threshold and (max_width is None or width <= max_width))
             if not ok or best[j] == inf:
                 continue

@@ -9,6 +9,7 @@ not the cache bookkeeping's (the "lean path" the profiler's CPU roofline describ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -60,3 +61,18 @@ def measure_model_ms(model: PuzzleForCausalLM, sc: Scenario, *, repeats: int = 1
             return model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
     return _time_ms(step, device, repeats=repeats, warmup=warmup, statistic=statistic)
+
+
+def measure_models_ms(models: Sequence[PuzzleForCausalLM], sc: Scenario, *, rounds: int = 3, repeats: int = 5,
+                      warmup: int = 2) -> list[float]:
+    """Milliseconds of one step of ``sc`` for each model, timed in interleaved rounds (A B A B ...).
+
+    On a shared machine the speed drifts over seconds; interleaving exposes every model to the same
+    drift and the fastest time over all rounds is kept per model, so a ratio of two results is fair.
+    """
+    best = [float("inf")] * len(models)
+    for r in range(rounds):
+        for k, model in enumerate(models):
+            ms = measure_model_ms(model, sc, repeats=repeats, warmup=warmup if r == 0 else 1)
+            best[k] = min(best[k], ms)
+    return best
