@@ -25,6 +25,9 @@ COMMAND_MODULES = [
     "puzzle.cli.profile_cmd",
     "puzzle.cli.score_cmd",
     "puzzle.cli.fuse_cmd",
+    "puzzle.cli.distill_cmd",
+    "puzzle.cli.evaluate_cmd",
+    "puzzle.cli.search_cmd",
 ]
 
 

@@ -1,0 +1,81 @@
+"""``puzzle evaluate``: held-out quality, task accuracy and measured speed of a model, against its parent.
+
+    puzzle evaluate runs/child --parent smollm2-135m                           # 8 x 256 stdlib held-out tokens
+    puzzle evaluate runs/child --parent smollm2-135m --tasks examples/tasks/python_stdlib_mc.jsonl
+    puzzle evaluate runs/child --parent smollm2-135m --speed --out runs/eval   # + speed.csv
+    puzzle evaluate smollm2-135m --speed --scenario decode:batch=1,context=512
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="quality (perplexity, KL to the parent), task accuracy and measured speed",
+                       description="Evaluate MODEL on the validation split of --data: perplexity and, with "
+                       "--parent, mean per-token KL(parent || model), loss delta and top-1 agreement; accuracy on "
+                       "multiple-choice --tasks files; with --speed, measured prefill/decode step times of the "
+                       "parent and MODEL on this device. Prints a table; --out also writes evaluation.json "
+                       "(and speed.csv).")
+    p.add_argument("model", help="the model to evaluate: exported DeciLM or runtime directory, HF directory, "
+                   "or embedded name (e.g. smollm2-135m)")
+    p.add_argument("--parent", help="its parent (same forms): adds KL, loss delta, top-1 agreement, the parent's "
+                   "own perplexity and accuracy, and the parent as speed reference")
+    p.add_argument("--data", nargs="+", default=["stdlib"], help="held-out corpus sources: stdlib, text files, "
+                   "directories, .jsonl, .parquet; their validation split is read (default: stdlib)")
+    p.add_argument("--sequences", type=int, default=8, help="held-out sequences (default: 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per held-out sequence (default: 256)")
+    p.add_argument("--tasks", nargs="+", default=[], metavar="FILE", help="multiple-choice task files, JSONL with "
+                   '{"context": str, "choices": [str, ...], "answer": int} per line (see '
+                   "examples/tasks/python_stdlib_mc.jsonl); each choice is scored by its tokens' summed log-prob")
+    p.add_argument("--speed", action="store_true", help="measure step times on this device (interleaved rounds, "
+                   "fastest kept): default scenarios prefill batch 1 x 1024 and decode batch 8, context 1024")
+    p.add_argument("--scenario", nargs="+", metavar="SPEC", help="speed scenarios instead of the defaults, e.g. "
+                   "'decode:batch=1,context=512' 'prefill:batch=1,prompt=256' (implies --speed)")
+    p.add_argument("--out", help="directory to write evaluation.json (and speed.csv with --speed) into; "
+                   "files are replaced atomically")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from puzzle.errors import ModelFilesError
+    from puzzle.evaluation import evaluate, load_tasks
+    from puzzle.io import atomic_write_json, atomic_write_text
+    from puzzle.loading import load_model, load_tokenizer, resolve_source
+    from puzzle.profiler.scenario import parse_scenario
+
+    # Everything the user typed is checked before any model is loaded.
+    scenarios = [parse_scenario(s) for s in args.scenario] if args.scenario else None
+    tasks = load_tasks(args.tasks)
+    src = resolve_source(args.model)
+    parent_src = resolve_source(args.parent) if args.parent else None
+
+    model = load_model(src)
+    parent = None
+    if parent_src is not None:
+        same = parent_src.directory.resolve() == src.directory.resolve()
+        parent = model if same else load_model(parent_src)
+    try:
+        tokenizer = load_tokenizer(src)
+    except ModelFilesError:
+        if parent_src is None:
+            raise
+        tokenizer = load_tokenizer(parent_src)  # a child saved without tokenizer files shares its parent's
+
+    ev = evaluate(model, tokenizer, parent=parent, sources=args.data, seq_len=args.seq_len,
+                  num_sequences=args.sequences, tasks=tasks, speed=args.speed or scenarios is not None,
+                  scenarios=scenarios, progress=not args.no_progress)
+    print(f"model {args.model}" + (f", parent {args.parent}" if args.parent else ""))
+    print(ev.format())
+    if args.out:
+        out = Path(args.out)
+        atomic_write_json(out / "evaluation.json", {"model": args.model, "parent": args.parent, **ev.to_dict()})
+        written = ["evaluation.json"]
+        if ev.speed is not None:
+            atomic_write_text(out / "speed.csv", ev.speed.to_csv(index=False))
+            written.append("speed.csv")
+        print(f"wrote {', '.join(str(out / w) for w in written)}")
+    return 0

@@ -1,0 +1,73 @@
+"""``puzzle search``: the whole pipeline into one run directory, resumable stage by stage.
+
+    puzzle search --budget 8xH100                                   # SmolLM2-135M, stdlib, quick preset
+    puzzle search --budget 8xH100 --speedup 2.0 --out runs/search   # a new budget: only MIP onward reruns
+    puzzle search --config runs/search.yaml                         # YAML keys mirror these flags
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from puzzle.search.config import SearchConfig
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="run the whole search: library, BLD, scoring, profile, MIP, fusion, GKD, "
+                       "export, evaluation", description="Turn a parent into a faster child under a hardware "
+                       "budget. Every stage writes OUT/<stage>/ with a manifest; rerunning skips stages whose inputs "
+                       "did not change and resumes an interrupted one; a new budget re-solves without retraining. "
+                       "Ends with OUT/export/model (DeciLM checkpoint) and OUT/report.csv / report.png.")
+    p.add_argument("--config", help="YAML file whose keys mirror these flags (flags given here override it)")
+    p.add_argument("--out", default="runs/search", help="run directory (default: runs/search)")
+    p.add_argument("--model", help="parent: embedded name or model directory (default: smollm2-135m)")
+    p.add_argument("--data", nargs="+", help="corpus sources: stdlib, text files, directories, .jsonl, .parquet "
+                   "(default: stdlib)")
+    p.add_argument("--budget", help="target hardware COUNTxGPU, e.g. 8xH100, 1xH200, 4xB200, or cpu (default: 8xH100)")
+    p.add_argument("--dtype", choices=("bf16", "fp8", "fp32"), help="serving dtype on the target "
+                   "(default: bf16 on GPUs, fp32 on cpu)")
+    p.add_argument("--speedup", type=float, help="minimum predicted speedup over the parent in the scenario "
+                   "(default 1.5 when no other budget is given)")
+    p.add_argument("--throughput", type=float, help="minimum predicted tokens/s in the scenario")
+    p.add_argument("--memory", type=float, help="maximum GiB per device for weights + KV cache")
+    p.add_argument("--scenario", choices=("decode", "prefill"), help="serving phase of the budget (default: decode)")
+    p.add_argument("--batch", type=int, help="sequences per step (default: 8)")
+    p.add_argument("--context", type=int, help="tokens per sequence: KV cache or prompt (default: 1024)")
+    p.add_argument("--solver", choices=("ortools-mip", "pulp", "cpsat"), help="MIP backend (default: ortools-mip)")
+    p.add_argument("--preset", choices=("quick", "full"), help="stage sizes: quick (minutes on a laptop CPU) or full "
+                   "(default: quick)")
+    p.add_argument("--bld-tokens", type=int, help="BLD tokens (preset)")
+    p.add_argument("--score-sequences", type=int, help="held-out sequences for scoring (preset)")
+    p.add_argument("--fuse-threshold", type=float, help="max pairwise FFN dependency of a fused segment; 0: no fusion "
+                   "(default: 0.2)")
+    p.add_argument("--gkd-steps", type=int, help="global distillation steps; 0 skips it (preset)")
+    p.add_argument("--no-speed", action="store_true", help="do not measure parent and child speed here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> SearchConfig:
+    base = SearchConfig.from_file(args.config).to_dict() if args.config else {}
+    flags = {k: getattr(args, k) for k in ("model", "data", "budget", "dtype", "speedup", "throughput", "memory",
+                                           "scenario", "batch", "context", "solver", "preset", "bld_tokens",
+                                           "score_sequences", "fuse_threshold", "gkd_steps")}
+    base.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_speed:
+        base["measure_speed"] = False
+    if any(k in flags and flags[k] is not None for k in ("throughput", "memory")) and flags.get("speedup") is None:
+        base.pop("speedup", None)  # a budget given on the command line replaces the config's default speedup
+    return SearchConfig.from_dict(base)
+
+
+def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from puzzle.search import search
+
+    cfg = config_from_args(args)
+    run = search(cfg, args.out, progress=not args.no_progress, echo=print)
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
+        print(run.report.set_index("model").T.to_string())
+    print(f"child: {run.export_dir} (DeciLM; load with AutoModelForCausalLM.from_pretrained(dir, "
+          f"trust_remote_code=True) or puzzle.loading.load_model)\nreport: {run.directory / 'report.png'}")
+    return 0

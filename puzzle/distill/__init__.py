@@ -1,0 +1,13 @@
+"""Global knowledge distillation (GKD) of an assembled child against its frozen parent.
+
+    from puzzle.distill import GKDConfig, distill_child
+    result = distill_child(child, parent, tokenizer, "runs/gkd", GKDConfig(steps=32, lr=1e-4))
+
+Modules: ``config`` (``GKDConfig``), ``losses`` (the objective and the validation metrics),
+``artifact`` (the run directory, checkpoints, resume), ``gkd`` (the training loop).
+"""
+
+from puzzle.distill.config import GKDConfig
+from puzzle.distill.gkd import GKDResult, distill_child
+
+__all__ = ["GKDConfig", "GKDResult", "distill_child"]

@@ -1,0 +1,210 @@
+"""The GKD directory: manifest, learning curve, resumable checkpoint and the distilled child.
+
+    gkd/
+      manifest.json                 stage "gkd", status (running | complete), inputs (config, child and
+                                    parent fingerprints, layer map, token hashes), initial/final metrics
+      curve.csv                     one row per step (see CURVE_COLUMNS); step 0 is the child as given
+      checkpoint/state.safetensors  child weights + AdamW moments and step counts, by parameter name
+      checkpoint/state.json         step, data position, the curve rows so far (removed once complete)
+      child/                        the distilled child: a runtime directory (``load_model`` reads it)
+
+A rerun with the same inputs resumes from the checkpoint (or does nothing once complete); with
+other inputs it raises :class:`StaleArtifactError` naming what changed, unless forced. Tensors
+only: nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from puzzle.errors import ConfigError, CorruptArtifactError, StaleArtifactError
+from puzzle.io import atomic_directory, atomic_write_json, atomic_write_text
+from puzzle.model import PuzzleForCausalLM
+
+log = logging.getLogger(__name__)
+
+STAGE = "gkd"
+MANIFEST = "manifest.json"
+CURVE = "curve.csv"
+CHECKPOINT = "checkpoint"
+CHILD = "child"
+CURVE_COLUMNS = ["step", "lr", "train_loss", "train_kl", "train_cos", "train_lm",
+                 "val_kl", "val_top1", "val_lm", "val_cos"]
+_GENERIC = {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype"}
+
+
+def model_fingerprint(model: PuzzleForCausalLM) -> str:
+    """sha256 of a model's config (without provenance fields) and every parameter's name, dtype and bytes."""
+    h = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _GENERIC}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters():
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def ids_sha256(ids: torch.Tensor) -> str:
+    """sha256 of token ids (N, T): catches a changed corpus or tokenizer."""
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def inputs_sha256(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptArtifactError(f"{path} is not valid JSON: {e}") from None
+    if data.get("stage") != STAGE:
+        raise ConfigError(f"{out} holds a {data.get('stage')!r} artifact, not a GKD run; choose another --out")
+    return data
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    out = []
+    old_cfg, new_cfg = old.get("config", {}), new["config"]
+    for key in sorted(set(old_cfg) | set(new_cfg)):
+        if old_cfg.get(key) != new_cfg.get(key):
+            out.append(f"config {key} ({old_cfg.get(key)!r} -> {new_cfg.get(key)!r})")
+    what = {"child_sha256": "the child (weights or architecture)",
+            "parent_sha256": "the parent (weights or architecture)",
+            "layer_map": "the layer map", "train_ids_sha256": "the training tokens (corpus or tokenizer)",
+            "val_ids_sha256": "the validation tokens (corpus or tokenizer)"}
+    out += [text for key, text in what.items() if old.get(key) != new.get(key)]
+    return out
+
+
+def prepare(out: Path, inputs: dict[str, Any], *, force: bool) -> dict[str, Any] | None:
+    """Check ``out`` against ``inputs``. Return the manifest of a complete run of the same inputs (nothing
+    to do); else mark the run as running (clearing it first when forced) and return None."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory; choose another --out")
+    old = read_manifest(out) if out.is_dir() else None
+    if old is None and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{out} holds files but no GKD manifest; choose another --out")
+    if old is not None:
+        changed = _changes(old.get("inputs", {}), inputs)
+        if force:
+            clear(out)
+        elif changed:
+            raise StaleArtifactError(f"{out} holds a GKD run of other inputs: {'; '.join(changed)}. "
+                                     "Pass --force (force=True) to start over, or choose another --out")
+        elif old.get("status") == "complete":
+            return old
+    out.mkdir(parents=True, exist_ok=True)
+    if old is None or force:
+        atomic_write_json(out / MANIFEST, {"stage": STAGE, "status": "running", "inputs": inputs})
+    return None
+
+
+def clear(out: Path) -> None:
+    """Remove every output of a GKD run (and nothing else) from ``out``."""
+    for name in (CHECKPOINT, CHILD):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (CURVE, MANIFEST):
+        (out / name).unlink(missing_ok=True)
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    """A curve row without missing values (JSON has no NaN)."""
+    return {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def write_curve(out: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    curve = pd.DataFrame(rows, columns=CURVE_COLUMNS).astype({"step": int})
+    atomic_write_text(out / CURVE, curve.to_csv(index=False))
+    return curve
+
+
+def read_curve(out: Path) -> pd.DataFrame:
+    path = out / CURVE
+    if not path.is_file():
+        raise CorruptArtifactError(f"{path} is missing; rerun with --force")
+    return pd.read_csv(path)
+
+
+def save_checkpoint(out: Path, *, step: int, model: PuzzleForCausalLM, optimizer: torch.optim.Optimizer,
+                    rows: list[dict[str, Any]], inputs_key: str, data_position: int) -> None:
+    """Child weights, AdamW state and the curve so far, as one atomically replaced directory."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():  # tied weights appear once
+        tensors[f"param/{name}"] = p.detach().cpu().contiguous()
+        st = optimizer.state.get(p, {})
+        for field in ("exp_avg", "exp_avg_sq"):
+            if field in st:
+                tensors[f"{field}/{name}"] = st[field].detach().cpu().contiguous()
+        if "step" in st:
+            tensors[f"step/{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
+    state = {"step": step, "inputs_sha256": inputs_key, "data_position": data_position,
+             "rows": [_clean(r) for r in rows]}
+    with atomic_directory(out / CHECKPOINT, overwrite=True) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / "state.json", state)
+
+
+def load_checkpoint(out: Path, *, model: PuzzleForCausalLM, optimizer: torch.optim.Optimizer,
+                    inputs_key: str) -> tuple[int, list[dict[str, Any]]]:
+    """Restore the checkpoint into ``model`` and ``optimizer``: (step, curve rows), or (0, []) when none."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    root = out / CHECKPOINT
+    if not (root / "state.json").is_file():
+        return 0, []
+    try:
+        state = json.loads((root / "state.json").read_text())
+        tensors = load_file(str(root / "state.safetensors"), device="cpu")
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise CorruptArtifactError(f"cannot read the checkpoint {root}: {e}; delete it to restart GKD") from None
+    if state.get("inputs_sha256") != inputs_key:
+        raise StaleArtifactError(f"the checkpoint {root} was written for other inputs; pass --force to start over")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if f"param/{name}" not in tensors:
+                raise CorruptArtifactError(f"{root} lacks {name}; delete it to restart GKD")
+            p.copy_(tensors[f"param/{name}"])
+            if f"exp_avg/{name}" in tensors:
+                optimizer.state[p] = {
+                    "step": tensors[f"step/{name}"].reshape(()).clone(),
+                    "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
+                    "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device),
+                }
+    return int(state["step"]), list(state["rows"])
+
+
+def save_child(out: Path, model: PuzzleForCausalLM, tokenizer: Any) -> Path:
+    """The distilled child as a runtime directory, with the tokenizer's files when it can save them."""
+    from puzzle.loading import save_runtime
+
+    with atomic_directory(out / CHILD, overwrite=True) as tmp:
+        save_runtime(model, tmp, overwrite=True)
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(tmp))
+        else:
+            log.info("the tokenizer cannot save itself: %s has no tokenizer files", out / CHILD)
+    return out / CHILD
+
+
+def finish(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Mark the run complete (after the child is saved), then drop the checkpoint."""
+    atomic_write_json(out / MANIFEST, manifest)
+    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    return manifest

@@ -1,0 +1,137 @@
+"""``GKDConfig``: data, objective and schedule of global knowledge distillation.
+
+    # puzzle distill runs/child --parent smollm2-135m --out runs/gkd --config gkd.yaml
+    sources: [stdlib]
+    seq_len: 256
+    batch: 4
+    steps: 32
+    lr: 1.0e-4
+    kl_weight: 1.0
+    cosine_weight: 1.0
+    hidden: final
+
+Every key is optional; unknown keys are errors naming the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from puzzle.errors import ConfigError
+
+HIDDEN = ("final", "all")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GKDConfig:
+    """How a child is distilled against its frozen parent (every child weight is trained)."""
+
+    sources: tuple[str, ...] = ("stdlib",)
+    """Corpus sources (``stdlib``, text files, directories, .jsonl, .parquet): the train split trains,
+    the validation split evaluates."""
+    seq_len: int = 256
+    """Tokens per packed sequence."""
+    batch: int = 4
+    """Sequences per optimizer step."""
+    micro_batch: int = 0
+    """Sequences per forward/backward pass, gradients accumulated over the batch (0: the whole batch
+    at once). Bounds activation memory (the logits are batch x seq_len x vocab floats); the trained
+    weights equal those of micro_batch 0 up to float rounding."""
+    steps: int = 32
+    """Optimizer steps; ``steps * batch`` training sequences are read once (cycled when the corpus is short)."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate (weight decay 0): linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
+    warmup_fraction: float = 0.05
+    """Fraction of the steps spent warming up."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr``."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip over all child weights; 0 disables."""
+    kl_weight: float = 1.0
+    """Weight of KL(parent || child) of the next-token distributions, mean per token (nats)."""
+    cosine_weight: float = 1.0
+    """Weight of the mean cosine distance (1 - cos) between child and parent hidden states."""
+    lm_weight: float = 0.0
+    """Weight of the child's own next-token cross-entropy on the data."""
+    hidden: str = "final"
+    """Hidden states the cosine term compares: ``final`` (the last layer's output, before the final
+    norm) or ``all`` (every pair of a layer map; identity when child and parent have equal depth)."""
+    val_sequences: int = 8
+    """Validation-split sequences on which KL, top-1 agreement, LM loss and cosine distance are measured."""
+    val_every: int = 8
+    """Steps between validations (0: only before and after training)."""
+    checkpoint_every: int = 8
+    """Steps between resumable checkpoints (0: none). Not part of the run's identity: changing it resumes."""
+    seed: int = 0
+    """Seed of the order in which training sequences are visited."""
+
+    def __post_init__(self) -> None:
+        sources = (self.sources,) if isinstance(self.sources, str) else tuple(self.sources or ())
+        if not sources or not all(isinstance(s, str) and s for s in sources):
+            raise ConfigError(f"sources must be a non-empty list of paths or 'stdlib', got {self.sources!r}")
+        object.__setattr__(self, "sources", sources)
+        for name, lo in (("seq_len", 2), ("batch", 1), ("micro_batch", 0), ("steps", 1), ("val_sequences", 1),
+                         ("val_every", 0), ("checkpoint_every", 0), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
+        for name, lo, hi, open_lo in (("lr", 0.0, None, True), ("warmup_fraction", 0.0, 1.0, False),
+                                      ("min_lr_ratio", 0.0, 1.0, False), ("grad_clip", 0.0, None, False),
+                                      ("kl_weight", 0.0, None, False), ("cosine_weight", 0.0, None, False),
+                                      ("lm_weight", 0.0, None, False)):
+            v = getattr(self, name)
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and (v > lo if open_lo else v >= lo)
+            if not ok or (hi is not None and v > hi):
+                bound = f"> {lo}" if open_lo else f">= {lo}"
+                upper = f" and <= {hi}" if hi is not None else ""
+                raise ConfigError(f"{name} must be a number {bound}{upper}, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        if self.kl_weight + self.cosine_weight + self.lm_weight == 0:
+            raise ConfigError("kl_weight, cosine_weight and lm_weight are all 0: nothing to train on")
+        if self.hidden not in HIDDEN:
+            raise ConfigError(f"hidden must be one of {HIDDEN}, got {self.hidden!r}")
+
+    @property
+    def train_sequences(self) -> int:
+        return self.steps * self.batch
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> GKDConfig:
+        data = data or {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a GKD config must be a mapping, got {type(data).__name__}")
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ConfigError(f"GKD config: unknown key(s) {unknown}; allowed keys are {allowed}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> GKDConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["sources"] = list(self.sources)
+        return out
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the trained weights and the curve (what a resume must match)."""
+        out = self.to_dict()
+        out.pop("checkpoint_every")
+        return out

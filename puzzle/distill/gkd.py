@@ -1,0 +1,195 @@
+"""Global knowledge distillation (GKD): train a whole assembled child to imitate its frozen parent.
+
+    from puzzle.distill import GKDConfig, distill_child
+    result = distill_child(child, parent, tokenizer, "runs/gkd", GKDConfig(steps=32))
+    result.initial["kl"], result.final["kl"]     # validation KL(parent || child) before and after
+    result.model                                 # the distilled child (also saved in runs/gkd/child)
+
+BLD trains each block alone on the parent's activations; after the blocks are assembled their
+errors compound, and GKD (the Puzzle paper's final stage) repairs that end to end: every child
+weight is trained on the KL of next-token distributions plus the cosine distance of hidden states
+(:mod:`puzzle.distill.losses`). The child passed in is copied, never modified; the parent runs
+without gradients and is never modified either. Checkpoints every ``checkpoint_every`` steps
+(:mod:`puzzle.distill.artifact`) make an interrupted run resume where it stopped, bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from block_library.bld import lr_at
+from puzzle.data.packing import load_sequences
+from puzzle.distill import artifact
+from puzzle.distill.config import GKDConfig
+from puzzle.distill.losses import LayerMap, batch_losses, check_compatible, resolve_layer_map, validate
+from puzzle.errors import NumericalError
+from puzzle.model import PuzzleForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GKDResult:
+    """A finished GKD run."""
+
+    model: PuzzleForCausalLM
+    """The distilled child (fp32, eval mode), in memory; also saved under ``directory / "child"``."""
+    curve: pd.DataFrame
+    """One row per step (``artifact.CURVE_COLUMNS``); step 0 is the child as given."""
+    initial: dict[str, float]
+    """Validation metrics before training: ``kl`` (KL(parent || child), nats/token), ``top1`` (agreement),
+    ``lm`` (the child's cross-entropy; the parent's is ``manifest["parent_val_lm"]``), ``cos`` (distance)."""
+    final: dict[str, float]
+    """The same metrics after training."""
+    directory: Path
+    """The run's directory."""
+    reused: bool = False
+    """True when the run was already complete and nothing was trained now."""
+    manifest: dict[str, Any] = field(default_factory=dict)
+    """The run's ``manifest.json``: inputs and their fingerprints, config, metrics, tokens, seconds."""
+
+
+def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer: Any, out_dir: str | Path,
+                  cfg: GKDConfig | None = None, *, layer_map: Sequence[Sequence[int]] | None = None,
+                  force: bool = False, progress: bool = True,
+                  on_step: Callable[[int], None] | None = None) -> GKDResult:
+    """Distill ``child`` against ``parent`` (or resume, or reuse a complete run in ``out_dir``).
+
+    ``layer_map``: (child hidden index, parent hidden index) pairs for ``hidden="all"`` when the depths
+    differ. ``on_step(step)`` is called after every optimizer step. Raises :class:`StaleArtifactError`
+    when ``out_dir`` holds a run of other inputs (unless ``force``) and :class:`NumericalError` on a
+    non-finite loss.
+    """
+    cfg = cfg or GKDConfig()
+    out = Path(out_dir).expanduser().resolve()
+    check_compatible(child, parent)
+    pairs = resolve_layer_map(cfg, child.config.num_hidden_layers, parent.config.num_hidden_layers, layer_map)
+    train_ids = load_sequences(cfg.sources, tokenizer, seq_len=cfg.seq_len, num_sequences=cfg.train_sequences,
+                               split="train")
+    val_ids = load_sequences(cfg.sources, tokenizer, seq_len=cfg.seq_len, num_sequences=cfg.val_sequences,
+                             split="validation")
+    inputs = {"config": cfg.identity(), "child_sha256": artifact.model_fingerprint(child),
+              "parent_sha256": artifact.model_fingerprint(parent), "layer_map": [list(p) for p in pairs],
+              "train_ids_sha256": artifact.ids_sha256(train_ids), "val_ids_sha256": artifact.ids_sha256(val_ids)}
+    done = artifact.prepare(out, inputs, force=force)
+    if done is not None:
+        log.info("%s already holds this GKD run (complete); nothing to do", out)
+        return _stored_result(out, done)
+
+    student = copy.deepcopy(child).float().train().requires_grad_(True)  # fp32 master weights; `child` untouched
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    key = artifact.inputs_sha256(inputs)
+    start, rows = artifact.load_checkpoint(out, model=student, optimizer=optimizer, inputs_key=key)
+    if start:
+        log.info("resuming GKD at step %d of %d", start, cfg.steps)
+    else:
+        rows = [_val_row(student, parent, val_ids, pairs, cfg, step=0)]
+    t0 = time.perf_counter()
+    rows = _train(student, parent, optimizer, cfg, pairs, train_ids=train_ids, val_ids=val_ids, rows=rows, start=start,
+                  out=out, key=key, progress=progress, on_step=on_step)
+    seconds = time.perf_counter() - t0
+
+    student.eval().requires_grad_(False)
+    curve = artifact.write_curve(out, rows)
+    artifact.save_child(out, student, tokenizer)
+    initial, final = _metrics_at(curve, 0), _metrics_at(curve, cfg.steps)
+    manifest = artifact.finish(out, {
+        "stage": artifact.STAGE, "status": "complete", "inputs": inputs, "config": cfg.to_dict(),
+        "initial": initial, "final": final, "parent_val_lm": rows[0]["val_parent_lm"], "child": artifact.CHILD,
+        "tokens": {"train": cfg.steps * cfg.batch * cfg.seq_len, "validation": int(val_ids.numel())},
+        "seconds_this_run": round(seconds, 2), "resumed_at_step": start})
+    log.info("GKD: validation KL %.4f -> %.4f, top-1 %.3f -> %.3f; child saved to %s",
+             initial["kl"], final["kl"], initial["top1"], final["top1"], out / artifact.CHILD)
+    return GKDResult(model=student, curve=curve, initial=initial, final=final, directory=out, manifest=manifest)
+
+
+def _train(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, optimizer: torch.optim.Optimizer, cfg: GKDConfig,
+           pairs: LayerMap, *, train_ids: torch.Tensor, val_ids: torch.Tensor, rows: list[dict[str, Any]], start: int,
+           out: Path, key: str, progress: bool, on_step: Callable[[int], None] | None) -> list[dict[str, Any]]:
+    """Steps ``start`` .. ``cfg.steps``: one curve row each, validations and checkpoints on schedule."""
+    device = next(student.parameters()).device
+    # The visiting order is a function of the seed alone, so the data position of step s is s * batch.
+    n = train_ids.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    bar = tqdm(total=cfg.steps, initial=start, desc="GKD", unit="step", disable=not progress)
+    for step in range(start, cfg.steps):
+        done = step + 1
+        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_fraction, cfg.min_lr_ratio)
+        batch = train_ids[order[[(step * cfg.batch + j) % n for j in range(cfg.batch)]]].to(device)  # (batch, T)
+        row = {"step": done, "lr": lr, **_train_step(student, parent, batch, optimizer, lr, cfg, pairs, step)}
+        if done == cfg.steps or (cfg.val_every and done % cfg.val_every == 0):
+            row.update(_val_row(student, parent, val_ids, pairs, cfg, step=done))
+        rows.append(row)
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            artifact.save_checkpoint(out, step=done, model=student, optimizer=optimizer, rows=rows, inputs_key=key,
+                                     data_position=done * cfg.batch)
+            artifact.write_curve(out, rows)
+        bar.set_postfix(loss=f"{row['train_loss']:.4f}", kl=f"{row['train_kl']:.4f}", cos=f"{row['train_cos']:.4f}")
+        bar.update(1)
+        if on_step is not None:
+            on_step(done)
+    bar.close()
+    return rows
+
+
+def _train_step(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, batch: torch.Tensor,
+                optimizer: torch.optim.Optimizer, lr: float, cfg: GKDConfig, pairs: LayerMap,
+                step: int) -> dict[str, float]:
+    """One optimizer step on ``batch`` (B, T), gradients accumulated over micro-batches."""
+    chunk = cfg.micro_batch or cfg.batch
+    totals = {"loss": 0.0, "kl": 0.0, "cos": 0.0, "lm": 0.0}
+    for c in range(0, batch.shape[0], chunk):
+        part = batch[c:c + chunk]
+        share = part.shape[0] / batch.shape[0]  # every sequence has T-1 scored tokens: mean of means
+        losses = batch_losses(student, parent, part, cfg, pairs)
+        (losses["loss"] * share).backward()
+        for k in totals:
+            totals[k] += share * float(losses[k].detach())
+    if not math.isfinite(totals["loss"]):
+        optimizer.zero_grad(set_to_none=True)
+        raise NumericalError(f"GKD step {step + 1}: the loss is {totals['loss']} (kl {totals['kl']}, "
+                             f"cos {totals['cos']}, lm {totals['lm']}); lower the learning rate (now {lr:g}, peak "
+                             f"{cfg.lr:g}) or check the child's weights for NaN/inf")
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {f"train_{k}": v for k, v in totals.items()}
+
+
+def _val_row(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, val_ids: torch.Tensor, pairs: LayerMap,
+             cfg: GKDConfig, *, step: int) -> dict[str, float]:
+    """The ``val_*`` columns of a curve row; non-finite metrics raise :class:`NumericalError`."""
+    metrics = validate(student, parent, val_ids, pairs, chunk=cfg.micro_batch or cfg.batch)
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        hint = ("before any training: the child as given produces non-finite outputs; check its weights"
+                if step == 0 else f"lower the learning rate (peak {cfg.lr:g})")
+        raise NumericalError(f"GKD validation at step {step}: {bad} not finite; {hint}")
+    return {"step": step, **{f"val_{k}": v for k, v in metrics.items()}}
+
+
+def _metrics_at(curve: pd.DataFrame, step: int) -> dict[str, float]:
+    row = curve[curve.step == step].iloc[0]
+    return {k: float(row[f"val_{k}"]) for k in ("kl", "top1", "lm", "cos")}
+
+
+def _stored_result(out: Path, manifest: dict[str, Any]) -> GKDResult:
+    from puzzle.loading import load_model
+
+    model = load_model(out / artifact.CHILD).requires_grad_(False)
+    return GKDResult(model=model, curve=artifact.read_curve(out), initial=dict(manifest["initial"]),
+                     final=dict(manifest["final"]), directory=out, reused=True, manifest=manifest)

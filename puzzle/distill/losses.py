@@ -1,0 +1,119 @@
+"""The GKD objective and the validation metrics, from one parent and one child forward pass.
+
+For a batch of ids (B, T), p and q the parent's and the child's next-token log-probabilities
+(B, T-1, V), h^c and h^p their hidden states (index l: the input of layer l; index L: the last
+layer's output, before the final norm), and a layer map of (child index, parent index) pairs:
+
+    kl   = mean_t sum_v exp(p_v) (p_v - q_v)                   KL(parent || child), nats per token
+    cos  = mean_pairs mean_t (1 - cos(h^c_i[t], h^p_j[t]))     cosine distance of hidden states
+    lm   = mean_t -q[label_t]                                  the child's own cross-entropy
+    loss = kl_weight * kl + cosine_weight * cos + lm_weight * lm
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from puzzle.distill.config import GKDConfig
+from puzzle.errors import ConfigError
+from puzzle.model import PuzzleForCausalLM
+from puzzle.scoring.metrics import TokenSums, next_token_logprobs
+
+LayerMap = list[tuple[int, int]]
+
+
+def resolve_layer_map(cfg: GKDConfig, child_layers: int, parent_layers: int,
+                      layer_map: Sequence[Sequence[int]] | None) -> LayerMap:
+    """The (child hidden index, parent hidden index) pairs the cosine term compares."""
+    if cfg.hidden == "final":
+        if layer_map is not None:
+            raise ConfigError("a layer map is only used with hidden='all'; "
+                              "hidden='final' compares the last hidden states")
+        return [(child_layers, parent_layers)]
+    if layer_map is None:
+        if child_layers != parent_layers:
+            raise ConfigError(
+                f"hidden='all' needs a layer map: the child has {child_layers} layers and the parent {parent_layers}. "
+                f"Pass layer_map=[(child_index, parent_index), ...] of hidden-state indices (0: the embeddings, l: the "
+                f"output of layer l, so ({child_layers}, {parent_layers}) pairs the last layers), "
+                "or use hidden='final'")
+        return [(i, i) for i in range(1, child_layers + 1)]
+    pairs = [tuple(int(v) for v in pair) for pair in layer_map]
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ConfigError(f"layer_map must be a non-empty list of (child_index, parent_index) pairs, got {layer_map!r}")
+    bad = [p for p in pairs if not (0 <= p[0] <= child_layers and 0 <= p[1] <= parent_layers)]
+    if bad:
+        raise ConfigError(f"layer_map pairs {bad} are out of range: child indices are 0..{child_layers}, "
+                          f"parent indices 0..{parent_layers}")
+    return [(a, b) for a, b in pairs]
+
+
+def check_compatible(child: PuzzleForCausalLM, parent: PuzzleForCausalLM) -> None:
+    """The child must predict over the parent's vocabulary with the parent's hidden width."""
+    c, p = child.config, parent.config
+    if c.vocab_size != p.vocab_size:
+        raise ConfigError(f"the child's vocabulary ({c.vocab_size}) differs from the parent's ({p.vocab_size})")
+    if c.hidden_size != p.hidden_size:
+        raise ConfigError(f"the child's hidden size ({c.hidden_size}) differs from the parent's ({p.hidden_size}); "
+                          "hidden states cannot be compared")
+    devices = {next(child.parameters()).device, next(parent.parameters()).device}
+    if len(devices) > 1:
+        raise ConfigError(f"child and parent are on different devices {sorted(map(str, devices))}; move them to one")
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """bf16 autocast on CUDA (fp32 master weights), nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _cos_distance(child_h: Sequence[torch.Tensor], parent_h: Sequence[torch.Tensor], pairs: LayerMap,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """(pairs, B, T) cosine distances 1 - cos of the mapped hidden states."""
+    return torch.stack([1 - F.cosine_similarity(child_h[i].to(dtype), parent_h[j].to(dtype), dim=-1)
+                        for i, j in pairs])
+
+
+def batch_losses(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, ids: torch.Tensor, cfg: GKDConfig,
+                 pairs: LayerMap) -> dict[str, torch.Tensor]:
+    """``loss`` (with a graph through the child) and its detached ``kl``, ``cos``, ``lm`` on ids (B, T)."""
+    with autocast(ids.device):
+        with torch.no_grad():
+            p_out = parent(input_ids=ids, use_cache=False, output_hidden_states=True)
+        c_out = child(input_ids=ids, use_cache=False, output_hidden_states=True)
+    p_logp, q_logp = next_token_logprobs(p_out.logits), next_token_logprobs(c_out.logits)  # (B, T-1, V) fp32
+    labels = ids[:, 1:]  # (B, T-1)
+    kl = F.kl_div(q_logp, p_logp, reduction="sum", log_target=True) / labels.numel()
+    lm = F.nll_loss(q_logp.reshape(-1, q_logp.shape[-1]), labels.reshape(-1))
+    cos = _cos_distance(c_out.hidden_states, p_out.hidden_states, pairs, torch.float32).mean()
+    loss = cfg.kl_weight * kl + cfg.cosine_weight * cos + cfg.lm_weight * lm
+    return {"loss": loss, "kl": kl.detach(), "cos": cos.detach(), "lm": lm.detach()}
+
+
+@torch.no_grad()
+def validate(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, ids: torch.Tensor, pairs: LayerMap, *,
+             chunk: int) -> dict[str, float]:
+    """``kl``, ``top1``, ``lm`` (child) and ``cos`` on ids (N, T), plus the parent's ``parent_lm``."""
+    device = next(child.parameters()).device
+    was_training = child.training
+    child.eval()
+    sums, cos_sum, cos_n = TokenSums(), 0.0, 0
+    for c in range(0, ids.shape[0], chunk):
+        x = ids[c:c + chunk].to(device)  # (b, T)
+        with autocast(device):
+            p_out = parent(input_ids=x, use_cache=False, output_hidden_states=True)
+            c_out = child(input_ids=x, use_cache=False, output_hidden_states=True)
+        sums.add(next_token_logprobs(p_out.logits), next_token_logprobs(c_out.logits), x[:, 1:])
+        # float64: identical hidden states give a distance of 0 up to ~1e-16, not float32's ~1e-7
+        d = _cos_distance(c_out.hidden_states, p_out.hidden_states, pairs, torch.float64)
+        cos_sum += float(d.sum())
+        cos_n += d.numel()
+    child.train(was_training)
+    m, n = sums.means(), max(sums.tokens, 1)
+    return {"kl": m["kl"], "top1": m["top1_agreement"], "lm": sums.child_nll / n, "cos": cos_sum / cos_n,
+            "parent_lm": sums.parent_nll / n}

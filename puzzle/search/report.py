@@ -1,0 +1,90 @@
+"""The final report of a search: parent vs child, as ``report.csv``, ``report.png`` and a terminal table.
+
+Rows: parent, child. Columns: layers, parameters, weight memory per device on the target,
+predicted step time (prefill, decode) and speedup on the target, measured step time and speedup
+on this machine, and quality on held-out text (perplexity, KL to the parent, top-1 agreement).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from puzzle.io import atomic_write_text
+
+
+def _predicted(model: Any, cfg: Any, scenarios: list[Any]) -> dict[str, float]:
+    from puzzle.profiler.counts import ModelShape, block_weight_bytes, fixed_weight_bytes
+    from puzzle.profiler.hardware import parse_target
+    from puzzle.profiler.roofline import model_ms
+
+    target = parse_target(cfg.budget, dtype=cfg.dtype)
+    shape = ModelShape.from_config(model.config)
+    blocks = model.config.blocks
+    out = {f"pred_{sc.name}_ms": model_ms(shape, blocks, sc, target) for sc in scenarios}
+    weights = fixed_weight_bytes(shape, dtype=target.dtype, tp=target.tp)
+    weights += sum(block_weight_bytes(shape, b, dtype=target.dtype, tp=target.tp) for b in blocks)
+    out["weight_gib_per_device"] = weights / 2**30
+    return out
+
+
+def report_table(parent: Any, child: Any, cfg: Any, scenarios: list[Any], evaluation: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for name, model in (("parent", parent), ("child", child)):
+        rows.append({"model": name, "layers": model.config.num_hidden_layers,
+                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6, **_predicted(model, cfg, scenarios)})
+    df = pd.DataFrame(rows).set_index("model")
+    for sc in scenarios:
+        df[f"pred_{sc.name}_speedup"] = df.loc["parent", f"pred_{sc.name}_ms"] / df[f"pred_{sc.name}_ms"]
+    for row in evaluation.get("speed") or []:
+        who = "parent" if row["model"] == "parent" else "child"
+        df.loc[who, f"meas_{row['scenario']}_ms"] = row["ms"]
+    for sc in scenarios:
+        col = f"meas_{sc.name}_ms"
+        if col in df:
+            df[f"meas_{sc.name}_speedup"] = df.loc["parent", col] / df[col]
+    q = evaluation.get("quality", {})
+    df.loc["parent", "ppl"] = q.get("parent_ppl", float("nan"))
+    df.loc["child", "ppl"] = q.get("ppl", float("nan"))
+    df.loc["parent", "kl_to_parent"], df.loc["child", "kl_to_parent"] = 0.0, q.get("kl", float("nan"))
+    df.loc["parent", "top1_agreement"], df.loc["child", "top1_agreement"] = 1.0, q.get("top1_agreement", float("nan"))
+    return df.reset_index()
+
+
+def plot_report(df: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("params_m", "parameters (M)"), ("weight_gib_per_device", "weights / device (GiB)")]
+    panels += [(c, c.replace("_", " ")) for c in df.columns if c.endswith("_speedup")]
+    panels += [("ppl", "perplexity"), ("kl_to_parent", "KL to parent")]
+    panels = [(c, t) for c, t in panels if c in df]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 3.0))
+    for ax, (col, label) in zip(axes, panels):
+        ax.bar(df["model"], df[col], color=["#888888", "#2a7ab0"])
+        ax.set_title(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        for x, v in enumerate(df[col]):
+            ax.annotate(f"{v:.3g}", (x, v), ha="center", va="bottom", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run: Any, ctx: Any) -> pd.DataFrame:
+    from puzzle.loading import load_model
+    from puzzle.search.pipeline import _scenarios
+
+    child = load_model(run.stages["export"].outputs["model"])
+    evaluation = json.loads(Path(run.stages["evaluate"].outputs["evaluation"]).read_text())
+    df = report_table(ctx.parent, child, run.config, _scenarios(run.config), evaluation)
+    atomic_write_text(run.directory / "report.csv", df.to_csv(index=False))
+    plot_report(df, run.directory / "report.png", f"parent vs child on {run.config.budget} (predicted) and this "
+                f"machine (measured)")
+    return df
