@@ -105,7 +105,7 @@ def main() -> None:
         settings = [("max", 0.12, 0), ("max", 0.16, 0), ("max", 0.2, 0), ("mean", 0.2, 0),
                     ("max", 0.2, args.distill_steps)]
     for score, threshold, steps in settings:
-        cfg = FusionConfig(threshold=threshold, seq_len=seq_len, calib_sequences=n_seq, eval_sequences=n_seq,
+        cfg = FusionConfig(threshold=threshold, max_segment_kl=None, seq_len=seq_len, calib_sequences=n_seq, eval_sequences=n_seq,
                            targets=("8xH100", "cpu"), repeats=3 if quick else 10, distill_steps=steps,
                            distill_lr=args.distill_lr, score=score,
                            scenarios=tuple(parse_scenario(x) for x in QUICK_SCENARIOS) if quick else FusionConfig().scenarios)

@@ -40,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score", choices=("max", "mean"), default="max", help="segment score compared with "
                    "--threshold: max of its pairwise dependencies (every pair independent enough) or their mean "
                    "(the paper's run-level view; lets long runs through on small models) (default: max)")
+    p.add_argument("--max-segment-kl", type=float, default=0.1, help="leave a chosen segment unfused when fusing it "
+                   "alone costs more KL to the unfused model than this (default: 0.1); a negative value turns the "
+                   "guard off")
     p.add_argument("--max-width-mult", type=float, default=8.0, help="largest fused width as a multiple of the "
                    "parent FFN width (default: 8, as Nemotron-Ultra); 0 for no limit")
     p.add_argument("--data", nargs="+", default=["stdlib"], help="corpus: train split calibrates, validation "
@@ -101,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     for protected in {src.directory.resolve(), Path(args.source).resolve()}:
         if out.resolve() == protected or protected in out.resolve().parents:
             raise ConfigError(f"--out {out} is inside the source {protected}; never write there")
-    cfg = FusionConfig(threshold=args.threshold, score=args.score, max_width_mult=args.max_width_mult or None,
+    cfg = FusionConfig(threshold=args.threshold, score=args.score,
+                       max_segment_kl=None if args.max_segment_kl < 0 else args.max_segment_kl, max_width_mult=args.max_width_mult or None,
                        segments=tuple(parse_segments(args.segments)) if args.segments else None,
                        sources=tuple(args.data), seq_len=args.seq_len, calib_sequences=args.sequences,
                        eval_sequences=args.sequences, distill_steps=args.distill_steps, distill_lr=args.distill_lr,

@@ -43,8 +43,13 @@ class FusionConfig:
     fusing a segment with Spearman 0.87) or their ``mean`` (the paper's run-level view; 0.42)."""
     max_width_mult: float | None = 8.0
     """Largest fused width as a multiple of the parent's FFN width (Nemotron-Ultra: 8); None: no limit."""
+    max_segment_kl: float | None = 0.1
+    """Measured guard: a chosen segment whose fusion alone costs more KL (to the unfused model, on the
+    held-out data) than this is reported but not fused. None: no guard. (On SmolLM2 the dependency
+    missed the last two layers: 28-29 at max dependency 0.10 cost KL 3.6.)"""
     segments: tuple[Segment, ...] | None = None
-    """Fuse exactly these segments instead of choosing by threshold (dependencies are still reported)."""
+    """Fuse exactly these segments instead of choosing by threshold (dependencies are still reported;
+    the KL guard does not apply)."""
     sources: tuple[str, ...] = ("stdlib",)
     """Corpus: its train split calibrates (dependency, distillation), its validation split evaluates."""
     seq_len: int = 256
@@ -73,6 +78,8 @@ class FusionConfig:
             raise ConfigError(f"score must be one of {SEGMENT_SCORES}, got {self.score!r}")
         if not self.threshold >= 0:
             raise ConfigError(f"threshold must be >= 0 (a cosine distance), got {self.threshold}")
+        if self.max_segment_kl is not None and not self.max_segment_kl >= 0:
+            raise ConfigError(f"max_segment_kl must be >= 0 or None, got {self.max_segment_kl}")
         if self.max_width_mult is not None and self.max_width_mult <= 0:
             raise ConfigError(f"max_width_mult must be positive or None, got {self.max_width_mult}")
         for name in ("seq_len", "calib_sequences", "eval_sequences", "repeats"):
@@ -183,7 +190,13 @@ def fuse_and_report(model: PuzzleForCausalLM, tokenizer: Any, cfg: FusionConfig 
                "parallel_error": parallel_error(model, seg, x0)}
         row.update({f"{k}": v for k, v in kl_to_reference(one, heldout, reference).items()})
         row.update(_segment_gain(model, seg, cfg))
+        guard = cfg.max_segment_kl if cfg.segments is None else None
+        row["fused"] = guard is None or row["kl"] <= guard
+        if not row["fused"]:
+            log.warning("segment %s: fusing it alone costs KL %.3g > max_segment_kl %.3g; left unfused",
+                        seg.label, row["kl"], guard)
         rows.append(row)
+    segments = [s for s, r in zip(segments, rows) if r["fused"]]
     if segments:
         fused_all = fuse_model(model, segments)
     to_parent = reference_logprobs(parent, heldout) if parent is not None else None
@@ -203,7 +216,7 @@ def fuse_and_report(model: PuzzleForCausalLM, tokenizer: Any, cfg: FusionConfig 
     for text in cfg.targets:
         for sc in cfg.scenarios:
             key = f"{text}_{sc.name}_saved_ms"
-            total[key] = sum(r.get(key, 0.0) for r in rows)
+            total[key] = sum(r.get(key, 0.0) for r in rows if r.get("fused"))
     rows.append(total)
     if segments and cfg.distill_steps:
         fused_all, losses = _distill(model, fused_all, segments, inputs, cfg, progress=progress)

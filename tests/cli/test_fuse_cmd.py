@@ -76,7 +76,7 @@ def test_fuse_smollm2_with_attention_removed_by_hand(smollm2, smollm2_source, tm
         want = parallel_reference(child, seg, x)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     out = tmp_path / "fz"
-    assert main(["fuse", str(smollm2_source.directory), "--no-attention", "20-23", "--threshold", "2",
+    assert main(["fuse", str(smollm2_source.directory), "--no-attention", "20-23", "--threshold", "2", "--max-segment-kl", "-1",
                  "--out", str(out), *FAST]) == 0
     deps = json.loads((out / "dependency.json").read_text())["runs"]
     assert [(d["start"], d["stop"]) for d in deps] == [(20, 24)]

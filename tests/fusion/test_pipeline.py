@@ -25,7 +25,7 @@ class ModTokenizer:
         return {"input_ids": [[1 + ord(c) % (VOCAB - 1) for c in t] for t in texts]}
 
 
-SMALL = dict(seq_len=16, calib_sequences=4, eval_sequences=2, measure=False, targets=("cpu",))
+SMALL = dict(seq_len=16, calib_sequences=4, eval_sequences=2, measure=False, targets=("cpu",), max_segment_kl=None)
 
 
 def run(model, **kw):
@@ -126,3 +126,17 @@ def test_bad_configs():
             FusionConfig(**kw)
     with pytest.raises(ConfigError, match="attention"):
         run(tiny_model(), segments=(Segment(0, 2),))
+
+
+def test_the_kl_guard_leaves_a_damaging_segment_unfused():
+    model = tiny_model()
+    loose = run(model, threshold=2.0, max_width_mult=None)
+    kls = loose.report.set_index("segment").kl
+    cap = (kls["1-3"] + kls["5-6"]) / 2 if kls["1-3"] > kls["5-6"] else None
+    if cap is None:
+        pytest.skip("the tiny model's segments do not order as expected")
+    guarded = run(model, threshold=2.0, max_width_mult=None, max_segment_kl=cap)
+    assert guarded.segments == [Segment(5, 7)]
+    rep = guarded.report.set_index("segment")
+    assert not rep.loc["1-3", "fused"] and rep.loc["5-6", "fused"] and rep.loc["all", "layers"] == 2
+    assert guarded.model.config.num_hidden_layers == model.config.num_hidden_layers - 1
