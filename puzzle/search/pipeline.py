@@ -246,7 +246,7 @@ def _keys(ctx: _Context, stage: str) -> dict[str, Any]:
     if stage == "score":
         return {"bld": ctx.sha("bld"), "data": list(c.data), "seq_len": c.score_seq_len, "sequences": c.score_sequences}
     if stage == "profile":
-        return {"bld": ctx.sha("library"), "budget": c.budget, "dtype": c.dtype, "batch": c.batch, "context": c.context}
+        return {"library": ctx.sha("library"), "budget": c.budget, "dtype": c.dtype, "batch": c.batch, "context": c.context}
     if stage == "solve":
         return {"score": ctx.sha("score"), "profile": ctx.sha("profile"), "speedup": c.speedup,
                 "throughput": c.throughput, "memory": c.memory, "scenario": c.scenario, "solver": c.solver}
@@ -263,8 +263,10 @@ def _keys(ctx: _Context, stage: str) -> dict[str, Any]:
 def search(cfg: SearchConfig, run_dir: str | Path, *, progress: bool = True,
            echo: Callable[[str], None] | None = None) -> SearchRun:
     """Run (or resume) every stage of a search in ``run_dir``; see the module docstring."""
+    from puzzle.profiler.hardware import parse_target
     from puzzle.search.report import write_report
 
+    parse_target(cfg.budget, dtype=cfg.dtype)  # a misspelled budget fails now, not after BLD and scoring
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "run.json", {"config": cfg.to_dict(), "config_sha256": key_sha256(cfg.to_dict())})

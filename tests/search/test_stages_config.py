@@ -60,3 +60,12 @@ def test_config_defaults_presets_and_errors(tmp_path):
     args = build_parser().parse_args(["search", "--config", str(tmp_path / "s.yaml"), "--memory", "20"])
     assert config_from_args(args).speedup is None and config_from_args(args).memory == 20
     assert isinstance(args, argparse.Namespace)
+
+
+def test_a_bad_budget_fails_before_any_stage(tmp_path):
+    from puzzle.errors import UnknownTargetError
+    from puzzle.search import search
+
+    with pytest.raises(UnknownTargetError, match="H900"):
+        search(SearchConfig(budget="8xH900"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
