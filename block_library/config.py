@@ -107,15 +107,9 @@ class LibraryConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> LibraryConfig:
-        import yaml
+        from puzzle.io import read_yaml_config
 
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        data = read_yaml_config(path)
         try:
             return cls.from_dict(data)
         except ConfigError as e:

@@ -179,3 +179,30 @@ def copy_tokenizer_files(source_dir: str | Path, dest_dir: str | Path) -> list[s
             shutil.copy2(Path(source_dir) / name, Path(dest_dir) / name)
             copied.append(name)
     return copied
+
+
+def read_json_file(path: str | Path) -> Any | None:
+    """The JSON in ``path``, or None when there is no such file; garbled JSON is a
+    :class:`CorruptArtifactError` naming the file (manifests of every stage are read this way)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptArtifactError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_yaml_config(path: str | Path) -> Any:
+    """The YAML in a user's config file; a missing file or bad YAML is a :class:`ConfigError`."""
+    import yaml
+
+    from puzzle.errors import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from puzzle.errors import ConfigError, CorruptArtifactError, StaleArtifactError
-from puzzle.io import atomic_directory, atomic_write_json, atomic_write_text
+from puzzle.io import atomic_directory, atomic_write_json, atomic_write_text, read_json_file
 from puzzle.model import PuzzleForCausalLM
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,8 @@ def inputs_sha256(inputs: dict[str, Any]) -> str:
 
 
 def read_manifest(out: Path) -> dict[str, Any] | None:
-    path = out / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CorruptArtifactError(f"{path} is not valid JSON: {e}") from None
-    if data.get("stage") != STAGE:
+    data = read_json_file(out / MANIFEST)
+    if data is not None and data.get("stage") != STAGE:
         raise ConfigError(f"{out} holds a {data.get('stage')!r} artifact, not a GKD run; choose another --out")
     return data
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -240,7 +240,3 @@ def _distill(model: PuzzleForCausalLM, fused: PuzzleForCausalLM, segments: Seque
         losses[seg.label] = distill_fused_block(block, x0, target, steps=cfg.distill_steps, lr=cfg.distill_lr)
     return fused, losses
 
-
-def with_segments(cfg: FusionConfig, segments: Sequence[Segment] | None) -> FusionConfig:
-    """``cfg`` with explicit segments (or None to choose by threshold)."""
-    return replace(cfg, segments=tuple(segments) if segments is not None else None)

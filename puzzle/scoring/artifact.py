@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from puzzle.errors import ConfigError, CorruptArtifactError, StaleArtifactError
-from puzzle.io import atomic_write_json
+from puzzle.io import atomic_write_json, read_json_file
 
 STAGE = "score"
 MANIFEST = "manifest.json"
@@ -60,14 +60,8 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def read_manifest(out: Path) -> dict[str, Any] | None:
-    path = out / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CorruptArtifactError(f"{path} is not valid JSON: {e}") from None
-    if data.get("stage") != STAGE:
+    data = read_json_file(out / MANIFEST)
+    if data is not None and data.get("stage") != STAGE:
         raise ConfigError(f"{out} holds a {data.get('stage')!r} artifact, not scores; choose another --out")
     return data
 

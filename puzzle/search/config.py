@@ -111,15 +111,9 @@ class SearchConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> SearchConfig:
-        import yaml
+        from puzzle.io import read_yaml_config
 
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        data = read_yaml_config(path) or {}
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: expected a mapping of flag names to values")
         return cls.from_dict({k.replace("-", "_"): v for k, v in data.items()})

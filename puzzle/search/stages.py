@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.errors import CorruptArtifactError
-from puzzle.io import atomic_write_json
+from puzzle.io import atomic_write_json, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,12 @@ class StageResult:
 def read_stage(directory: Path) -> dict[str, Any] | None:
     """The stage manifest in ``directory``, or None if there is none; a garbled one is an error."""
     path = directory / MANIFEST
-    if not path.is_file():
-        return None
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CorruptArtifactError(f"{path} is not valid JSON ({e}); delete {directory} to redo that stage") from None
+        data = read_json_file(path)
+    except CorruptArtifactError as e:
+        raise CorruptArtifactError(f"{e}; delete {directory} to redo that stage") from None
+    if data is None:
+        return None
     if not isinstance(data, dict) or "key_sha256" not in data:
         raise CorruptArtifactError(f"{path} is not a stage manifest; delete {directory} to redo that stage")
     return data
