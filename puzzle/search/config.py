@@ -54,6 +54,12 @@ class SearchConfig:
     """Tokens per sequence (KV cache for decode, prompt for prefill)."""
     solver: str = "ortools-mip"
     """MIP backend: ortools-mip, pulp, cpsat."""
+    constraints: tuple[str, ...] = ()
+    """Custom MIP constraints, e.g. ``count(attention != no_op) >= 8`` (see :mod:`solvers.parse`)."""
+    calibrate: bool | None = None
+    """Time this machine's blocks and fit the roofline before costing (default: on for ``cpu``, which is here)."""
+    baselines: tuple[str, ...] = ()
+    """Baselines built at the same budget and given the same GKD: uniform_ffn, shortgpt, attention_removal."""
     preset: str = "quick"
     """Stage sizes: quick (minutes on a laptop CPU) or full."""
     bld_tokens: int | None = None
@@ -81,8 +87,24 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        data = (self.data,) if isinstance(self.data, str) else tuple(self.data)
-        object.__setattr__(self, "data", data)
+        for name in ("data", "constraints", "baselines"):
+            v = getattr(self, name)
+            object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
+        if self.calibrate is None:
+            object.__setattr__(self, "calibrate", self.budget.strip().lower() == "cpu")
+        from puzzle.search.baselines import BASELINES
+
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown:
+            raise ConfigError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+        for text in self.constraints:
+            from solvers.errors import ConstraintSyntaxError
+            from solvers.parse import parse_constraint
+
+            try:
+                parse_constraint(text)
+            except ConstraintSyntaxError as e:
+                raise ConfigError(f"constraint {text!r}: {e}") from e
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -120,7 +142,8 @@ class SearchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["data"] = list(self.data)
+        for name in ("data", "constraints", "baselines"):
+            out[name] = list(getattr(self, name))
         return out
 
     def replace(self, **changes: Any) -> SearchConfig:

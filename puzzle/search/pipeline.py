@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from puzzle.io import atomic_write_json
+from puzzle.search.compare import stage_baselines
 from puzzle.search.config import SearchConfig
 from puzzle.search.stages import StageResult, key_sha256, run_stage
 
@@ -139,35 +140,63 @@ def stage_score(ctx: _Context, d: Path) -> dict[str, Any]:
     return {"scores": str(result.directory / "scores.csv"), "rows": len(result.scores)}
 
 
+def search_target(cfg: SearchConfig, run_dir: Path) -> Any:
+    """The costing target of a run: ``cfg.budget``, with this machine's fitted efficiencies when it calibrates."""
+    from puzzle.profiler.calibrate import calibrate_target
+    from puzzle.profiler.hardware import parse_target
+
+    target = parse_target(cfg.budget, dtype=cfg.dtype)
+    path = run_dir / "profile" / "calibration.json"
+    if cfg.calibrate and path.is_file():
+        target = calibrate_target(target, None, (), (), measure=False, calibration=path)
+    return target
+
+
 def stage_profile(ctx: _Context, d: Path) -> dict[str, Any]:
     from puzzle.io import atomic_write_text
+    from puzzle.profiler.calibrate import calibrate_target
     from puzzle.profiler.counts import ModelShape
     from puzzle.profiler.hardware import parse_target
     from puzzle.profiler.table import cost_table, layer_candidates, model_totals
 
     target = parse_target(ctx.cfg.budget, dtype=ctx.cfg.dtype)
     config, candidates = layer_candidates(ctx.out("bld", "library"))
-    table = cost_table(ModelShape.from_config(config), candidates, config.blocks, target=target,
-                       scenarios=_scenarios(ctx.cfg))
+    shape = ModelShape.from_config(config)
+    if ctx.cfg.calibrate:  # time this machine's variants in the run's scenarios; the fit lands in d
+        target = calibrate_target(target, shape, candidates, _scenarios(ctx.cfg), measure=True,
+                                  calibration=d / "calibration.json")
+    table = cost_table(shape, candidates, config.blocks, target=target, scenarios=_scenarios(ctx.cfg))
     atomic_write_text(d / "costs.csv", table.to_csv(index=False))
-    return {"costs": str(d / "costs.csv"), "target": target.name,
+    return {"costs": str(d / "costs.csv"), "target": target.name, "calibrated": bool(ctx.cfg.calibrate),
             "parent": model_totals(table, config.blocks, _scenarios(ctx.cfg))}
 
 
-def stage_solve(ctx: _Context, d: Path) -> dict[str, Any]:
+def solve_problem(ctx: _Context, *, constraints: bool = True) -> Any:
+    """The run's MIP: scores (KL) and costs of every library variant, the budget, the custom constraints."""
     from puzzle.cli.solve_cmd import _puzzle_errors
-    from puzzle.schema import blocks_from_list, save_blocks
-    from solvers import Budget, Scenario, solve
-    from solvers.io import problem_from_tables, write_json
+    from solvers import Budget, Scenario
+    from solvers.io import problem_from_tables
+    from solvers.parse import parse_constraint
 
     cfg = ctx.cfg
     budget = Budget(speedup=cfg.speedup, throughput=cfg.throughput,
                     memory_bytes=None if cfg.memory is None else cfg.memory * 2**30)
     with _puzzle_errors():
-        problem = problem_from_tables(pd.read_csv(ctx.out("score", "scores")), pd.read_csv(ctx.out("profile", "costs")),
-                                      score_column="kl", budget=budget,
-                                      scenario=Scenario(name=cfg.scenario, batch=cfg.batch, context=cfg.context))
-        solution = solve(problem, backend=cfg.solver)
+        return problem_from_tables(pd.read_csv(ctx.out("score", "scores")), pd.read_csv(ctx.out("profile", "costs")),
+                                   score_column="kl", budget=budget,
+                                   scenario=Scenario(name=cfg.scenario, batch=cfg.batch, context=cfg.context),
+                                   constraints=[parse_constraint(c) for c in cfg.constraints] if constraints else [])
+
+
+def stage_solve(ctx: _Context, d: Path) -> dict[str, Any]:
+    from puzzle.cli.solve_cmd import _puzzle_errors
+    from puzzle.schema import blocks_from_list, save_blocks
+    from solvers import solve
+    from solvers.io import write_json
+
+    problem = solve_problem(ctx)
+    with _puzzle_errors():
+        solution = solve(problem, backend=ctx.cfg.solver)
     write_json(d / "solution.json", solution.to_dict())
     blocks = blocks_from_list(solution.block_configs())
     save_blocks(blocks, d / "blocks.json")
@@ -231,6 +260,7 @@ def stage_evaluate(ctx: _Context, d: Path) -> dict[str, Any]:
 STAGE_FUNCTIONS: dict[str, Callable[[_Context, Path], dict[str, Any]]] = {
     "library": stage_library, "bld": stage_bld, "score": stage_score, "profile": stage_profile,
     "solve": stage_solve, "fuse": stage_fuse, "gkd": stage_gkd, "export": stage_export, "evaluate": stage_evaluate,
+    "baselines": stage_baselines,
 }
 
 
@@ -246,10 +276,12 @@ def _keys(ctx: _Context, stage: str) -> dict[str, Any]:
     if stage == "score":
         return {"bld": ctx.sha("bld"), "data": list(c.data), "seq_len": c.score_seq_len, "sequences": c.score_sequences}
     if stage == "profile":
-        return {"library": ctx.sha("library"), "budget": c.budget, "dtype": c.dtype, "batch": c.batch, "context": c.context}
+        return {"library": ctx.sha("library"), "budget": c.budget, "dtype": c.dtype, "batch": c.batch, "context": c.context,
+                "calibrate": c.calibrate}
     if stage == "solve":
         return {"score": ctx.sha("score"), "profile": ctx.sha("profile"), "speedup": c.speedup,
-                "throughput": c.throughput, "memory": c.memory, "scenario": c.scenario, "solver": c.solver}
+                "throughput": c.throughput, "memory": c.memory, "scenario": c.scenario, "solver": c.solver,
+                "constraints": list(c.constraints)}
     if stage == "fuse":
         return {"solve": ctx.sha("solve"), "threshold": c.fuse_threshold, "sequences": c.fuse_sequences,
                 "distill": c.fuse_distill_steps}
@@ -257,7 +289,12 @@ def _keys(ctx: _Context, stage: str) -> dict[str, Any]:
         return {"fuse": ctx.sha("fuse"), "steps": c.gkd_steps, "batch": c.gkd_batch, "seed": c.seed}
     if stage == "export":
         return {"gkd": ctx.sha("gkd")}
-    return {"export": ctx.sha("export"), "sequences": c.eval_sequences, "speed": c.measure_speed}
+    if stage == "evaluate":
+        return {"export": ctx.sha("export"), "sequences": c.eval_sequences, "speed": c.measure_speed}
+    # baselines: the same budget on the same costs, the same GKD and evaluation; the puzzle child to time against
+    return {"bld": ctx.sha("bld"), "profile": ctx.sha("profile"), "evaluate": ctx.sha("evaluate"),
+            "names": list(c.baselines), "speedup": c.speedup, "throughput": c.throughput, "memory": c.memory,
+            "scenario": c.scenario, "gkd": [c.gkd_steps, c.gkd_batch, c.seed], "speed": c.measure_speed}
 
 
 def search(cfg: SearchConfig, run_dir: str | Path, *, progress: bool = True,
@@ -272,12 +309,13 @@ def search(cfg: SearchConfig, run_dir: str | Path, *, progress: bool = True,
     atomic_write_json(run_dir / "run.json", {"config": cfg.to_dict(), "config_sha256": key_sha256(cfg.to_dict())})
     ctx = _Context(cfg, run_dir, progress)
     run = SearchRun(directory=run_dir, config=cfg)
-    for k, stage in enumerate(STAGES, start=1):
+    stages = STAGES + (("baselines",) if cfg.baselines else ())
+    for k, stage in enumerate(stages, start=1):
         fn = STAGE_FUNCTIONS[stage]
         result = run_stage(run_dir, stage, _keys(ctx, stage), lambda d, fn=fn: fn(ctx, d))
         ctx.results[stage] = run.stages[stage] = result
         if echo is not None:
             what = "up to date, skipped" if result.skipped else f"done in {result.seconds:.0f} s"
-            echo(f"[{k}/{len(STAGES)}] {stage}: {what}")
+            echo(f"[{k}/{len(stages)}] {stage}: {what}")
     write_report(run, ctx)
     return run

@@ -16,12 +16,11 @@ import pandas as pd
 from puzzle.io import atomic_write_text
 
 
-def _predicted(model: Any, cfg: Any, scenarios: list[Any]) -> dict[str, float]:
+def predicted_costs(model: Any, target: Any, scenarios: list[Any]) -> dict[str, float]:
+    """Predicted step ms per scenario on ``target`` and weight GiB per device of ``model``."""
     from puzzle.profiler.counts import ModelShape, block_weight_bytes, fixed_weight_bytes
-    from puzzle.profiler.hardware import parse_target
     from puzzle.profiler.roofline import model_ms
 
-    target = parse_target(cfg.budget, dtype=cfg.dtype)
     shape = ModelShape.from_config(model.config)
     blocks = model.config.blocks
     out = {f"pred_{sc.name}_ms": model_ms(shape, blocks, sc, target) for sc in scenarios}
@@ -31,11 +30,12 @@ def _predicted(model: Any, cfg: Any, scenarios: list[Any]) -> dict[str, float]:
     return out
 
 
-def report_table(parent: Any, child: Any, cfg: Any, scenarios: list[Any], evaluation: dict[str, Any]) -> pd.DataFrame:
+def report_table(parent: Any, child: Any, target: Any, scenarios: list[Any], evaluation: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for name, model in (("parent", parent), ("child", child)):
         rows.append({"model": name, "layers": model.config.num_hidden_layers,
-                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6, **_predicted(model, cfg, scenarios)})
+                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                     **predicted_costs(model, target, scenarios)})
     df = pd.DataFrame(rows).set_index("model")
     for sc in scenarios:
         df[f"pred_{sc.name}_speedup"] = df.loc["parent", f"pred_{sc.name}_ms"] / df[f"pred_{sc.name}_ms"]
@@ -79,11 +79,12 @@ def plot_report(df: pd.DataFrame, path: Path, title: str) -> None:
 
 def write_report(run: Any, ctx: Any) -> pd.DataFrame:
     from puzzle.loading import load_model
-    from puzzle.search.pipeline import _scenarios
+    from puzzle.search.pipeline import _scenarios, search_target
 
     child = load_model(run.stages["export"].outputs["model"])
     evaluation = json.loads(Path(run.stages["evaluate"].outputs["evaluation"]).read_text())
-    df = report_table(ctx.parent, child, run.config, _scenarios(run.config), evaluation)
+    target = search_target(run.config, run.directory)
+    df = report_table(ctx.parent, child, target, _scenarios(run.config), evaluation)
     atomic_write_text(run.directory / "report.csv", df.to_csv(index=False))
     plot_report(df, run.directory / "report.png", f"parent vs child on {run.config.budget} (predicted) and this "
                 f"machine (measured)")

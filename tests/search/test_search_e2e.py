@@ -76,3 +76,31 @@ def test_killed_mid_bld_resumes_without_redoing_the_build(tiny_text_parent, tmp_
     assert "resuming BLD at step 2" in caplog.text
     losses = pd.read_csv(tmp_path / "run" / "library" / "lib" / "bld" / "losses.csv")
     assert sorted(losses.step.unique()) == [1, 2, 3, 4]
+
+
+def test_baselines_stage_meets_the_same_budget_with_the_same_gkd(finished_run, tiny_text_parent):
+    from puzzle.search.baselines import BASELINES
+
+    run, _ = finished_run
+    cfg = SearchConfig(model=str(tiny_text_parent), **{**TINY, "baselines": BASELINES, "measure_speed": True})
+    lines: list[str] = []
+    search(cfg, run.directory, progress=False, echo=lines.append)
+    assert lines[-1].startswith(f"[{len(STAGES) + 1}/{len(STAGES) + 1}] baselines: done")
+    df = pd.read_csv(run.directory / "baselines" / "baselines.csv").set_index("model")
+    assert list(df.index) == ["puzzle", *BASELINES]
+    feasible = df[df.feasible]
+    assert "puzzle" in feasible.index and len(feasible) >= 2
+    assert (feasible.pred_decode_speedup >= 1.2 - 1e-6).all()
+    assert (feasible.kl_to_parent > 0).all() and (feasible.meas_decode_speedup > 0).all()
+    speed = pd.read_csv(run.directory / "baselines" / "speed.csv")
+    assert set(speed.model) == {"parent", *feasible.index}
+    for name in feasible.index.drop("puzzle"):  # the distilled child is the rule's architecture, GKD'd as puzzle's
+        sub = next((run.directory / "baselines").glob(f"{name}-*"))
+        labels = json.loads((sub / "choice.json").read_text())["labels"]
+        child = load_model(sub / "child")
+        assert [b.label for b in child.config.blocks] == labels
+        assert len(pd.read_csv(sub / "gkd" / "curve.csv")) >= 1
+    assert (run.directory / "baselines" / "baselines.png").stat().st_size > 1000
+    lines.clear()
+    search(cfg, run.directory, progress=False, echo=lines.append)
+    assert all(line.endswith("skipped") for line in lines)
