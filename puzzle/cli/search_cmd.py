@@ -3,13 +3,17 @@
     puzzle search --budget 8xH100                                   # SmolLM2-135M, stdlib, quick preset
     puzzle search --budget 8xH100 --speedup 2.0 --out runs/search   # a new budget: only MIP onward reruns
     puzzle search --config runs/search.yaml                         # YAML keys mirror these flags
+    puzzle search --constraint "layer[0] == parent" --constraint "count(attention != no_op) >= 20"
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from puzzle.search.config import SearchConfig
+from puzzle.search.config import BASELINES, SearchConfig
+
+BASELINE_NAMES = BASELINES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,12 +38,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, help="sequences per step (default: 8)")
     p.add_argument("--context", type=int, help="tokens per sequence: KV cache or prompt (default: 1024)")
     p.add_argument("--solver", choices=("ortools-mip", "pulp", "cpsat"), help="MIP backend (default: ortools-mip)")
+    p.add_argument("--constraint", action="append", dest="constraints", metavar="TEXT",
+                   help="custom MIP constraint, repeatable (replaces the config file's list), e.g. "
+                   "'count(attention != no_op) >= 8', 'layer[0] == parent', 'total(params) <= 100e6' "
+                   "(grammar in solvers/parse.py)")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="time this machine's blocks and fit the roofline before costing (default: on for "
+                   "--budget cpu, off for GPU budgets)")
+    p.add_argument("--baselines", nargs="+", choices=BASELINE_NAMES, metavar="NAME",
+                   help=f"also build these baselines at the same budget, with the same GKD: "
+                   f"{', '.join(BASELINE_NAMES)} (default: none)")
     p.add_argument("--preset", choices=("quick", "full"), help="stage sizes: quick (minutes on a laptop CPU) or full "
                    "(default: quick)")
     p.add_argument("--bld-tokens", type=int, help="BLD tokens (preset)")
     p.add_argument("--score-sequences", type=int, help="held-out sequences for scoring (preset)")
     p.add_argument("--fuse-threshold", type=float, help="max pairwise FFN dependency of a fused segment; 0: no fusion "
-                   "(default: 0.2)")
+                   "(default: 0.2 on GPUs, 0 on cpu, where a wide fused SwiGLU is slower)")
     p.add_argument("--gkd-steps", type=int, help="global distillation steps; 0 skips it (preset)")
     p.add_argument("--no-speed", action="store_true", help="do not measure parent and child speed here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -47,10 +61,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
-    base = SearchConfig.from_file(args.config).to_dict() if args.config else {}
+    base: dict[str, Any] = {}
+    if args.config:
+        from puzzle.io import read_yaml_config
+
+        SearchConfig.from_file(args.config)  # validates the file, naming its bad keys
+        # the file's own keys, not its resolved config, so that a flag's --budget or --preset does not
+        # inherit what the file's values implied (calibrate for cpu, the old preset's stage sizes)
+        base = {k.replace("-", "_"): v for k, v in (read_yaml_config(args.config) or {}).items()}
     flags = {k: getattr(args, k) for k in ("model", "data", "budget", "dtype", "speedup", "throughput", "memory",
                                            "scenario", "batch", "context", "solver", "preset", "bld_tokens",
-                                           "score_sequences", "fuse_threshold", "gkd_steps")}
+                                           "score_sequences", "fuse_threshold", "gkd_steps", "constraints",
+                                           "calibrate", "baselines")}
     base.update({k: v for k, v in flags.items() if v is not None})
     if args.no_speed:
         base["measure_speed"] = False

@@ -28,7 +28,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-BASELINES = ("uniform_ffn", "shortgpt", "attention_removal")
+from puzzle.search.config import BASELINES
+
 NO_OP = "no_op"
 
 

@@ -92,12 +92,15 @@ def stage_baselines(ctx: Any, d: Path) -> dict[str, Any]:
     from puzzle.search.stages import key_sha256
 
     cfg, scenarios = ctx.cfg, _scenarios(ctx.cfg)
-    target = search_target(cfg, ctx.run_dir)
+    target = search_target(cfg, ctx.results["profile"].directory)
     problem, influence = solve_problem(ctx, constraints=False), _influence(ctx, d)
     parent_pred = predicted_costs(ctx.parent, target, scenarios)
     puzzle_child = load_model(ctx.out("export", "model"))
     evaluation = json.loads(Path(ctx.out("evaluate", "evaluation")).read_text())
-    rows = [_row("puzzle", puzzle_child, target, scenarios, parent_pred, evaluation["quality"], True, "MIP + fusion")]
+    q = evaluation["quality"]
+    rows = [_row("parent", ctx.parent, target, scenarios, parent_pred, {"kl": 0.0, "top1_agreement": 1.0,
+                                                                           "ppl": q.get("parent_ppl")}, True, "parent"),
+            _row("puzzle", puzzle_child, target, scenarios, parent_pred, q, True, "MIP + fusion")]
     models = {"parent": ctx.parent, "puzzle": puzzle_child}
     for name in cfg.baselines:
         choice = choose_baseline(name, problem, influence)
@@ -122,6 +125,7 @@ def stage_baselines(ctx: Any, d: Path) -> dict[str, Any]:
         for sc in scenarios:
             s = speed[speed.scenario == sc.name].set_index("model")
             df[f"meas_{sc.name}_speedup"] = df["model"].map(s["speedup"])
+            df[f"meas_{sc.name}_tokens_per_s"] = df["model"].map(s["tokens_per_s"])
             df[f"pred_{sc.name}_ratio"] = df[f"meas_{sc.name}_speedup"] / df[f"pred_{sc.name}_speedup"]
     atomic_write_text(d / "baselines.csv", df.to_csv(index=False))
     plot_baselines(df, d / "baselines.png", f"puzzle vs baselines at {cfg.scenario} speedup >= "
@@ -139,6 +143,7 @@ def plot_baselines(df: pd.DataFrame, path: Path, title: str, scenario: str) -> N
     cols = [c for c in (f"pred_{scenario}_speedup", f"meas_{scenario}_speedup") if c in df]
     fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4), squeeze=False)
     ok = df[df["feasible"].astype(bool) & df["kl_to_parent"].notna()] if "kl_to_parent" in df else df.iloc[:0]
+    ok = ok[ok["model"] != "parent"]
     for ax, col in zip(axes[0], cols):
         for _, r in ok.iterrows():
             ax.scatter(r[col], r["kl_to_parent"], s=40, marker="*" if r["model"] == "puzzle" else "o")

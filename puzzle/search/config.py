@@ -20,6 +20,9 @@ from typing import Any
 
 from puzzle.errors import ConfigError
 
+BASELINES = ("uniform_ffn", "shortgpt", "attention_removal")
+"""Baseline rules of the ``baselines`` stage (see :mod:`puzzle.search.baselines`)."""
+
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"bld_tokens": 4096, "score_sequences": 2, "score_seq_len": 128, "fuse_sequences": 4,
               "gkd_steps": 16, "gkd_batch": 2, "eval_sequences": 4},
@@ -68,8 +71,9 @@ class SearchConfig:
     """Held-out sequences for replace-1-block scoring (preset)."""
     score_seq_len: int | None = None
     """Tokens per scoring sequence (preset)."""
-    fuse_threshold: float = 0.2
-    """Largest max-pairwise FFN dependency of a fused segment; 0 disables fusion."""
+    fuse_threshold: float | None = None
+    """Largest max-pairwise FFN dependency of a fused segment; 0 disables fusion (default: 0.2 on GPUs, 0 on
+    cpu, where one wide SwiGLU is slower than the narrow ones it replaces: ``benchmarks/fusion.py``)."""
     fuse_sequences: int | None = None
     """Calibration and held-out sequences of the fusion stage (preset)."""
     fuse_distill_steps: int = 100
@@ -90,10 +94,10 @@ class SearchConfig:
         for name in ("data", "constraints", "baselines"):
             v = getattr(self, name)
             object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
+        if self.fuse_threshold is None:
+            object.__setattr__(self, "fuse_threshold", 0.0 if self.budget.strip().lower() == "cpu" else 0.2)
         if self.calibrate is None:
             object.__setattr__(self, "calibrate", self.budget.strip().lower() == "cpu")
-        from puzzle.search.baselines import BASELINES
-
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise ConfigError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
@@ -104,7 +108,7 @@ class SearchConfig:
             try:
                 parse_constraint(text)
             except ConstraintSyntaxError as e:
-                raise ConfigError(f"constraint {text!r}: {e}") from e
+                raise ConfigError(str(e)) from e
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)

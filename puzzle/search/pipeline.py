@@ -29,6 +29,8 @@ from puzzle.search.stages import StageResult, key_sha256, run_stage
 log = logging.getLogger(__name__)
 
 STAGES = ("library", "bld", "score", "profile", "solve", "fuse", "gkd", "export", "evaluate")
+SHAREABLE = ("library", "bld", "score", "profile")
+"""Stages that do not depend on the speedup / throughput / memory budget: runs may share them (``shared_dir``)."""
 
 
 @dataclass
@@ -140,13 +142,13 @@ def stage_score(ctx: _Context, d: Path) -> dict[str, Any]:
     return {"scores": str(result.directory / "scores.csv"), "rows": len(result.scores)}
 
 
-def search_target(cfg: SearchConfig, run_dir: Path) -> Any:
+def search_target(cfg: SearchConfig, profile_dir: Path) -> Any:
     """The costing target of a run: ``cfg.budget``, with this machine's fitted efficiencies when it calibrates."""
     from puzzle.profiler.calibrate import calibrate_target
     from puzzle.profiler.hardware import parse_target
 
     target = parse_target(cfg.budget, dtype=cfg.dtype)
-    path = run_dir / "profile" / "calibration.json"
+    path = Path(profile_dir) / "calibration.json"
     if cfg.calibrate and path.is_file():
         target = calibrate_target(target, None, (), (), measure=False, calibration=path)
     return target
@@ -298,8 +300,12 @@ def _keys(ctx: _Context, stage: str) -> dict[str, Any]:
 
 
 def search(cfg: SearchConfig, run_dir: str | Path, *, progress: bool = True,
-           echo: Callable[[str], None] | None = None) -> SearchRun:
-    """Run (or resume) every stage of a search in ``run_dir``; see the module docstring."""
+           echo: Callable[[str], None] | None = None, shared_dir: str | Path | None = None) -> SearchRun:
+    """Run (or resume) every stage of a search in ``run_dir``; see the module docstring.
+
+    ``shared_dir``: where the budget-independent stages (:data:`SHAREABLE`: library, BLD, scores,
+    costs) live, so several runs at different budgets train once (default: ``run_dir``).
+    """
     from puzzle.profiler.hardware import parse_target
     from puzzle.search.report import write_report
 
@@ -307,12 +313,14 @@ def search(cfg: SearchConfig, run_dir: str | Path, *, progress: bool = True,
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "run.json", {"config": cfg.to_dict(), "config_sha256": key_sha256(cfg.to_dict())})
+    shared = Path(shared_dir) if shared_dir is not None else run_dir
     ctx = _Context(cfg, run_dir, progress)
     run = SearchRun(directory=run_dir, config=cfg)
     stages = STAGES + (("baselines",) if cfg.baselines else ())
     for k, stage in enumerate(stages, start=1):
         fn = STAGE_FUNCTIONS[stage]
-        result = run_stage(run_dir, stage, _keys(ctx, stage), lambda d, fn=fn: fn(ctx, d))
+        where = shared if stage in SHAREABLE else run_dir
+        result = run_stage(where, stage, _keys(ctx, stage), lambda d, fn=fn: fn(ctx, d))
         ctx.results[stage] = run.stages[stage] = result
         if echo is not None:
             what = "up to date, skipped" if result.skipped else f"done in {result.seconds:.0f} s"

@@ -83,7 +83,7 @@ def write_report(run: Any, ctx: Any) -> pd.DataFrame:
 
     child = load_model(run.stages["export"].outputs["model"])
     evaluation = json.loads(Path(run.stages["evaluate"].outputs["evaluation"]).read_text())
-    target = search_target(run.config, run.directory)
+    target = search_target(run.config, run.stages["profile"].directory)
     df = report_table(ctx.parent, child, target, _scenarios(run.config), evaluation)
     atomic_write_text(run.directory / "report.csv", df.to_csv(index=False))
     plot_report(df, run.directory / "report.png", f"parent vs child on {run.config.budget} (predicted) and this "

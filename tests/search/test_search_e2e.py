@@ -87,13 +87,15 @@ def test_baselines_stage_meets_the_same_budget_with_the_same_gkd(finished_run, t
     search(cfg, run.directory, progress=False, echo=lines.append)
     assert lines[-1].startswith(f"[{len(STAGES) + 1}/{len(STAGES) + 1}] baselines: done")
     df = pd.read_csv(run.directory / "baselines" / "baselines.csv").set_index("model")
-    assert list(df.index) == ["puzzle", *BASELINES]
-    feasible = df[df.feasible]
+    assert list(df.index) == ["parent", "puzzle", *BASELINES]
+    assert df.loc["parent", "kl_to_parent"] == 0 and df.loc["parent", "meas_decode_speedup"] == 1
+    feasible = df[df.feasible].drop(index="parent")
     assert "puzzle" in feasible.index and len(feasible) >= 2
     assert (feasible.pred_decode_speedup >= 1.2 - 1e-6).all()
     assert (feasible.kl_to_parent > 0).all() and (feasible.meas_decode_speedup > 0).all()
     speed = pd.read_csv(run.directory / "baselines" / "speed.csv")
     assert set(speed.model) == {"parent", *feasible.index}
+    assert (feasible.meas_decode_tokens_per_s > 0).all()
     for name in feasible.index.drop("puzzle"):  # the distilled child is the rule's architecture, GKD'd as puzzle's
         sub = next((run.directory / "baselines").glob(f"{name}-*"))
         labels = json.loads((sub / "choice.json").read_text())["labels"]

@@ -1,0 +1,83 @@
+"""Accuracy-efficiency frontier of puzzle vs baselines on SmolLM2-135M, on this CPU.
+
+    python benchmarks/frontier.py [--quick] [--speedups 1.25,1.5,2.0] [--out runs/frontier-cpu]
+
+For each decode-speedup target, ``puzzle search --budget cpu`` (roofline calibrated on this
+machine, quick preset) picks the child; the same budget then builds three baselines from the
+same BLD-trained library (uniform FFN width, ShortGPT layer removal by block influence,
+attention removal by attention influence), each given the same GKD (16 steps of 2 x 256 tokens),
+and every child is timed against the parent in one interleaved run (decode batch 8 with 1024
+cached tokens, prefill 1 x 1024). Library, BLD, scores and costs are shared across targets.
+
+The run directory is resumable and is the one ``examples/frontier_smollm2.ipynb`` plots. About
+30 minutes on 2 cores the first time. ``--quick``: a random 3-layer parent with tiny stage sizes
+(under a minute; its numbers mean nothing), written to ``results/frontier_quick.csv``.
+
+Writes ``benchmarks/results/frontier.csv``: target_speedup, model, feasible, predicted and measured
+speedups (and their ratio), measured tokens/s, KL to the parent, top-1 agreement, perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from puzzle.search import SearchConfig
+from puzzle.search.baselines import BASELINES
+from puzzle.search.frontier import search_frontier
+
+RESULTS = Path(__file__).parent / "results"
+COLUMNS = ["target_speedup", "model", "feasible", "layers", "params_m", "pred_decode_speedup", "meas_decode_speedup",
+           "pred_decode_ratio", "meas_decode_tokens_per_s", "pred_prefill_speedup", "meas_prefill_speedup",
+           "kl_to_parent", "top1_agreement", "ppl", "detail"]
+
+
+def tiny_parent(directory: Path) -> Path:
+    """A random 3-layer Llama with SmolLM2's tokenizer (for --quick)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from puzzle.io import copy_tokenizer_files
+    from puzzle.loading import resolve_source
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                 initializer_range=0.1)).save_pretrained(directory)
+    copy_tokenizer_files(resolve_source("smollm2-135m").directory, directory)
+    return directory
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny random parent, tiny sizes (under a minute)")
+    ap.add_argument("--speedups", default=None, help="comma-separated decode speedup targets (default 1.25,1.5,2.0)")
+    ap.add_argument("--out", default=None, help="run directory (default runs/frontier-cpu; quick: a temp dir)")
+    args = ap.parse_args()
+    speedups = [float(x) for x in (args.speedups or ("1.3" if args.quick else "1.25,1.5,2.0")).split(",")]
+    t0 = time.perf_counter()
+    if args.quick:
+        tmp = Path(tempfile.mkdtemp(prefix="puzzle-frontier-"))
+        cfg = SearchConfig(model=str(tiny_parent(tmp / "parent")), budget="cpu", calibrate=False, batch=2, context=64,
+                           bld_tokens=2 * 8 * 256, score_sequences=1, score_seq_len=32, fuse_sequences=1,
+                           gkd_steps=1, gkd_batch=1, eval_sequences=1, baselines=BASELINES)
+        out = Path(args.out or tmp / "run")
+    else:
+        cfg = SearchConfig(budget="cpu", preset="quick", baselines=BASELINES)
+        out = Path(args.out or "runs/frontier-cpu")
+    df = search_frontier(cfg, out, speedups, progress=not args.quick, echo=print)
+    df = df[[c for c in COLUMNS if c in df]]
+    with pd.option_context("display.width", 220, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
+        print(df.drop(columns=["detail"]).to_string(index=False))
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / ("frontier_quick.csv" if args.quick else "frontier.csv")
+    df.to_csv(path, index=False)
+    print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

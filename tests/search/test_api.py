@@ -1,0 +1,77 @@
+"""``puzzle.search(...)``: the subpackage is callable, keywords are config fields, and it stays a module."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import pytest
+
+import puzzle
+import puzzle.search.api as api
+from puzzle.errors import ConfigError
+from puzzle.search import STAGE_FUNCTIONS, STAGES, SearchConfig, run_search, search
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Record what the pipeline would run instead of running it."""
+    seen: list[tuple] = []
+    monkeypatch.setattr(api, "search", lambda cfg, run_dir, **kw: seen.append((cfg, run_dir, kw)) or "run")
+    return seen
+
+
+def test_calling_the_module_runs_a_search_with_overrides(calls, tmp_path):
+    out = puzzle.search(run_dir=tmp_path / "x", budget="cpu", speedup=1.7, constraints=["layer[0] == parent"],
+                        progress=False, echo=print)
+    cfg, run_dir, kw = calls[0]
+    assert out == "run" and run_dir == tmp_path / "x" and kw == {"progress": False, "echo": print}
+    assert (cfg.budget, cfg.speedup, cfg.constraints, cfg.calibrate) == ("cpu", 1.7, ("layer[0] == parent",), True)
+    puzzle.search(SearchConfig(budget="1xH200"))  # a config object, positional, and the default run dir
+    assert calls[1][0] == SearchConfig(budget="1xH200") and str(calls[1][1]) == "runs/search"
+
+
+def test_overrides_of_a_config_undo_only_what_it_derived(calls):
+    base = SearchConfig(budget="8xH100", bld_tokens=2048)
+    run_search(base, "r", throughput=500.0, preset="full")
+    cfg = calls[0][0]
+    assert cfg.speedup is None and cfg.throughput == 500.0  # the default speedup gave way to the new budget
+    assert cfg.bld_tokens == 2048 and cfg.gkd_steps == 200  # explicit sizes kept, preset sizes re-derived
+    run_search(SearchConfig(speedup=2.0), "r", memory=20.0)
+    assert (calls[1][0].speedup, calls[1][0].memory) == (2.0, 20.0)  # a speedup that was not a default stays
+
+
+def test_an_unknown_override_or_a_bad_constraint_is_a_config_error(calls):
+    with pytest.raises(ConfigError, match="speedp"):
+        puzzle.search(speedp=1.5)
+    with pytest.raises(ConfigError, match="speedp"):
+        puzzle.search(SearchConfig(), speedp=1.5)
+    with pytest.raises(ConfigError, match="constraint"):
+        puzzle.search(constraints=["count(attention != no_op >= 3"])
+    assert calls == []
+
+
+def test_it_is_still_the_subpackage():
+    assert isinstance(puzzle.search, types.ModuleType) and puzzle.search.__name__ == "puzzle.search"
+    assert puzzle.search.search is search and puzzle.search.SearchConfig is SearchConfig
+    assert set(STAGES) <= set(STAGE_FUNCTIONS)
+    assert puzzle.search.pipeline.stage_solve is STAGE_FUNCTIONS["solve"]
+    assert "overrides" in puzzle.search.__call__.__doc__
+
+
+def test_import_puzzle_is_light_and_search_loads_on_first_use():
+    code = ("import sys, puzzle; heavy = {'torch', 'pandas', 'puzzle.search'} & set(sys.modules); "
+            "assert not heavy, heavy; assert callable(puzzle.search) and puzzle.search.STAGES[0] == 'library'; "
+            "import pytest; pytest.raises(AttributeError, lambda: puzzle.nonexistent)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_new_budget_rederives_its_defaults():
+    from puzzle.search.api import _merge
+
+    gpu = SearchConfig(budget="8xH100")
+    cpu = SearchConfig.from_dict(_merge(gpu, {"budget": "cpu"}))
+    assert (cpu.calibrate, cpu.fuse_threshold) == (True, 0.0)
+    kept = SearchConfig.from_dict(_merge(SearchConfig(budget="8xH100", fuse_threshold=0.3), {"budget": "cpu"}))
+    assert kept.fuse_threshold == 0.3
