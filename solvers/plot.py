@@ -17,16 +17,14 @@ def plot_frontier(table: pd.DataFrame, path: str | os.PathLike, *, axis: str = "
     """Plot ``objective`` against ``target`` for the feasible rows, each optimum at the value it
     actually achieves (hollow markers: the Pareto points), and infeasible targets as red crosses."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only; no display needed
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
     except ImportError as e:
         raise ModuleNotFoundError("the frontier plot needs matplotlib: pip install matplotlib") from e
     x_scale = 1 / 2**30 if axis == "memory" else 1.0
     ok = table[table["status"] != "infeasible"]
     bad = table[table["status"] == "infeasible"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    ax = fig.subplots()
     ax.plot(ok["target"] * x_scale, ok["objective"], "o-", label="optimum for the target")
     ax.plot(ok[ACHIEVED[axis]], ok["objective"], "o", mfc="none", color="tab:green", label="what it achieves")
     if len(bad):
@@ -42,6 +40,5 @@ def plot_frontier(table: pd.DataFrame, path: str | os.PathLike, *, axis: str = "
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png")
-    plt.close(fig)
     os.replace(tmp, path)
     return path

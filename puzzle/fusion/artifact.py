@@ -36,14 +36,12 @@ def _config_dict(cfg: FusionConfig) -> dict[str, Any]:
 
 def plot_dependencies(deps: list[RunDependency], segments: list[Segment], path: Path) -> None:
     """Heatmaps of the dependency matrices (rows: removed layer i, columns: affected layer j)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
     import numpy as np
     from matplotlib.patches import Rectangle
 
-    fig, axes = plt.subplots(1, len(deps), figsize=(4.2 * len(deps) + 1, 4.0), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(deps) + 1, 4.0))
+    axes = fig.subplots(1, len(deps), squeeze=False)
     vmax = max((max(max(r) for r in d.matrix) for d in deps), default=1.0) or 1.0
     for ax, d in zip(axes[0], deps):
         m = np.array(d.matrix)
@@ -62,7 +60,6 @@ def plot_dependencies(deps: list[RunDependency], segments: list[Segment], path: 
     fig.colorbar(im, ax=axes[0].tolist(), label="1 - cos(f_j, f_j without i)")
     fig.suptitle("FFN dependency (red: fused segments)")
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 def write_fusion(result: FusionResult, out_dir: str | Path, *, config: FusionConfig, source: str,

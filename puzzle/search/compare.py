@@ -100,7 +100,8 @@ def stage_baselines(ctx: Any, d: Path) -> dict[str, Any]:
     q = evaluation["quality"]
     rows = [_row("parent", ctx.parent, target, scenarios, parent_pred, {"kl": 0.0, "top1_agreement": 1.0,
                                                                            "ppl": q.get("parent_ppl")}, True, "parent"),
-            _row("puzzle", puzzle_child, target, scenarios, parent_pred, q, True, "MIP + fusion")]
+            _row("puzzle", puzzle_child, target, scenarios, parent_pred, q, True,
+                 "MIP" + (f" + fused {', '.join(segs)}" if (segs := ctx.out("fuse", "segments")) else ""))]
     models = {"parent": ctx.parent, "puzzle": puzzle_child}
     for name in cfg.baselines:
         choice = choose_baseline(name, problem, influence)
@@ -135,13 +136,11 @@ def stage_baselines(ctx: Any, d: Path) -> dict[str, Any]:
 
 def plot_baselines(df: pd.DataFrame, path: Path, title: str, scenario: str) -> None:
     """KL to the parent against predicted (and, when measured, measured) speedup, one point per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
 
     cols = [c for c in (f"pred_{scenario}_speedup", f"meas_{scenario}_speedup") if c in df]
-    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(cols), 3.4))
+    axes = fig.subplots(1, len(cols), squeeze=False)
     ok = df[df["feasible"].astype(bool) & df["kl_to_parent"].notna()] if "kl_to_parent" in df else df.iloc[:0]
     ok = ok[ok["model"] != "parent"]
     for ax, col in zip(axes[0], cols):
@@ -154,4 +153,3 @@ def plot_baselines(df: pd.DataFrame, path: Path, title: str, scenario: str) -> N
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

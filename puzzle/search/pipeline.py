@@ -214,10 +214,14 @@ def stage_fuse(ctx: _Context, d: Path) -> dict[str, Any]:
 
     cfg = ctx.cfg
     child = open_library(ctx.out("bld", "library")).assemble(load_blocks(ctx.out("solve", "blocks")))
+    if cfg.fuse_threshold == 0:  # fusion off: the MIP's child goes on as it is
+        from puzzle.loading import save_runtime
+
+        save_runtime(child, d / "child", overwrite=True)
+        return {"model": str(d / "child"), "segments": []}
     fcfg = FusionConfig(threshold=cfg.fuse_threshold, sources=cfg.data, calib_sequences=cfg.fuse_sequences,
                         eval_sequences=cfg.fuse_sequences, distill_steps=cfg.fuse_distill_steps,
-                        targets=(cfg.budget,), dtype=cfg.dtype or "bf16", measure=False,
-                        segments=() if cfg.fuse_threshold == 0 else None)
+                        targets=(cfg.budget,), dtype=cfg.dtype or "bf16", measure=False)
     result = fuse_and_report(child, ctx.tokenizer, fcfg, parent=ctx.parent, progress=ctx.progress)
     write_fusion(result, d / "fusion", config=fcfg, source=cfg.model, source_dir=ctx.source.directory, overwrite=True)
     return {"model": str(d / "fusion" / "model"), "segments": [s.label for s in result.segments]}
@@ -310,10 +314,10 @@ def search(cfg: SearchConfig, run_dir: str | Path, *, progress: bool = True,
     from puzzle.search.report import write_report
 
     parse_target(cfg.budget, dtype=cfg.dtype)  # a misspelled budget fails now, not after BLD and scoring
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # manifests record absolute paths: valid from any working directory
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "run.json", {"config": cfg.to_dict(), "config_sha256": key_sha256(cfg.to_dict())})
-    shared = Path(shared_dir) if shared_dir is not None else run_dir
+    shared = Path(shared_dir).resolve() if shared_dir is not None else run_dir
     ctx = _Context(cfg, run_dir, progress)
     run = SearchRun(directory=run_dir, config=cfg)
     stages = STAGES + (("baselines",) if cfg.baselines else ())

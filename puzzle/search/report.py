@@ -55,16 +55,14 @@ def report_table(parent: Any, child: Any, target: Any, scenarios: list[Any], eva
 
 
 def plot_report(df: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
 
     panels = [("params_m", "parameters (M)"), ("weight_gib_per_device", "weights / device (GiB)")]
     panels += [(c, c.replace("_", " ")) for c in df.columns if c.endswith("_speedup")]
     panels += [("ppl", "perplexity"), ("kl_to_parent", "KL to parent")]
     panels = [(c, t) for c, t in panels if c in df]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 3.0))
+    fig = Figure(figsize=(2.3 * len(panels), 3.0))
+    axes = fig.subplots(1, len(panels))
     for ax, (col, label) in zip(axes, panels):
         ax.bar(df["model"], df[col], color=["#888888", "#2a7ab0"])
         ax.set_title(label, fontsize=8)
@@ -74,7 +72,6 @@ def plot_report(df: pd.DataFrame, path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_report(run: Any, ctx: Any) -> pd.DataFrame:
