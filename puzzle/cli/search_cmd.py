@@ -90,6 +90,12 @@ def run(args: argparse.Namespace) -> int:
     run = search(cfg, args.out, progress=not args.no_progress, echo=print)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         print(run.report.set_index("model").T.to_string())
+        if "baselines" in run.stages:
+            cols = ["model", "feasible", "pred_decode_speedup", "meas_decode_speedup", "pred_prefill_speedup",
+                    "meas_prefill_speedup", "kl_to_parent", "top1_agreement", "ppl"]
+            table = pd.read_csv(run.stages["baselines"].outputs["table"])
+            print(f"\nbaselines at the same budget, same GKD ({run.stages['baselines'].outputs['plot']}):")
+            print(table[[c for c in cols if c in table]].to_string(index=False))
     print(f"child: {run.export_dir} (DeciLM; load with AutoModelForCausalLM.from_pretrained(dir, "
           f"trust_remote_code=True) or puzzle.loading.load_model)\nreport: {run.directory / 'report.png'}")
     return 0
