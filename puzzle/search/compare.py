@@ -129,8 +129,10 @@ def stage_baselines(ctx: Any, d: Path) -> dict[str, Any]:
             df[f"meas_{sc.name}_tokens_per_s"] = df["model"].map(s["tokens_per_s"])
             df[f"pred_{sc.name}_ratio"] = df[f"meas_{sc.name}_speedup"] / df[f"pred_{sc.name}_speedup"]
     atomic_write_text(d / "baselines.csv", df.to_csv(index=False))
-    plot_baselines(df, d / "baselines.png", f"puzzle vs baselines at {cfg.scenario} speedup >= "
-                   f"{cfg.speedup} on {cfg.budget} (same GKD: {cfg.gkd_steps} steps)", cfg.scenario)
+    budget = ", ".join(f"{name} {v:g}" for name, v in (("speedup >=", cfg.speedup), ("tokens/s >=", cfg.throughput),
+                                                         ("GiB <=", cfg.memory)) if v is not None)
+    plot_baselines(df, d / "baselines.png", f"puzzle vs baselines at the same {cfg.scenario} budget ({budget}) on "
+                   f"{cfg.budget}, same GKD ({cfg.gkd_steps} steps)", cfg.scenario)
     return {"table": str(d / "baselines.csv"), "plot": str(d / "baselines.png")}
 
 
