@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from puzzle.parents.tiny import write_tiny_parent
+
 RESULTS = Path(__file__).resolve().parent / "results"
 # --quick stage sizes: a few hundred tokens per stage; GKD (whose validation alone takes half a minute)
 # only saves the child, and the evaluation does not time parent and child
@@ -77,23 +79,6 @@ class RssSampler(threading.Thread):
         return max(values) / 2**30 if values else float("nan")
 
 
-def tiny_parent(directory: Path) -> str:
-    """A random 6-layer Llama (hidden 64, 4 heads / 2 KV heads, FFN 96) with SmolLM2's tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from puzzle.io import copy_tokenizer_files
-    from puzzle.loading import resolve_source
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, initializer_range=0.1)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    copy_tokenizer_files(resolve_source("smollm2-135m").directory, directory)
-    return str(directory)
-
-
 def measure(run_dir: Path, sampler: RssSampler, **config: object) -> pd.DataFrame:
     """Run the search into ``run_dir`` and return one row per stage and a total row."""
     import puzzle
@@ -135,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler.start()
     with tempfile.TemporaryDirectory(prefix="puzzle-e2e-") as tmp:
         run_dir = Path(args.out) if args.out else Path(tmp) / "run"
-        model = tiny_parent(Path(tmp) / "tiny") if args.quick else args.model
+        model = str(write_tiny_parent(Path(tmp) / "tiny", layers=6)) if args.quick else args.model
         config = {"model": model, "budget": args.budget, "preset": args.preset, **(QUICK if args.quick else {})}
         table = measure(run_dir, sampler, **config)
     sampler.stop()

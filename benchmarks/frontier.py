@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from puzzle.parents.tiny import write_tiny_parent
 from puzzle.search import SearchConfig
 from puzzle.search.baselines import BASELINES
 from puzzle.search.frontier import search_frontier
@@ -34,22 +35,6 @@ RESULTS = Path(__file__).parent / "results"
 COLUMNS = ["target_speedup", "model", "feasible", "layers", "params_m", "pred_decode_speedup", "meas_decode_speedup",
            "pred_decode_ratio", "meas_decode_tokens_per_s", "pred_prefill_speedup", "meas_prefill_speedup",
            "kl_to_parent", "top1_agreement", "ppl", "detail"]
-
-
-def tiny_parent(directory: Path) -> Path:
-    """A random 3-layer Llama with SmolLM2's tokenizer (for --quick)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from puzzle.io import copy_tokenizer_files
-    from puzzle.loading import resolve_source
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                 initializer_range=0.1)).save_pretrained(directory)
-    copy_tokenizer_files(resolve_source("smollm2-135m").directory, directory)
-    return directory
 
 
 def main() -> None:
@@ -62,7 +47,7 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.quick:
         tmp = Path(tempfile.mkdtemp(prefix="puzzle-frontier-"))
-        cfg = SearchConfig(model=str(tiny_parent(tmp / "parent")), budget="cpu", calibrate=False, batch=2, context=64,
+        cfg = SearchConfig(model=str(write_tiny_parent(tmp / "parent")), budget="cpu", calibrate=False, batch=2, context=64,
                            bld_tokens=2 * 8 * 256, score_sequences=1, score_seq_len=32, fuse_sequences=1,
                            gkd_steps=1, gkd_batch=1, eval_sequences=1, baselines=BASELINES)
         out = Path(args.out or tmp / "run")

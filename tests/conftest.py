@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-TINY_BLD = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
@@ -103,20 +101,9 @@ def smollm2_hf_from_gguf():
 @pytest.fixture(scope="session")
 def tiny_text_parent(tmp_path_factory, smollm2_source) -> Path:
     """A random 3-layer Llama (hidden 64, 4 heads / 2 KV heads, FFN 96) with SmolLM2's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from puzzle.parents.tiny import write_tiny_parent
 
-    from puzzle.io import copy_tokenizer_files
-
-    directory = tmp_path_factory.mktemp("tiny_text_parent")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY_BLD, initializer_range=0.1)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-    model.save_pretrained(directory)
-    copy_tokenizer_files(smollm2_source.directory, directory)
-    return directory
+    return write_tiny_parent(tmp_path_factory.mktemp("tiny_text_parent"))
 
 
 @pytest.fixture(scope="session")

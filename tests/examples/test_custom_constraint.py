@@ -7,13 +7,11 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 from puzzle.errors import InfeasibleBudgetError
 from puzzle.loading import load_config
 from puzzle.schema import load_blocks
 from solvers import InfeasibleError
-from tests.conftest import TINY_BLD
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "custom_constraint.py"
 
@@ -29,16 +27,9 @@ def example():
 @pytest.fixture(scope="module")
 def tiny6(tmp_path_factory, smollm2_source) -> Path:
     """tests/conftest.py's tiny text parent with 6 layers, so that pinning 3 of them leaves a choice."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from puzzle.parents.tiny import write_tiny_parent
 
-    from puzzle.io import copy_tokenizer_files
-
-    directory = tmp_path_factory.mktemp("tiny6")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY_BLD, "num_hidden_layers": 6}, initializer_range=0.1)).eval()
-    model.save_pretrained(directory)
-    copy_tokenizer_files(smollm2_source.directory, directory)
-    return directory
+    return write_tiny_parent(tmp_path_factory.mktemp("tiny6"), layers=6)
 
 
 @pytest.fixture(scope="module")
