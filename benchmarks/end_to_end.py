@@ -31,7 +31,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from puzzle.parents.tiny import write_tiny_parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's root: benchmarks.tiny_parent
+
+from benchmarks.tiny_parent import write_tiny_parent  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # --quick stage sizes: a few hundred tokens per stage; GKD (whose validation alone takes half a minute)

@@ -20,16 +20,19 @@ speedups (and their ratio), measured tokens/s, KL to the parent, top-1 agreement
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from puzzle.parents.tiny import write_tiny_parent
-from puzzle.search import SearchConfig
-from puzzle.search.baselines import BASELINES
-from puzzle.search.frontier import search_frontier
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's root: benchmarks.tiny_parent
+
+from benchmarks.tiny_parent import write_tiny_parent  # noqa: E402
+from puzzle.search import SearchConfig  # noqa: E402
+from puzzle.search.baselines import BASELINES  # noqa: E402
+from puzzle.search.frontier import search_frontier  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ["target_speedup", "model", "feasible", "layers", "params_m", "pred_decode_speedup", "meas_decode_speedup",

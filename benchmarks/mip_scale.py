@@ -38,7 +38,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from solvers.backends import BACKENDS, solve  # noqa: E402
-from solvers.problem import Candidate, Problem, Scenario  # noqa: E402
+from solvers import Candidate, Problem, Scenario  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mip_scale.csv"
 HIDDEN, HEAD_DIM, VOCAB, PARENT_FFN = 16384, 128, 128256, 53248
@@ -94,7 +94,7 @@ def ultra_problem(layers: int, per_layer: int, seed: int) -> Problem:
     embed = 2 * VOCAB * HIDDEN
     fixed = {"params": embed, "weight_bytes": 2 * embed, "decode_ms": 2 * embed / BANDWIDTH * 1e3 + 1.0}
     problem = Problem(candidates=tuple(cands), score_column="kl", fixed=fixed,
-                      scenario=Scenario(name="decode", batch=BATCH, context=CONTEXT))
+                      scenario=Scenario(name="decode", phase="decode", batch=BATCH, length=CONTEXT))
     parent_memory = problem.totals(problem.parent).memory_bytes
     return problem.with_budget(memory_bytes=0.45 * parent_memory, speedup=2.2)
 
@@ -133,7 +133,8 @@ def smollm2_problem(speedup: float) -> Problem:
                                    scores={"kl": depth * (1 - params / full) ** 2 + attention},
                                    attrs={"is_parent": label == parent}))
     embed = 49152 * SMOL_H
-    problem = Problem(candidates=tuple(cands), score_column="kl", scenario=Scenario(name="decode", batch=1, context=4096),
+    problem = Problem(candidates=tuple(cands), score_column="kl",
+                      scenario=Scenario(name="decode", phase="decode", batch=1, length=4096),
                       fixed={"params": embed, "weight_bytes": 2 * embed, "decode_ms": 2 * embed / 3e9 * 1e3})
     return problem.with_budget(speedup=speedup)
 

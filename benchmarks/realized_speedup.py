@@ -34,7 +34,6 @@ from puzzle.profiler.table import cost_table, layer_candidates
 from puzzle.schema import blocks_from_list
 from solvers import Budget, solve
 from solvers.io import problem_from_tables
-from solvers.problem import Scenario as MipScenario
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -83,7 +82,7 @@ def main() -> None:
     rows = []
     for s in speedups:
         problem = problem_from_tables(scores, costs, score_column="kl", budget=Budget(speedup=s),
-                                      scenario=MipScenario(name="decode", batch=args.batch, context=context))
+                                      scenario=scenarios[0])  # the decode step, the profiler's own Scenario
         blocks = blocks_from_list(solve(problem).block_configs())
         child = random_model(config, blocks, 1)
         for sc in scenarios:

@@ -78,16 +78,18 @@ class LayerTrainer:
 
 
 def train_library(directory: str | Path, *, config: LibraryConfig | None = None, progress: bool = True,
-                  on_step: Callable[[int], None] | None = None) -> Path:
+                  on_step: Callable[[int], None] | None = None, force: bool = False) -> Path:
     """Run (or resume) BLD on a built library; writes ``trained/``, the index, and the loss logs.
 
     ``config`` defaults to the library's own; passing one with another ``bld`` section (e.g. more
     tokens) retrains from the initialization. ``on_step(step)`` is called after every step.
+    ``force``: train again even if the library says it is trained with this config (a trained file
+    was lost or damaged); an interrupted run still resumes from its checkpoint.
     """
     directory = Path(directory).expanduser().resolve()
     lib = Library(directory)
     config = config or lib.config
-    if lib.status == "trained" and lib.manifest.get("config_sha256") == config.sha256():
+    if not force and lib.status == "trained" and lib.manifest.get("config_sha256") == config.sha256():
         log.info("%s is already trained with this config; nothing to do", directory)
         return directory
     session = _open_checked(lib, config)

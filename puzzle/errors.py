@@ -7,6 +7,9 @@ naturally catch (``ValueError`` for bad values, ``FileNotFoundError`` for missin
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class PuzzleError(Exception):
     """Base class of every error this toolkit raises on purpose."""
@@ -66,3 +69,26 @@ class UnknownTargetError(PuzzleError, ValueError):
 
 class StaleArtifactError(PuzzleError, ValueError):
     """An output directory holds results computed from other inputs (rerun with --force to redo them)."""
+
+
+@contextlib.contextmanager
+def solver_errors() -> Iterator[None]:
+    """Re-raise the solvers package's typed errors as this toolkit's, inside the ``with`` block.
+
+    ``solvers`` never imports puzzle, so its errors do not derive from :class:`PuzzleError`. A bad
+    scores / costs table becomes :class:`DataError`, another malformed problem (unknown column, bad
+    constraint) :class:`ConfigError`, an infeasible budget :class:`InfeasibleBudgetError`, and a solver
+    that fails or whose answer fails verification :class:`SolverFailedError`; the message is kept.
+    """
+    from solvers.errors import InfeasibleError, ProblemError, SolverError, TableError  # torch-free, light
+
+    try:
+        yield
+    except TableError as e:
+        raise DataError(str(e)) from e
+    except ProblemError as e:
+        raise ConfigError(str(e)) from e
+    except InfeasibleError as e:
+        raise InfeasibleBudgetError(str(e)) from e
+    except SolverError as e:
+        raise SolverFailedError(str(e)) from e

@@ -3,8 +3,9 @@
 Every constraint has two halves that never share code:
 
 * ``compile(problem)`` turns it into one linear row over the candidates (what solvers see).
-  Throughput and speedup are not linear in the choice, but their bounds are: ``batch / step_s >=
-  target`` is ``sum latency_ms <= 1000 * batch / target - fixed_ms``.
+  Throughput and speedup are not linear in the choice, but their bounds are: ``replicas * batch *
+  new_tokens * 1000 / step_ms >= target`` is ``sum latency_ms <= 1000 * replicas * batch *
+  new_tokens / target - fixed_ms`` (see :class:`solvers.scenario.Scenario`).
 * ``measure(problem, chosen)`` recomputes its quantity from the chosen candidates' own costs, in
   the user's units (bytes, tokens/s, x, ms, parameters). Verification uses only this half.
 
@@ -106,7 +107,7 @@ def _require(problem: Problem, what: str, *columns: str) -> None:
 
 @dataclass(frozen=True)
 class MemoryLimit(Constraint):
-    """Weights + KV cache for the scenario + fixed bytes <= ``target`` bytes."""
+    """Weights + KV cache (scenario batch x kv_tokens) + fixed bytes <= ``target`` bytes, per device."""
 
     target: float
     sense = "<="
@@ -118,7 +119,7 @@ class MemoryLimit(Constraint):
 
     def compile(self, problem: Problem) -> LinearConstraint:
         _require(problem, "a memory budget", WEIGHT_BYTES, KV_BYTES)
-        per_token = problem.scenario.batch * problem.scenario.context
+        per_token = problem.scenario.cache_tokens  # batch * kv_tokens: replicas do not share a device
         weights, kv = problem.column(WEIGHT_BYTES), problem.column(KV_BYTES)
         coefs = [w + k * per_token for w, k in zip(weights, kv, strict=True)]
         rhs = self.target - self.from_lhs(problem, 0.0)
@@ -128,7 +129,7 @@ class MemoryLimit(Constraint):
         return problem.totals(chosen).memory_bytes
 
     def from_lhs(self, problem: Problem, lhs: float) -> float:
-        per_token = problem.scenario.batch * problem.scenario.context
+        per_token = problem.scenario.cache_tokens
         return lhs + _fixed(problem, WEIGHT_BYTES) + _fixed(problem, KV_BYTES) * per_token
 
     def format(self, value: float) -> str:
@@ -174,7 +175,7 @@ class LatencyLimit(_StepTimeBound):
 
 @dataclass(frozen=True)
 class ThroughputTarget(_StepTimeBound):
-    """``batch / step time`` >= ``target`` tokens/s."""
+    """``replicas * batch * new_tokens / step time`` >= ``target`` tokens/s (the whole target)."""
 
     target: float
     sense = ">="
@@ -185,16 +186,13 @@ class ThroughputTarget(_StepTimeBound):
         return f"throughput >= {self.format(self.target)}"
 
     def max_step_ms(self, problem: Problem) -> float:
-        if self.target <= 0:
-            raise ProblemError(f"throughput target must be positive, got {self.target}")
-        return 1000.0 * problem.scenario.batch / self.target
+        return problem.scenario.max_step_ms(self.target)
 
     def measure(self, problem: Problem, chosen: Sequence[int]) -> float:
         return problem.totals(chosen).throughput
 
     def from_lhs(self, problem: Problem, lhs: float) -> float:
-        step = lhs + _fixed(problem, problem.latency_column)
-        return 1000.0 * problem.scenario.batch / step if step > 0 else math.inf
+        return problem.scenario.throughput(lhs + _fixed(problem, problem.latency_column))
 
     def format(self, value: float) -> str:
         return f"{value:.6g} tokens/s"
@@ -291,9 +289,9 @@ class Budget:
     """The target's limits; ``None`` means unconstrained."""
 
     memory_bytes: float | None = None
-    """Capacity for weights + KV cache (scenario batch x context) + fixed bytes."""
+    """Capacity per device for weights + KV cache (scenario batch x kv_tokens) + fixed bytes."""
     throughput: float | None = None
-    """Minimum tokens/s: ``batch / step time``."""
+    """Minimum tokens/s of the whole target: ``replicas * batch * new_tokens / step time``."""
     speedup: float | None = None
     """Minimum step-time speedup over the parent."""
     latency_ms: float | None = None

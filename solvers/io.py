@@ -15,7 +15,9 @@ Both tables are long format, one row per candidate, CSV (``.csv``) or Parquet (`
 ==================== ========================================================================
 
 Scores table: the keys plus one numeric column per score, a quality loss where lower is better
-(``kl``, ``loss_delta``, ...; the search minimizes the sum of one of them).
+(``kl``, ``loss_delta``, ...; the search minimizes the sum of one of them). Every value of the
+chosen score column must be finite and >= 0 (a negative ``loss_delta``, a child that beat its
+parent on the scored tokens, must be clipped to 0 first).
 
 Costs table: the keys plus numeric cost columns:
 
@@ -23,8 +25,9 @@ Costs table: the keys plus numeric cost columns:
 ``params``           parameters of the candidate
 ``weight_bytes``     bytes of its weights as served
 ``kv_bytes_per_token`` KV-cache bytes per token of context per sequence (0 without attention)
-``<scenario>_ms``    milliseconds per step in a serving scenario, e.g. ``decode_ms`` measured at
-                     the scenario's batch and context (any number of scenarios)
+``<scenario>_ms``    milliseconds per step of one model copy in a serving scenario, e.g.
+                     ``decode_ms`` at the scenario's batch and length (any number of scenarios;
+                     see :class:`solvers.scenario.Scenario`)
 ``is_parent``        bool, optional here or in the scores table: the parent's own block; one
                      single-layer candidate per layer (needed for speedups and ``layer[i] == parent``)
 ==================== ========================================================================
@@ -118,6 +121,18 @@ def _merge(scores: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
     return merged.drop(columns=[c + "__costs" for c in both] + ["_merge"])
 
 
+def _check_scores(scores: pd.DataFrame, column: str) -> None:
+    """Refuse a negative, NaN or infinite value in the chosen score column, naming its first row."""
+    values = scores[column].astype(float)
+    bad = scores[~((values >= 0) & (values < float("inf")))]  # NaN fails both comparisons
+    if len(bad):
+        row = bad.iloc[0]
+        span = "" if int(row["span"]) == 1 else f", span {int(row['span'])}"
+        raise TableError(f"scores table: layer {int(row['layer'])}{span}, variant {row['variant']!r} has "
+                         f"{column} = {float(row[column])!r}; scores must be finite and >= 0 (a quality loss, "
+                         f"lower is better): fix the row or choose another score column")
+
+
 def _members(layer: int, span: int, variant: str) -> tuple[str, ...]:
     parts = [p.strip() for p in variant.split("+")]
     if len(parts) == 1:
@@ -143,6 +158,7 @@ def problem_from_tables(scores: pd.DataFrame, costs: pd.DataFrame, *, score_colu
         score_column = score_cols[0]
     if score_column not in score_cols:
         raise TableError(f"unknown score column {score_column!r}; the scores table has {score_cols}")
+    _check_scores(scores, score_column)
     merged = _merge(scores, costs)
     attr_cols = [c for c in merged.columns if c not in KEYS and c not in score_cols and c not in cost_cols]
     for col in score_cols + cost_cols:

@@ -6,11 +6,16 @@ quality loss of a choice is the sum of its candidates' scores in one score colum
 total the budget talks about is a sum over the chosen candidates plus the fixed costs
 (embedding, LM head, per-step overhead)::
 
-    memory     = sum weight_bytes + sum kv_bytes_per_token * batch * context + fixed
-    step_ms    = sum <scenario>_ms + fixed <scenario>_ms
-    throughput = batch / (step_ms / 1000)                 tokens/s, one token per sequence per step
-    speedup    = parent step_ms / step_ms                 parent = the is_parent candidate of every layer
+    memory     = sum weight_bytes + sum kv_bytes_per_token * batch * kv_tokens + fixed   bytes per device
+    step_ms    = sum <scenario>_ms + fixed <scenario>_ms              one step of one replica
+    throughput = replicas * batch * new_tokens * 1000 / step_ms       tokens/s of the whole target
+    speedup    = parent step_ms / step_ms         parent = the is_parent candidate of every layer
     params     = sum params + fixed params
+
+with the :class:`~solvers.scenario.Scenario`'s sizes: ``new_tokens`` is the prompt length (prefill)
+or 1 (decode); ``kv_tokens`` is the prompt length (prefill) or the cache length + 1 (decode).
+Memory is per device: each replica holds its own weights and cache, so ``replicas`` multiplies
+throughput only (and leaves the speedup, a ratio of step times, alone).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from solvers.errors import ProblemError
 from solvers.labels import label_attributes
 from solvers.model import LinearConstraint, Model
+from solvers.scenario import Scenario
 
 if TYPE_CHECKING:
     from solvers.constraints import Budget, Constraint
@@ -78,23 +84,6 @@ class Candidate:
         return out
 
 
-@dataclass(frozen=True, kw_only=True)
-class Scenario:
-    """How the model is served: which latency column, how many sequences, how long a context."""
-
-    name: str = "decode"
-    """Latency column ``<name>_ms`` (or ``<name>`` itself if the costs have such a column)."""
-    batch: int = 1
-    """Sequences decoded together; one step makes ``batch`` tokens."""
-    context: int = 4096
-    """Tokens held in the KV cache per sequence (memory = ... + kv_bytes_per_token * batch * context)."""
-
-    def __post_init__(self) -> None:
-        if self.batch < 1 or self.context < 0:
-            raise ProblemError(f"scenario {self.name}: batch must be >= 1 and context >= 0, "
-                               f"got {self.batch}, {self.context}")
-
-
 @dataclass(frozen=True)
 class Totals:
     """Every total of a choice, recomputed from its candidates (``None`` where a column is absent)."""
@@ -130,6 +119,7 @@ class Problem:
     score_column: str
     """Which score column the objective sums."""
     scenario: Scenario = field(default_factory=Scenario)
+    """The latency column, the KV-cache tokens memory counts, and the tokens per step throughput counts."""
     budget: Budget = field(default_factory=_default_budget)
     constraints: tuple[Constraint, ...] = ()
     """Custom constraints (see :mod:`solvers.expressions`), on top of the budget's."""
@@ -139,6 +129,8 @@ class Problem:
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(self.candidates))
         object.__setattr__(self, "constraints", tuple(self.constraints))
+        if not isinstance(self.scenario, Scenario):
+            raise ProblemError(f"scenario must be a solvers.Scenario, got {type(self.scenario).__name__}")
         repeated = sorted(i for i, n in Counter(c.id for c in self.candidates).items() if n > 1)
         if repeated:
             raise ProblemError(f"candidate ids must be unique; repeated: {repeated[:5]}")
@@ -254,7 +246,7 @@ class Problem:
         weight = kv = memory = None
         if self.has_columns(WEIGHT_BYTES, KV_BYTES):
             weight = self.sum_of(WEIGHT_BYTES, chosen)
-            kv = self.sum_of(KV_BYTES, chosen) * s.batch * s.context
+            kv = self.sum_of(KV_BYTES, chosen) * s.cache_tokens  # batch * kv_tokens, per device
             memory = weight + kv
         step = throughput = parent_step = speedup = None
         try:
@@ -262,7 +254,7 @@ class Problem:
         except ProblemError:
             pass
         if step is not None:
-            throughput = s.batch / (step / 1000.0) if step > 0 else float("inf")
+            throughput = s.throughput(step)  # replicas * batch * new_tokens * 1000 / step
             if any(c.is_parent for c in self.candidates):
                 parent_step = self.sum_of(self.latency_column, self.parent)
                 speedup = parent_step / step if step > 0 else float("inf")

@@ -11,7 +11,7 @@
       "objective": 0.123, "score_column": "kl",
       "totals": {"memory_bytes", "memory_gib", "params", "step_ms", "throughput", "speedup", ...},
       "constraints": [{"name", "value", "sense", "target", "slack"}, ...],
-      "scenario": {"name", "batch", "context"}, "backend", "status", "gap", "seconds"
+      "scenario": {"name", "phase", "batch", "length", "replicas"}, "backend", "status", "gap", "seconds"
     }
 
 ``block_configs`` has one entry per layer, so ``puzzle.schema.load_blocks`` reads the file as it
@@ -21,7 +21,6 @@ is. A multi-layer candidate contributes its member blocks there and is listed un
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -88,7 +87,7 @@ class Solution:
             "totals": self.totals.to_dict(),
             "constraints": [{"name": c.name, "value": c.value, "sense": c.sense, "target": c.target,
                              "slack": c.slack} for c in self.checks],
-            "scenario": dataclasses.asdict(p.scenario),
+            "scenario": p.scenario.to_dict(),
             "backend": self.backend,
             "status": self.status,
             "gap": self.gap,

@@ -101,7 +101,7 @@ def smollm2_hf_from_gguf():
 @pytest.fixture(scope="session")
 def tiny_text_parent(tmp_path_factory, smollm2_source) -> Path:
     """A random 3-layer Llama (hidden 64, 4 heads / 2 KV heads, FFN 96) with SmolLM2's tokenizer."""
-    from puzzle.parents.tiny import write_tiny_parent
+    from benchmarks.tiny_parent import write_tiny_parent
 
     return write_tiny_parent(tmp_path_factory.mktemp("tiny_text_parent"))
 

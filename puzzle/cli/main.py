@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "puzzle.cli.fuse_cmd",
     "puzzle.cli.distill_cmd",
     "puzzle.cli.evaluate_cmd",
+    "puzzle.cli.plan_cmd",
     "puzzle.cli.search_cmd",
 ]
 

@@ -11,6 +11,7 @@ Writes ``OUT/costs.csv`` (the MIP's costs table, format in :mod:`solvers.io`) an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "that calibration for later runs, and cost the table with it")
     p.add_argument("--calibration", help="calibration JSON to use (written by --measure); default: the saved "
                    "calibration of this device, else datasheet efficiencies")
+    p.add_argument("--tp", type=int, help="tensor-parallel degree (default: the smallest one serving engines accept "
+                   "for this model that fits a device; the target's other GPUs serve replicas)")
     p.add_argument("--out", required=True, help="output directory (costs.csv, profile.json)")
     p.set_defaults(func=run)
 
@@ -51,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from block_library.config import LibraryConfig
     from puzzle.io import atomic_write_json, atomic_write_text
     from puzzle.profiler.counts import ModelShape
+    from puzzle.profiler.deployment import choose_tensor_parallel
     from puzzle.profiler.hardware import parse_target
     from puzzle.profiler.scenario import default_scenarios, parse_scenario
     from puzzle.profiler.table import cost_table, layer_candidates, model_totals
@@ -65,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
     space = LibraryConfig.from_file(args.space).space if args.space else None
     config, candidates = layer_candidates(args.source, space=space)
     shape = ModelShape.from_config(config)
+    sized = next((s for s in scenarios if s.phase == "decode"), scenarios[0])  # the KV cache the fit must hold
+    target = choose_tensor_parallel(target, shape, config.blocks, batch=sized.batch, context=sized.kv_tokens,
+                                    tp=args.tp)
+    scenarios = [dataclasses.replace(s, replicas=target.replicas) for s in scenarios]
     if args.calibration or args.measure:
         target = _calibrated(args, target, shape, candidates, scenarios)
     table = cost_table(shape, candidates, config.blocks, target=target, scenarios=scenarios)
@@ -72,11 +80,11 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "costs.csv", table.to_csv(index=False))
     parent = model_totals(table, config.blocks, scenarios)
     atomic_write_json(out / "profile.json", {
-        "stage": "profile", "source": str(args.source), "target": target.name,
+        "stage": "profile", "source": str(args.source), "target": target.name, "deployment": target.to_dict(),
         "accelerator": {"name": target.accelerator.name, "tflops": dict(target.accelerator.tflops),
                         "bandwidth_tbs": target.accelerator.bandwidth_tbs, "link_gbs": target.accelerator.link_gbs},
         "efficiency": target.accelerator.efficiency.to_dict(),
-        "scenarios": [vars(s) for s in scenarios], "runtime": args.runtime, "parent": parent,
+        "scenarios": [s.to_dict() for s in scenarios], "runtime": args.runtime, "parent": parent,
         "candidates": int((table.layer >= 0).sum()),
     })
     _print(table, target, scenarios, parent, config, args.runtime, out)
@@ -93,7 +101,8 @@ def _calibrated(args, target, shape, candidates, scenarios):  # noqa: ANN001, AN
 def _print(table, target, scenarios, parent, config, runtime, out: Path) -> None:  # noqa: ANN001
     from puzzle.profiler.roofline import HF_EAGER
 
-    print(f"{target.name}: {len(table) - 1} (layer, variant) candidates over {config.num_hidden_layers} layers "
+    print(f"{target.name} ({target.count} device(s), tensor parallel {target.tp}, {target.replicas} replica(s)): "
+          f"{len(table) - 1} (layer, variant) candidates over {config.num_hidden_layers} layers "
           f"-> {out / 'costs.csv'}")
     blocks = table[table.layer >= 0].drop_duplicates("variant").drop(columns=["layer", "is_parent"])
     shown = blocks.assign(params=blocks.params.map(lambda v: f"{v / 1e6:.2f}M"),
@@ -108,6 +117,6 @@ def _print(table, target, scenarios, parent, config, runtime, out: Path) -> None
         ms = parent[sc.column]
         if runtime == "hf-eager":
             ms = max(ms, HF_EAGER.step_ms(sc, config.num_hidden_layers))
-        print(f"parent, {sc.describe()}: {ms:.3f} ms/step, {sc.tokens / ms * 1e3:,.0f} tokens/s")
+        print(f"parent, {sc.describe()}: {ms:.3f} ms/step, {sc.throughput(ms):,.0f} tokens/s (whole target)")
     print(f"parent memory per device: weights {parent['weight_bytes'] / 2**30:.3f} GiB, "
           f"KV cache {parent['kv_bytes_per_token'] / 1024:.1f} KiB per token of context")

@@ -19,20 +19,33 @@ BASELINE_NAMES = BASELINES
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="run the whole search: library, BLD, scoring, profile, MIP, fusion, GKD, "
                        "export, evaluation", description="Turn a parent into a faster child under a hardware "
-                       "budget. Every stage writes OUT/<stage>/ with a manifest; rerunning skips stages whose inputs "
-                       "did not change and resumes an interrupted one; a new budget re-solves without retraining. "
+                       "budget. The settings are resolved once into a plan (printed first, written to OUT/plan.json; "
+                       "`puzzle plan` shows it without running) and checked before anything is written. Every stage "
+                       "writes OUT/<stage>/ with a manifest; rerunning skips stages whose inputs and files did not "
+                       "change and resumes an interrupted one; a new budget re-solves without retraining. "
                        "Ends with OUT/export/model (DeciLM checkpoint) and OUT/report.csv / report.png.")
+    add_search_flags(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def add_search_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``puzzle search`` (``puzzle plan`` takes the same ones)."""
     p.add_argument("--config", help="YAML file whose keys mirror these flags (flags given here override it)")
     p.add_argument("--out", default="runs/search", help="run directory (default: runs/search)")
     p.add_argument("--model", help="parent: embedded name or model directory (default: smollm2-135m)")
     p.add_argument("--data", nargs="+", help="corpus sources: stdlib, text files, directories, .jsonl, .parquet "
                    "(default: stdlib)")
-    p.add_argument("--budget", help="target hardware COUNTxGPU, e.g. 8xH100, 1xH200, 4xB200, or cpu (default: 8xH100)")
+    p.add_argument("--budget", help="deployment hardware COUNTxGPU, one node: 8xH100, 1xH200, 4xB200; or cpu, this "
+                   "machine (default: 8xH100)")
+    p.add_argument("--tp", type=int, help="tensor-parallel degree on the target (default: the smallest one serving "
+                   "engines accept for the parent that fits; the other GPUs serve replicas)")
     p.add_argument("--dtype", choices=("bf16", "fp8", "fp32"), help="serving dtype on the target "
                    "(default: bf16 on GPUs, fp32 on cpu)")
     p.add_argument("--speedup", type=float, help="minimum predicted speedup over the parent in the scenario "
                    "(default 1.5 when no other budget is given)")
-    p.add_argument("--throughput", type=float, help="minimum predicted tokens/s in the scenario")
+    p.add_argument("--throughput", type=float, help="minimum predicted tokens/s of the whole target (all replicas) "
+                   "in the scenario")
     p.add_argument("--memory", type=float, help="maximum GiB per device for weights + KV cache")
     p.add_argument("--scenario", choices=("decode", "prefill"), help="serving phase of the budget (default: decode)")
     p.add_argument("--batch", type=int, help="sequences per step (default: 8)")
@@ -52,42 +65,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(default: quick)")
     p.add_argument("--bld-tokens", type=int, help="BLD tokens (preset)")
     p.add_argument("--score-sequences", type=int, help="held-out sequences for scoring (preset)")
+    p.add_argument("--score-seq-len", type=int, help="tokens per scoring sequence (preset)")
     p.add_argument("--fuse-threshold", type=float, help="max pairwise FFN dependency of a fused segment; 0: no fusion "
                    "(default: 0.2 on GPUs, 0 on cpu, where a wide fused SwiGLU is slower)")
+    p.add_argument("--fuse-sequences", type=int, help="calibration and held-out sequences of fusion (preset)")
+    p.add_argument("--fuse-distill-steps", type=int, help="local distillation steps of each fused block (default: 100)")
     p.add_argument("--gkd-steps", type=int, help="global distillation steps; 0 skips it (preset)")
-    p.add_argument("--no-speed", action="store_true", help="do not measure parent and child speed here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
+    p.add_argument("--gkd-batch", type=int, help="sequences per GKD step (preset)")
+    p.add_argument("--eval-sequences", type=int, help="held-out sequences of the final evaluation (preset)")
+    p.add_argument("--seed", type=int, help="seed of global distillation (default: 0)")
+    p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None, dest="measure_speed",
+                   help="measure parent and child step time on this machine in the evaluation (default: on)")
+    p.add_argument("--verify", action="store_true", help="re-hash every recorded file before skipping a stage "
+                   "(file sizes are always checked)")
+    p.add_argument("--force", action="store_true", help="allow --out to be a directory that holds other files")
+
+
+FLAG_SETTINGS = ("model", "data", "budget", "tp", "dtype", "speedup", "throughput", "memory", "scenario", "batch",
+                 "context", "solver", "constraints", "calibrate", "baselines", "preset", "bld_tokens",
+                 "score_sequences", "score_seq_len", "fuse_threshold", "fuse_sequences", "fuse_distill_steps",
+                 "gkd_steps", "gkd_batch", "eval_sequences", "measure_speed", "seed")
+"""Flags that set the :class:`SearchConfig` field of the same name (``--speed/--no-speed``: ``measure_speed``)."""
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
-    base: dict[str, Any] = {}
-    if args.config:
-        from puzzle.io import read_yaml_config
-
-        SearchConfig.from_file(args.config)  # validates the file, naming its bad keys
-        # the file's own keys, not its resolved config, so that a flag's --budget or --preset does not
-        # inherit what the file's values implied (calibrate for cpu, the old preset's stage sizes)
-        base = {k.replace("-", "_"): v for k, v in (read_yaml_config(args.config) or {}).items()}
-    flags = {k: getattr(args, k) for k in ("model", "data", "budget", "dtype", "speedup", "throughput", "memory",
-                                           "scenario", "batch", "context", "solver", "preset", "bld_tokens",
-                                           "score_sequences", "fuse_threshold", "gkd_steps", "constraints",
-                                           "calibrate", "baselines")}
-    base.update({k: v for k, v in flags.items() if v is not None})
-    if args.no_speed:
-        base["measure_speed"] = False
-    if any(k in flags and flags[k] is not None for k in ("throughput", "memory")) and flags.get("speedup") is None:
-        base.pop("speedup", None)  # a budget given on the command line replaces the config's default speedup
-    return SearchConfig.from_dict(base)
+    """The YAML file's settings, then the flags' (the one merge rule: later sources override earlier ones)."""
+    cfg = SearchConfig.from_file(args.config) if args.config else SearchConfig()
+    return cfg.merge({k: getattr(args, k) for k in FLAG_SETTINGS}, source="flag")
 
 
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from puzzle.search import search
+    from puzzle.cli.plan_cmd import print_plan
+    from puzzle.search import planned_stages, resolve, search
+    from puzzle.search.preflight import preflight
 
-    cfg = config_from_args(args)
-    run = search(cfg, args.out, progress=not args.no_progress, echo=print)
+    plan = resolve(config_from_args(args))
+    preflight(plan, args.out, force=args.force)  # nothing is printed as a plan that cannot run
+    print_plan(plan, planned_stages(plan, args.out, verify=args.verify), brief=True)
+    run = search(plan, args.out, progress=not args.no_progress, echo=print, verify=args.verify, force=args.force)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         print(run.report.set_index("model").T.to_string())
         if "baselines" in run.stages:

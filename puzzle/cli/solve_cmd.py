@@ -6,18 +6,17 @@
 
 The table formats are documented in :mod:`solvers.io`. Nothing here imports torch (the solvers
 package never does), so both commands start fast. Errors of the solvers package are re-raised as
-:class:`puzzle.errors.PuzzleError` subclasses, which the CLI prints as one line.
+:class:`puzzle.errors.PuzzleError` subclasses (:func:`puzzle.errors.solver_errors`), which the CLI
+prints as one line; output paths are checked before any table is read.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from puzzle.errors import ConfigError, DataError, InfeasibleBudgetError, SolverFailedError
+from puzzle.errors import ConfigError, solver_errors
 from solvers.backends import BACKENDS, DEFAULT_BACKEND  # pure Python; the solver libraries load on use
 
 if TYPE_CHECKING:
@@ -34,9 +33,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-column", default=None, help="score column to minimize (default: the only one)")
     p.add_argument("--scenario", default="decode", help="serving scenario: its latency column is "
                    "<scenario>_ms (default: decode)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step: throughput = batch / step time, "
-                   "and the KV cache holds batch x context tokens (default: 1)")
-    p.add_argument("--context", type=int, default=4096, help="tokens of KV cache per sequence (default: 4096)")
+    p.add_argument("--phase", choices=("decode", "prefill"), default=None, help="step the latency column times: "
+                   "decode (1 new token per sequence) or prefill (the whole prompt) (default: the scenario name "
+                   "if it is a phase, else decode)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step per replica: throughput = replicas x "
+                   "batch x new tokens / step time, and the KV cache holds batch x kv tokens per device (default: 1)")
+    p.add_argument("--context", type=int, default=4096, help="prompt tokens (prefill) or tokens already in the KV "
+                   "cache per sequence (decode; the cache then holds context + 1) (default: 4096)")
+    p.add_argument("--replicas", type=int, default=1, help="model copies serving side by side on the target: "
+                   "multiplies throughput, not memory per device (default: 1)")
     p.add_argument("--memory-gib", type=float, default=None, help="memory capacity in GiB for weights + KV cache "
                    "+ fixed bytes")
     p.add_argument("--throughput", type=float, default=None, help="minimum throughput in tokens/s")
@@ -85,34 +90,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     f.set_defaults(func=run_frontier)
 
 
-@contextlib.contextmanager
-def _puzzle_errors() -> Iterator[None]:
-    """Re-raise the solvers package's errors as PuzzleError subclasses (solvers cannot import puzzle)."""
-    from solvers.errors import InfeasibleError, ProblemError, SolverError, TableError
-
-    try:
-        yield
-    except TableError as e:
-        raise DataError(str(e)) from e
-    except ProblemError as e:
-        raise ConfigError(str(e)) from e
-    except InfeasibleError as e:
-        raise InfeasibleBudgetError(str(e)) from e
-    except SolverError as e:
-        raise SolverFailedError(str(e)) from e
+def _output_file(text: str, *, flag: str, example: str) -> Path:
+    """The file a flag names, refused (ConfigError naming the fix) if it is a directory or its parent is missing."""
+    path = Path(text)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {text} is a directory; give the file to write, e.g. {flag} {path / example}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{flag} {text}: the directory {path.parent} does not exist; create it first "
+                          f"(mkdir -p {path.parent}) or write elsewhere")
+    return path
 
 
 def _problem(args: argparse.Namespace) -> Problem:
     from solvers.constraints import Budget
     from solvers.io import read_problem
     from solvers.parse import parse_constraint
-    from solvers.problem import Scenario
+    from solvers.scenario import PHASES, Scenario
 
     budget = Budget(memory_bytes=None if args.memory_gib is None else args.memory_gib * 2**30,
                     throughput=args.throughput, speedup=args.speedup, latency_ms=args.latency_ms,
                     max_params=args.max_params)
     return read_problem(args.scores, args.costs, score_column=args.score_column, budget=budget,
-                        scenario=Scenario(name=args.scenario, batch=args.batch, context=args.context),
+                        scenario=Scenario(name=args.scenario, batch=args.batch, length=args.context,
+                                          phase=args.phase or (args.scenario if args.scenario in PHASES else "decode"),
+                                          replicas=args.replicas),
                         constraints=tuple(parse_constraint(text) for text in args.constraint))
 
 
@@ -120,13 +121,13 @@ def run_solve(args: argparse.Namespace) -> int:
     from solvers.diverse import diverse_solutions
     from solvers.io import write_json
 
-    with _puzzle_errors():
+    out = _output_file(args.out, flag="--out", example="arch.json")
+    with solver_errors():
         if args.solutions < 1 or not 0.0 <= args.min_diff <= 1.0:
             raise ConfigError("--solutions must be >= 1 and --min-diff between 0 and 1")
         problem = _problem(args)
         solutions = diverse_solutions(problem, args.solutions, min_fraction=args.min_diff, backend=args.backend,
                                       time_limit=args.time_limit, progress=True)
-    out = Path(args.out)
     for k, sol in enumerate(solutions, start=1):
         path = out if k == 1 else out.with_name(f"{out.stem}.{k}{out.suffix}")
         write_json(path, {"rank": k, **sol.to_dict()})
@@ -141,7 +142,9 @@ def run_frontier(args: argparse.Namespace) -> int:
     from solvers.io import atomic_write_text
     from solvers.plot import plot_frontier
 
-    with _puzzle_errors():
+    out = _output_file(args.out, flag="--out", example="frontier.csv")
+    plot = _output_file(args.plot, flag="--plot", example="frontier.png") if args.plot else out.with_suffix(".png")
+    with solver_errors():
         problem = _problem(args)
         targets = None
         if args.targets:
@@ -151,10 +154,9 @@ def run_frontier(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--targets must be comma-separated numbers, got {args.targets!r}") from None
         table = frontier(problem, axis=args.axis, targets=targets, points=args.points, backend=args.backend,
                          time_limit=args.time_limit, progress=True)
-    atomic_write_text(args.out, table.to_csv(index=False))
+    atomic_write_text(out, table.to_csv(index=False))
     print(table.drop(columns=["reason"]).to_string(index=False))
-    print(f"wrote {args.out}")
-    plot = Path(args.plot) if args.plot else Path(args.out).with_suffix(".png")
+    print(f"wrote {out}")
     try:
         plot_frontier(table, plot, axis=args.axis, score_column=problem.score_column)
         print(f"wrote {plot}")

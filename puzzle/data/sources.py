@@ -122,6 +122,12 @@ def source_names(sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[s
     return [os.fspath(s) for s in sources] if sources else [STDLIB]
 
 
+def check_sources(sources: Sequence[str | os.PathLike[str]] | str | None) -> None:
+    """Fail before any reading on a missing path or a file of unknown type (:class:`DataError`)."""
+    for name in source_names(sources):
+        _check_source(name)
+
+
 def _check_source(source: str) -> None:
     """Fail early (before any reading) on a missing path or a file of unknown type."""
     if source == STDLIB:

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 def _config_dict(cfg: FusionConfig) -> dict[str, Any]:
     out = dataclasses.asdict(cfg)
     out["segments"] = [s.label for s in cfg.segments] if cfg.segments is not None else None
-    out["scenarios"] = [dataclasses.asdict(sc) for sc in cfg.scenarios]
+    out["scenarios"] = [sc.to_dict() for sc in cfg.scenarios]
+    out["targets"] = [t if isinstance(t, str) else t.name for t in cfg.targets]
     return out
 
 

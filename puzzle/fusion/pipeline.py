@@ -26,7 +26,7 @@ from puzzle.fusion.evaluate import kl_to_reference, measured_ms, predicted_ms, r
 from puzzle.fusion.fuse import fuse_model, sequential_reference
 from puzzle.fusion.runs import SEGMENT_SCORES, Segment, check_segments, choose_segments, find_runs, fused_blocks, fused_width
 from puzzle.model import PuzzleForCausalLM
-from puzzle.profiler.hardware import parse_target
+from puzzle.profiler.hardware import Target, parse_target
 from puzzle.profiler.scenario import Scenario, default_scenarios
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,9 @@ class FusionConfig:
     """Local distillation steps per fused block against its sequential run (0: none, exact fusion)."""
     distill_lr: float = 1e-4
     """Learning rate of that distillation."""
-    targets: tuple[str, ...] = ("8xH100",)
-    """Targets whose latency the profiler predicts (``cpu`` is this machine's roofline)."""
+    targets: tuple[str | Target, ...] = ("8xH100",)
+    """Targets whose latency the profiler predicts: strings (``cpu`` is this machine's roofline, parsed with
+    :attr:`dtype`) or already resolved :class:`Target` objects (a search's plan), used as they are."""
     dtype: str = "bf16"
     """Serving dtype of the GPU targets (the cpu target always uses fp32)."""
     scenarios: tuple[Scenario, ...] = field(default_factory=lambda: tuple(default_scenarios()))
@@ -104,10 +105,20 @@ class FusionResult:
     distill_losses: dict[str, list[float]] = field(default_factory=dict)
 
 
+def resolved_targets(cfg: FusionConfig) -> list[tuple[str, Target]]:
+    """``(label, target)`` per entry of ``cfg.targets``: strings are parsed here, Target objects kept."""
+    out = []
+    for t in cfg.targets:
+        if isinstance(t, Target):
+            out.append((t.name.rsplit(":", 1)[0], t))
+        else:
+            out.append((t, parse_target(t, dtype=None if t.strip().lower() in ("cpu", "1xcpu") else cfg.dtype)))
+    return out
+
+
 def _latency_rows(unfused: PuzzleForCausalLM, fused: PuzzleForCausalLM, cfg: FusionConfig) -> list[dict[str, Any]]:
     rows = []
-    for text in cfg.targets:
-        target = parse_target(text, dtype=None if text == "cpu" else cfg.dtype)
+    for text, target in resolved_targets(cfg):
         before = predicted_ms(unfused.config, unfused.config.blocks, cfg.scenarios, target)
         after = predicted_ms(fused.config, fused.config.blocks, cfg.scenarios, target)
         for sc in cfg.scenarios:
@@ -130,8 +141,7 @@ def _segment_gain(model: PuzzleForCausalLM, seg: Segment, cfg: FusionConfig) -> 
     blocks = model.config.blocks
     after, _ = fused_blocks(blocks, [seg])
     out = {}
-    for text in cfg.targets:
-        target = parse_target(text, dtype=None if text == "cpu" else cfg.dtype)
+    for text, target in resolved_targets(cfg):
         b, a = predicted_ms(model.config, blocks, cfg.scenarios, target), predicted_ms(model.config, after, cfg.scenarios, target)
         for sc in cfg.scenarios:
             out[f"{text}_{sc.name}_saved_ms"] = b[sc.name] - a[sc.name]
@@ -213,7 +223,7 @@ def fuse_and_report(model: PuzzleForCausalLM, tokenizer: Any, cfg: FusionConfig 
         rows.insert(0, {"segment": "unfused", "layers": 0, **blank, "kl": 0.0, "loss_delta": 0.0,
                         "top1_agreement": 1.0, "kl_to_parent": kl_to_reference(model, heldout, to_parent)["kl"]})
     total = {"segment": "all", "layers": sum(len(s) for s in segments), **blank, **quality(fused_all)}
-    for text in cfg.targets:
+    for text, _ in resolved_targets(cfg):
         for sc in cfg.scenarios:
             key = f"{text}_{sc.name}_saved_ms"
             total[key] = sum(r.get(key, 0.0) for r in rows if r.get("fused"))

@@ -80,7 +80,7 @@ def calibrate_target(target: Target, shape: ModelShape, candidates: Sequence[Seq
     else:
         raise UnknownTargetError(f"--measure times blocks on the present device, but {target.name} is a GPU target "
                                  "and no CUDA GPU is present; use --target cpu, or drop --measure")
-    one_rank = dataclasses.replace(target, count=1)
+    one_rank = dataclasses.replace(target, count=1, tensor_parallel=1)
     pairs = [(b, sc) for sc in scenarios for b in sub_blocks(candidates)]
     records = measure_blocks(shape, pairs, device=device, dtype=target.dtype, desc="measuring variants",
                              **measure_kwargs)

@@ -87,7 +87,7 @@ def h100_rows(path: str | Path = H100_CSV, *, target: Target | None = None) -> l
         dtype = _dtype(r["dtype"])
         tgt = target or parse_target("1xH100", dtype=dtype if dtype in ("bf16", "fp8") else "bf16")
         if target is not None and dtype != tgt.dtype and dtype in tgt.accelerator.tflops:
-            tgt = Target(accelerator=tgt.accelerator, count=tgt.count, dtype=dtype)
+            tgt = Target(accelerator=tgt.accelerator, count=tgt.count, tensor_parallel=tgt.tp, dtype=dtype)
         rows.append({"kind": r["kind"], "dtype": dtype, "shape": r["shape"], "metric": r["metric"], "unit": r["unit"],
                      "predicted": _predict(r["kind"], dtype, r["shape"], r["metric"], tgt),
                      "measured": float(r["value"])})

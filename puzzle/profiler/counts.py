@@ -119,8 +119,8 @@ def attention_ops(shape: ModelShape, cfg: AttentionConfig, sc: Scenario, *, dtyp
     ops.append(gemm("attn.k", BT, H, nkv * hd, dtype))
     ops.append(gemm("attn.v", BT, H, nkv * hd, dtype))
     ops.append(elementwise("attn.rope", BT * (nh + nkv) * hd, dtype, kernels=ROPE_KERNELS, passes=4.0))
-    keys = (sc.new_tokens + 1) / 2 if sc.phase == "prefill" else sc.context  # mean keys per query
-    kv_elems = sc.batch * sc.context * nkv * hd  # (B, nkv, S, hd), each of K and V
+    keys = (sc.new_tokens + 1) / 2 if sc.phase == "prefill" else sc.attended  # mean keys per query
+    kv_elems = sc.batch * sc.attended * nkv * hd  # (B, nkv, S, hd), each of K and V
     ops.append(Op("attn.kv_write", bytes=2.0 * BT * nkv * hd * a, kernels=2 if sc.phase == "decode" else 0,
                   dtype=act_dtype(dtype)))
     ops.append(Op("attn.sdpa", flops=4.0 * BT * nh * hd * keys,  # QK^T and PV, 2 FLOPs per MAC

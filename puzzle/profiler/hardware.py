@@ -1,8 +1,11 @@
 """Hardware targets: the accelerators the profiler knows, their efficiencies, and budget strings.
 
-A target is ``COUNTxNAME`` (``8xH100``, ``1xH200``, ``4xB200``) or ``cpu`` (the machine the
-profiler runs on), with a dtype (``bf16`` or ``fp8``; ``fp32`` on the CPU). The count is the
-tensor-parallel degree: weights and heads are split across that many GPUs.
+A target is ``COUNTxNAME`` (``8xH100``, ``1xH200``, ``4xB200``) or ``cpu`` / ``1xcpu`` (the machine
+the profiler runs on), with a dtype (``bf16`` or ``fp8``; ``fp32`` on the CPU). The count is the
+number of GPUs (``8xH100`` is one node of eight); ``tensor_parallel`` of them share every layer
+(weights and heads are split across them) and the other ``count // tensor_parallel`` groups serve
+replicas. :func:`parse_target` reads the string once; :mod:`puzzle.profiler.deployment` picks the
+tensor-parallel degree that serving engines accept for a given model.
 
 Datasheet figures are dense (no 2:4 sparsity) tensor-core FLOP/s, HBM capacity and bandwidth,
 and GPU-to-GPU bandwidth per direction. :class:`Efficiency` holds the fractions of those peaks
@@ -112,17 +115,24 @@ CPU = "cpu"
 
 @dataclass(frozen=True, kw_only=True)
 class Target:
-    """What the child is served on: ``count`` devices of one kind (tensor parallel), in ``dtype``."""
+    """What the child is served on: ``count`` devices of one kind, ``tensor_parallel`` per replica, in ``dtype``."""
 
     accelerator: Accelerator
     count: int = 1
-    """Tensor-parallel degree (GPUs sharing every layer)."""
+    """Devices of the target (``8xH100``: 8)."""
     dtype: str = "bf16"
     """Weight and GEMM dtype: ``bf16`` or ``fp8`` on GPUs, ``fp32`` (or ``bf16``) on the CPU."""
+    tensor_parallel: int | None = None
+    """Devices sharing every layer of one replica (default: all ``count``)."""
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise UnknownTargetError(f"the device count must be >= 1, got {self.count}")
+        if self.tensor_parallel is None:
+            object.__setattr__(self, "tensor_parallel", self.count)
+        if not 1 <= self.tensor_parallel <= self.count:  # type: ignore[operator]
+            raise UnknownTargetError(f"tensor parallelism must be between 1 and the {self.count} devices of the "
+                                     f"target, got {self.tensor_parallel}")
         self.accelerator.peak_flops(self.dtype)  # raises for an unsupported dtype
 
     @property
@@ -131,13 +141,28 @@ class Target:
 
     @property
     def tp(self) -> int:
-        return self.count
+        """Tensor-parallel degree of one replica."""
+        return int(self.tensor_parallel)  # type: ignore[arg-type]
+
+    @property
+    def replicas(self) -> int:
+        """Model copies served side by side: the devices not in one tensor-parallel group form more groups."""
+        return self.count // self.tp
 
     @property
     def name(self) -> str:
-        """``8xH100-SXM:bf16`` / ``cpu:fp32``."""
+        """``8xH100-SXM:bf16`` / ``8xH100-SXM:tp1:bf16`` (tensor parallelism below the count) / ``cpu:fp32``."""
         prefix = CPU if self.is_cpu else f"{self.count}x{self.accelerator.name}"
-        return f"{prefix}:{self.dtype}"
+        tp = f":tp{self.tp}" if self.tp != self.count else ""
+        return f"{prefix}{tp}:{self.dtype}"
+
+    def with_tensor_parallel(self, tp: int) -> Target:
+        return dataclasses.replace(self, tensor_parallel=tp)
+
+    def to_dict(self) -> dict[str, object]:
+        """What a plan records: ``accelerator``, ``count``, ``tensor_parallel``, ``replicas``, ``dtype``."""
+        return {"accelerator": self.accelerator.name, "count": self.count, "tensor_parallel": self.tp,
+                "replicas": self.replicas, "dtype": self.dtype, "name": self.name}
 
     def with_efficiency(self, efficiency: Efficiency) -> Target:
         acc = dataclasses.replace(self.accelerator, efficiency=efficiency)

@@ -140,8 +140,10 @@ STATISTICS = {"median": statistics.median, "min": min}
 share the machine: interference only ever slows a run down)."""
 
 
-def _time_ms(step: Callable[[], Any], device: torch.device, *, repeats: int, warmup: int,
-             statistic: str = "median") -> float:
+def time_ms(step: Callable[[], Any], device: torch.device, *, repeats: int, warmup: int,
+            statistic: str = "median") -> float:
+    """Milliseconds of one ``step()`` on ``device``: ``warmup`` untimed calls, then ``repeats`` timed ones
+    (CUDA events on a GPU, ``perf_counter`` elsewhere) summarized by ``STATISTICS[statistic]``."""
     for _ in range(warmup):
         step()
     times = []
@@ -197,7 +199,7 @@ def measure_block_ms(shape_or_config: Any, block: BlockConfig, sc: Scenario, *, 
             for (blk, _), ctx in zip(stack, ctxs):
                 blk(x, ctx)
 
-        return _time_ms(step, dev, repeats=repeats, warmup=warmup, statistic=statistic) / len(stack)
+        return time_ms(step, dev, repeats=repeats, warmup=warmup, statistic=statistic) / len(stack)
 
 
 class _Fixed(nn.Module):
@@ -228,7 +230,7 @@ def measure_fixed_ms(shape_or_config: Any, sc: Scenario, *, device: str | torch.
         if dtype == "fp8":
             fixed.lm_head = FP8Linear(fixed.lm_head)
         ids = torch.randint(0, cfg.vocab_size, (sc.batch, sc.new_tokens), device=dev)
-        return _time_ms(lambda: fixed(ids), dev, repeats=repeats, warmup=warmup, statistic=statistic)
+        return time_ms(lambda: fixed(ids), dev, repeats=repeats, warmup=warmup, statistic=statistic)
 
 
 @dataclass(frozen=True)
@@ -246,7 +248,7 @@ class Measurement:
         return self.block.label
 
     def to_dict(self) -> dict[str, Any]:
-        return {"block": self.block.to_dict(), "scenario": vars(self.scenario), "dtype": self.dtype,
+        return {"block": self.block.to_dict(), "scenario": self.scenario.to_dict(), "dtype": self.dtype,
                 "measured_ms": self.measured_ms}
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from puzzle.model import PuzzleForCausalLM
-from puzzle.profiler.measure import STATISTICS, StaticKVCache, _time_ms
+from puzzle.profiler.measure import STATISTICS, StaticKVCache, time_ms
 from puzzle.profiler.scenario import Scenario
 
 
@@ -60,7 +60,7 @@ def measure_model_ms(model: PuzzleForCausalLM, sc: Scenario, *, repeats: int = 1
         def step() -> Any:
             return model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-    return _time_ms(step, device, repeats=repeats, warmup=warmup, statistic=statistic)
+    return time_ms(step, device, repeats=repeats, warmup=warmup, statistic=statistic)
 
 
 def measure_models_ms(models: Sequence[PuzzleForCausalLM], sc: Scenario, *, rounds: int = 3, repeats: int = 5,

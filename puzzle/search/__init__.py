@@ -13,8 +13,10 @@ any module. The stages, for running or replacing one at a time: ``STAGES`` (thei
 ``STAGE_FUNCTIONS`` (name -> ``stage_<name>(ctx, directory) -> outputs``, also reachable as
 ``puzzle.search.pipeline.stage_library``, ``stage_bld``, ... ``stage_evaluate``).
 
-Modules: ``config`` (SearchConfig and presets), ``stages`` (manifests, skip/resume), ``pipeline``
-(the stage functions and ``search``), ``api`` (``run_search``), ``report`` (parent vs child table and PNG).
+Modules: ``config`` (SearchConfig: what the user said, and presets), ``plan`` (``resolve(config) -> Plan``:
+every default, the target, the scenarios, feasibility), ``preflight`` (checks before any write),
+``stages`` (manifests, skip/resume/verify), ``context`` (what stages share), ``pipeline`` (the stage
+functions and ``search``), ``api`` (``run_search``), ``report`` (parent vs child table and PNG).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from typing import Any
 
 from puzzle.search.api import run_search
 from puzzle.search.config import SearchConfig
-from puzzle.search.pipeline import STAGE_FUNCTIONS, STAGES, SearchRun, search
+from puzzle.search.pipeline import STAGE_FUNCTIONS, STAGES, SearchRun, planned_stages, search
+from puzzle.search.plan import Plan, resolve
 
-__all__ = ["STAGES", "STAGE_FUNCTIONS", "SearchConfig", "SearchRun", "run_search", "search"]
+__all__ = ["STAGES", "STAGE_FUNCTIONS", "Plan", "SearchConfig", "SearchRun", "planned_stages", "resolve", "run_search",
+           "search"]
 
 
 class _CallableModule(types.ModuleType):

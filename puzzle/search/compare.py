@@ -35,7 +35,7 @@ def _influence(ctx: Any, d: Path) -> pd.DataFrame:
     path = d / "influence.csv"
     if path.is_file():
         return pd.read_csv(path)
-    ids = load_sequences(list(ctx.cfg.data), ctx.tokenizer, seq_len=256, num_sequences=ctx.cfg.fuse_sequences)
+    ids = load_sequences(list(ctx.plan.data), ctx.tokenizer, seq_len=256, num_sequences=ctx.plan.fuse_sequences)
     df = block_influence(ctx.parent, ids)
     atomic_write_text(path, df.to_csv(index=False))
     return df
@@ -48,18 +48,18 @@ def _build_baseline(ctx: Any, choice: Any, sub: Path) -> dict[str, Any]:
     from puzzle.evaluation import evaluate
     from puzzle.loading import save_runtime
     from puzzle.schema import blocks_from_list
-    from puzzle.search.pipeline import _resume_or_restart
+    from puzzle.search.context import resume_or_restart
     from solvers.labels import block_dict
 
     done = sub / "evaluation.json"
     if done.is_file():
         return json.loads(done.read_text())
-    cfg = ctx.cfg
+    cfg = ctx.plan
     child = open_library(ctx.out("bld", "library")).assemble(blocks_from_list([block_dict(x) for x in choice.labels]))
     gkd: dict[str, Any] = {"steps": cfg.gkd_steps}
     if cfg.gkd_steps > 0:
         gcfg = GKDConfig(sources=cfg.data, steps=cfg.gkd_steps, batch=cfg.gkd_batch, seed=cfg.seed)
-        result = _resume_or_restart(distill_child, child, ctx.parent, ctx.tokenizer, sub / "gkd", gcfg,
+        result = resume_or_restart(distill_child, child, ctx.parent, ctx.tokenizer, sub / "gkd", gcfg,
                                     progress=ctx.progress)
         child, gkd = result.model, {"steps": cfg.gkd_steps, "initial": result.initial, "final": result.final}
     save_runtime(child, sub / "child", overwrite=True)
@@ -87,12 +87,12 @@ def stage_baselines(ctx: Any, d: Path) -> dict[str, Any]:
     from puzzle.evaluation import measure_speed
     from puzzle.loading import load_model
     from puzzle.search.baselines import choose_baseline
-    from puzzle.search.pipeline import _scenarios, search_target, solve_problem
+    from puzzle.search.context import costing_target, solve_problem
     from puzzle.search.report import predicted_costs
     from puzzle.search.stages import key_sha256
 
-    cfg, scenarios = ctx.cfg, _scenarios(ctx.cfg)
-    target = search_target(cfg, ctx.results["profile"].directory)
+    cfg, scenarios = ctx.plan, list(ctx.plan.scenarios)
+    target = costing_target(cfg, ctx.results["profile"].directory)
     problem, influence = solve_problem(ctx, constraints=False), _influence(ctx, d)
     parent_pred = predicted_costs(ctx.parent, target, scenarios)
     puzzle_child = load_model(ctx.out("export", "model"))
@@ -132,7 +132,7 @@ def stage_baselines(ctx: Any, d: Path) -> dict[str, Any]:
     budget = ", ".join(f"{name} {v:g}" for name, v in (("speedup >=", cfg.speedup), ("tokens/s >=", cfg.throughput),
                                                          ("GiB <=", cfg.memory)) if v is not None)
     plot_baselines(df, d / "baselines.png", f"puzzle vs baselines at the same {cfg.scenario} budget ({budget}) on "
-                   f"{cfg.budget}, same GKD ({cfg.gkd_steps} steps)", cfg.scenario)
+                   f"{cfg.target.name}, same GKD ({cfg.gkd_steps} steps)", cfg.scenario)
     return {"table": str(d / "baselines.csv"), "plot": str(d / "baselines.png")}
 
 

@@ -1,4 +1,4 @@
-"""``SearchConfig``: everything ``puzzle search`` reads; YAML keys mirror the command-line flags.
+"""``SearchConfig``: what the user said for one ``puzzle search`` run, and nothing else.
 
     # runs/search.yaml -- run with: puzzle search --config runs/search.yaml
     model: smollm2-135m
@@ -6,15 +6,20 @@
     speedup: 1.5
     preset: quick
 
-Unset stage sizes come from the preset: ``quick`` finishes SmolLM2-135M on a 2-core CPU in
-minutes; ``full`` uses the stage defaults of ``puzzle library`` / ``score`` / ``fuse``.
+Every field is ``None`` until someone sets it: a YAML file, a command-line flag or a keyword of
+``puzzle.search(...)``. Sources merge by one rule (:meth:`SearchConfig.merge`): a later source
+overrides an earlier one field by field, and an explicit value is never dropped.
+:func:`puzzle.search.plan.resolve` is the only place that fills in defaults (presets, dtype,
+speedup, calibration, fusion threshold) and reads the hardware string; stages read that plan.
+Values are type-checked here, so ``speedup: "fast"`` is a one-line :class:`ConfigError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,42 +34,46 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": {"bld_tokens": 65536, "score_sequences": 8, "score_seq_len": 256, "fuse_sequences": 8,
              "gkd_steps": 200, "gkd_batch": 4, "eval_sequences": 16},
 }
+SOURCES = ("default", "preset", "derived", "file", "flag", "keyword")
+"""Where a setting's value came from, as a plan reports it."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class SearchConfig:
-    """One ``puzzle search`` run."""
+    """One ``puzzle search`` run as the user wrote it (``None``: not said; the plan fills it in)."""
 
-    model: str = "smollm2-135m"
-    """Parent: an embedded name or a model directory (never downloaded)."""
-    data: tuple[str, ...] = ("stdlib",)
-    """Corpus for every stage: stdlib, text files, directories, .jsonl, .parquet."""
-    budget: str = "8xH100"
-    """Target hardware: COUNTxGPU (tensor-parallel degree x accelerator) or cpu."""
+    model: str | None = None
+    """Parent: an embedded name or a model directory (never downloaded). Default: smollm2-135m."""
+    data: tuple[str, ...] | None = None
+    """Corpus for every stage: stdlib, text files, directories, .jsonl, .parquet. Default: stdlib."""
+    budget: str | None = None
+    """Deployment hardware: COUNTxGPU (one node: ``8xH100``) or cpu (this machine). Default: 8xH100."""
+    tp: int | None = None
+    """Tensor-parallel degree on the target (default: the smallest that engines accept and that fits)."""
     dtype: str | None = None
     """Serving dtype on the target: bf16 or fp8 (GPUs; default bf16), fp32 (cpu)."""
     speedup: float | None = None
     """Minimum predicted step-time speedup over the parent in ``scenario`` (default 1.5 if no other budget)."""
     throughput: float | None = None
-    """Minimum predicted tokens/s in ``scenario``."""
+    """Minimum predicted tokens/s of the whole target (all replicas) in ``scenario``."""
     memory: float | None = None
     """Maximum GiB per device for weights + KV cache (``batch`` x ``context``)."""
-    scenario: str = "decode"
-    """Serving phase the budget is about: decode or prefill."""
-    batch: int = 8
-    """Sequences per step in the budget's scenario."""
-    context: int = 1024
-    """Tokens per sequence (KV cache for decode, prompt for prefill)."""
-    solver: str = "ortools-mip"
-    """MIP backend: ortools-mip, pulp, cpsat."""
-    constraints: tuple[str, ...] = ()
+    scenario: str | None = None
+    """Serving phase the budget is about: decode or prefill. Default: decode."""
+    batch: int | None = None
+    """Sequences per step of one replica in the budget's scenario. Default: 8."""
+    context: int | None = None
+    """Tokens per sequence (KV cache for decode, prompt for prefill). Default: 1024."""
+    solver: str | None = None
+    """MIP backend: ortools-mip, pulp, cpsat. Default: ortools-mip."""
+    constraints: tuple[str, ...] | None = None
     """Custom MIP constraints, e.g. ``count(attention != no_op) >= 8`` (see :mod:`solvers.parse`)."""
     calibrate: bool | None = None
     """Time this machine's blocks and fit the roofline before costing (default: on for ``cpu``, which is here)."""
-    baselines: tuple[str, ...] = ()
+    baselines: tuple[str, ...] | None = None
     """Baselines built at the same budget and given the same GKD: uniform_ffn, shortgpt, attention_removal."""
-    preset: str = "quick"
-    """Stage sizes: quick (minutes on a laptop CPU) or full."""
+    preset: str | None = None
+    """Stage sizes: quick (minutes on a laptop CPU) or full. Default: quick."""
     bld_tokens: int | None = None
     """Tokens of block-wise local distillation (preset)."""
     score_sequences: int | None = None
@@ -76,80 +85,160 @@ class SearchConfig:
     cpu, where one wide SwiGLU is slower than the narrow ones it replaces: ``benchmarks/fusion.py``)."""
     fuse_sequences: int | None = None
     """Calibration and held-out sequences of the fusion stage (preset)."""
-    fuse_distill_steps: int = 100
-    """Local distillation steps of each fused block."""
+    fuse_distill_steps: int | None = None
+    """Local distillation steps of each fused block. Default: 100."""
     gkd_steps: int | None = None
     """Global distillation steps (preset); 0 skips GKD."""
     gkd_batch: int | None = None
     """Sequences per GKD step (preset)."""
     eval_sequences: int | None = None
     """Held-out sequences of the final evaluation (preset)."""
-    measure_speed: bool = True
-    """Measure parent and child step time on this machine in the evaluation."""
-    seed: int = 0
+    measure_speed: bool | None = None
+    """Measure parent and child step time on this machine in the evaluation. Default: true."""
+    seed: int | None = None
+    """Seed of GKD. Default: 0."""
+    origin: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    """Where each set field came from: ``file``, ``flag`` or ``keyword`` (see :data:`SOURCES`)."""
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        for name in ("data", "constraints", "baselines"):
-            v = getattr(self, name)
-            object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
-        if self.fuse_threshold is None:
-            object.__setattr__(self, "fuse_threshold", 0.0 if self.budget.strip().lower() == "cpu" else 0.2)
-        if self.calibrate is None:
-            object.__setattr__(self, "calibrate", self.budget.strip().lower() == "cpu")
-        unknown = sorted(set(self.baselines) - set(BASELINES))
-        if unknown:
-            raise ConfigError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
-        for text in self.constraints:
-            from solvers.errors import ConstraintSyntaxError
-            from solvers.parse import parse_constraint
+        for f in settings_fields():
+            value = getattr(self, f.name)
+            if value is not None:
+                object.__setattr__(self, f.name, _check(f.name, value))
+        object.__setattr__(self, "origin", {k: v for k, v in dict(self.origin).items() if getattr(self, k) is not None})
 
-            try:
-                parse_constraint(text)
-            except ConstraintSyntaxError as e:
-                raise ConfigError(str(e)) from e
-        for name, value in PRESETS[self.preset].items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
-        if self.scenario not in ("decode", "prefill"):
-            raise ConfigError(f"scenario must be decode or prefill, got {self.scenario!r}")
-        for name in ("speedup", "throughput", "memory"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ConfigError(f"{name} must be positive, got {v}")
-        if self.speedup is None and self.throughput is None and self.memory is None:
-            object.__setattr__(self, "speedup", 1.5)
-        for name in ("batch", "context", "bld_tokens", "score_sequences", "score_seq_len", "fuse_sequences",
-                     "eval_sequences", "gkd_batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.gkd_steps < 0 or self.fuse_distill_steps < 0 or self.fuse_threshold < 0:
-            raise ConfigError("gkd_steps, fuse_distill_steps and fuse_threshold must be >= 0")
+    # ------------------------------------------------------------------ building and merging
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SearchConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "keyword") -> SearchConfig:
+        """The settings in ``data`` (``None`` values mean "not said"), all marked as coming from ``source``."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"search config: expected a mapping of setting names to values, got {type(data).__name__}")
+        data = {str(k).replace("-", "_"): v for k, v in data.items()}
+        names = [f.name for f in settings_fields()]
+        unknown = sorted(set(data) - set(names))
         if unknown:
             raise ConfigError(f"search config: unknown key(s) {unknown}; allowed keys are {sorted(names)}")
-        return cls(**{k.replace("-", "_"): v for k, v in data.items()})
+        set_ = {k: v for k, v in data.items() if v is not None}
+        return cls(**set_, origin={k: source for k in set_})
 
     @classmethod
     def from_file(cls, path: str | Path) -> SearchConfig:
         from puzzle.io import read_yaml_config
 
-        data = read_yaml_config(path) or {}
+        data = read_yaml_config(path)
+        if data is None:
+            return cls()
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: expected a mapping of flag names to values")
-        return cls.from_dict({k.replace("-", "_"): v for k, v in data.items()})
+        try:
+            return cls.from_dict(data, source="file")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def merge(self, overrides: Mapping[str, Any] | SearchConfig, *, source: str = "keyword") -> SearchConfig:
+        """This config with every setting that ``overrides`` sets replacing ours (the one merge rule)."""
+        other = overrides if isinstance(overrides, SearchConfig) else SearchConfig.from_dict(overrides, source=source)
+        values = {f.name: getattr(self, f.name) for f in settings_fields()}
+        origin = dict(self.origin)
+        for name in other.given():
+            values[name] = getattr(other, name)
+            origin[name] = other.origin.get(name, source)
+        return SearchConfig(**values, origin=origin)
+
+    def without(self, *names: str) -> SearchConfig:
+        """This config with ``names`` unset (their defaults apply again)."""
+        values = {f.name: getattr(self, f.name) for f in settings_fields()}
+        for name in names:
+            values[name] = None
+        return SearchConfig(**values, origin=self.origin)
+
+    def given(self) -> list[str]:
+        """The names of the settings the user set."""
+        return [f.name for f in settings_fields() if getattr(self, f.name) is not None]
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        for name in ("data", "constraints", "baselines"):
-            out[name] = list(getattr(self, name))
-        return out
+        """The settings the user set (JSON-able: tuples as lists)."""
+        return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in self.given()}
 
     def replace(self, **changes: Any) -> SearchConfig:
-        return dataclasses.replace(self, **changes)
+        return self.merge(changes)
 
+
+def settings_fields() -> list[dataclasses.Field[Any]]:
+    """The user-facing settings of :class:`SearchConfig` (every field but ``origin``)."""
+    return [f for f in dataclasses.fields(SearchConfig) if f.name != "origin"]
+
+
+_KINDS: dict[str, str] = {
+    "model": "str", "data": "strs", "budget": "str", "tp": "int", "dtype": "str", "speedup": "float",
+    "throughput": "float", "memory": "float", "scenario": "str", "batch": "int", "context": "int", "solver": "str",
+    "constraints": "strs", "calibrate": "bool", "baselines": "strs", "preset": "str", "bld_tokens": "int",
+    "score_sequences": "int", "score_seq_len": "int", "fuse_threshold": "float", "fuse_sequences": "int",
+    "fuse_distill_steps": "int", "gkd_steps": "int", "gkd_batch": "int", "eval_sequences": "int",
+    "measure_speed": "bool", "seed": "int",
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": ("bf16", "fp8", "fp32"), "scenario": ("decode", "prefill"), "solver": ("ortools-mip", "pulp", "cpsat"),
+    "preset": tuple(PRESETS),
+}
+_AT_LEAST = {"tp": 1, "batch": 1, "context": 1, "bld_tokens": 1, "score_sequences": 1, "score_seq_len": 2,
+             "fuse_sequences": 1, "eval_sequences": 1, "gkd_batch": 1, "gkd_steps": 0, "fuse_distill_steps": 0,
+             "seed": 0}
+
+
+def _check(name: str, value: Any) -> Any:
+    """``value`` as the type of setting ``name``; a one-line :class:`ConfigError` naming it otherwise."""
+    kind = _KINDS[name]
+    if kind == "str":
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise ConfigError(f"{name} must be one of {list(_CHOICES[name])}, got {value!r}")
+        return value
+    if kind == "strs":
+        items = (value,) if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) and x.strip() for x in items):
+            raise ConfigError(f"{name} must be a list of non-empty strings, got {value!r}")
+        return _check_items(name, tuple(items))
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if kind == "int":
+        if float(value) != int(value):
+            raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        value = int(value)
+        if value < _AT_LEAST[name]:
+            raise ConfigError(f"{name} must be >= {_AT_LEAST[name]}, got {value}")
+        return value
+    value = float(value)
+    if math.isnan(value):
+        raise ConfigError(f"{name} must be a number, got nan")
+    if name == "fuse_threshold":
+        if not 0 <= value < math.inf:
+            raise ConfigError(f"fuse_threshold must be >= 0 and finite, got {value}")
+    elif not value > 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _check_items(name: str, items: tuple[str, ...]) -> tuple[str, ...]:
+    if name == "data" and not items:
+        raise ConfigError("data must name at least one source (stdlib, a file or a directory)")
+    if name == "baselines":
+        unknown = sorted(set(items) - set(BASELINES))
+        if unknown:
+            raise ConfigError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+    if name == "constraints":
+        from solvers.errors import ConstraintSyntaxError
+        from solvers.parse import parse_constraint
+
+        for text in items:
+            try:
+                parse_constraint(text)
+            except ConstraintSyntaxError as e:
+                raise ConfigError(str(e)) from e
+    return items

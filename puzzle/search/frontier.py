@@ -25,7 +25,7 @@ from puzzle.search.config import SearchConfig
 
 
 def _rows_of(run: object, cfg: SearchConfig) -> pd.DataFrame:
-    if cfg.baselines:
+    if run.plan.baselines:  # type: ignore[attr-defined]
         return pd.read_csv(run.stages["baselines"].outputs["table"])  # type: ignore[attr-defined]
     df = run.report.copy()  # type: ignore[attr-defined]
     df["model"] = df["model"].replace({"child": "puzzle"})
@@ -44,9 +44,9 @@ def search_frontier(cfg: SearchConfig, run_dir: str | Path, speedups: Sequence[f
     run_dir = Path(run_dir)
     frames = []
     for x in speedups:
-        c = cfg.replace(speedup=float(x), throughput=None, memory=None)
+        c = cfg.without("throughput", "memory").merge({"speedup": float(x)})
         if echo is not None:
-            echo(f"== speedup >= {x:g} on {c.budget} ({c.scenario})")
+            echo(f"== speedup >= {x:g} on {c.budget or 'the default target'} ({c.scenario or 'decode'})")
         run = search(c, run_dir / f"speedup-{x:g}", progress=progress, echo=echo, shared_dir=run_dir / "shared")
         df = _rows_of(run, c)
         df.insert(0, "target_speedup", float(x))

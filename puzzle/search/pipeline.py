@@ -5,10 +5,13 @@
     run.export_dir          # the deployable DeciLM checkpoint
     run.report              # parent vs child: params, memory, predicted / measured speed, quality
 
-Every stage lives in ``run_dir/<stage>/`` with a ``stage.json`` manifest (see
-:mod:`puzzle.search.stages`): a rerun skips stages whose inputs did not change, an interrupted
-run resumes (BLD from its checkpoint, scoring from its finished layers), and changing only the
-budget re-solves without retraining.
+The config is resolved once into a :class:`~puzzle.search.plan.Plan` and checked (model, data,
+target, budget feasibility, run directory) before anything is written; ``run_dir/plan.json``
+records it. Every stage lives in ``run_dir/<stage>/`` with a ``stage.json`` manifest (see
+:mod:`puzzle.search.stages`): a rerun skips stages whose key and recorded files did not change,
+an interrupted run resumes (BLD from its checkpoint, scoring from its finished layers), and
+changing only the budget re-solves without retraining. A stage's key holds its settings and the
+hashes of the *outputs* of the stages it reads, so redoing one stage redoes exactly the ones after it.
 """
 
 from __future__ import annotations
@@ -24,20 +27,35 @@ import pandas as pd
 from puzzle.io import atomic_write_json
 from puzzle.search.compare import stage_baselines
 from puzzle.search.config import SearchConfig
-from puzzle.search.stages import StageResult, key_sha256, run_stage
+from puzzle.search.context import StageContext, library_config, resume_or_restart, solve_problem
+from puzzle.search.plan import Plan, resolve
+from puzzle.search.preflight import PLAN_FILE, RUN_FILE, preflight
+from puzzle.search.stages import StageResult, clean_temporaries, inspect_stage, run_stage
 
 log = logging.getLogger(__name__)
 
 STAGES = ("library", "bld", "score", "profile", "solve", "fuse", "gkd", "export", "evaluate")
 SHAREABLE = ("library", "bld", "score", "profile")
 """Stages that do not depend on the speedup / throughput / memory budget: runs may share them (``shared_dir``)."""
+RECORD: dict[str, list[str]] = {
+    # BLD trains the library in place: the build owns the rest, BLD the trained weights, the index and its logs
+    "library": ["library/lib/**", "!library/lib/trained/**", "!library/lib/index.csv", "!library/lib/manifest.json",
+                "!library/lib/bld/**"],
+    "bld": ["library/lib/trained/**", "library/lib/index.csv", "library/lib/manifest.json", "library/lib/bld/*.csv"],
+}
+"""Files each stage owns, as globs under its root, where that is not simply ``<stage>/**``."""
 
 
 @dataclass
 class SearchRun:
     directory: Path
-    config: SearchConfig
+    plan: Plan
     stages: dict[str, StageResult] = field(default_factory=dict)
+
+    @property
+    def config(self) -> SearchConfig:
+        """What the user said; :attr:`plan` holds every resolved setting."""
+        return self.plan.config
 
     @property
     def export_dir(self) -> Path:
@@ -48,157 +66,63 @@ class SearchRun:
         return pd.read_csv(self.directory / "report.csv")
 
 
-class _Context:
-    """Lazily loaded shared objects (parent, tokenizer) and the stage results so far."""
-
-    def __init__(self, cfg: SearchConfig, run_dir: Path, progress: bool) -> None:
-        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
-        self.results: dict[str, StageResult] = {}
-        self._parent: Any = None
-        self._tokenizer: Any = None
-
-    @property
-    def source(self) -> Any:
-        from puzzle.loading import resolve_source
-
-        return resolve_source(self.cfg.model)
-
-    @property
-    def parent(self) -> Any:
-        if self._parent is None:
-            from puzzle.loading import load_model
-
-            self._parent = load_model(self.source)
-        return self._parent
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            from puzzle.loading import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.source)
-        return self._tokenizer
-
-    def sha(self, stage: str) -> str:
-        return self.results[stage].key_sha256
-
-    def out(self, stage: str, name: str) -> Any:
-        return self.results[stage].outputs[name]
-
-
-def _scenarios(cfg: SearchConfig) -> list[Any]:
-    from puzzle.profiler.scenario import Scenario
-
-    return [Scenario(name="prefill", phase="prefill", batch=1, length=cfg.context),
-            Scenario(name="decode", phase="decode", batch=cfg.batch, length=cfg.context)]
-
-
-def _library_config(cfg: SearchConfig) -> Any:
-    from block_library import LibraryConfig
-    from puzzle.data.config import DataConfig
-
-    steps = max(1, cfg.bld_tokens // (8 * 256))
-    return LibraryConfig(data=DataConfig(sources=cfg.data)).with_bld(
-        tokens=cfg.bld_tokens, checkpoint_every=max(1, steps // 4))
-
-
 # ------------------------------------------------------------------------------------------- stages
 
 
-def _resume_or_restart(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a resumable stage function; if its directory holds work of other inputs (an earlier key of
-    this stage, interrupted), start it over: the stage key, not the old files, decides what is valid."""
-    from puzzle.errors import StaleArtifactError
-
-    try:
-        return fn(*args, **kwargs)
-    except StaleArtifactError as e:
-        log.info("%s; starting it over", e)
-        return fn(*args, force=True, **kwargs)
-
-
-def stage_library(ctx: _Context, d: Path) -> dict[str, Any]:
-    from block_library import build_library, is_library
+def stage_library(ctx: StageContext, d: Path) -> dict[str, Any]:
+    from block_library import build_library
 
     lib = d / "lib"
-    if not is_library(lib):  # the build is atomic: absent or complete
-        build_library(ctx.cfg.model, lib, _library_config(ctx.cfg), progress=ctx.progress, overwrite=True)
+    # the stage runs only when its manifest is not valid: build anew (atomic), which also drops BLD's files
+    build_library(ctx.plan.model, lib, library_config(ctx.plan), progress=ctx.progress, overwrite=True)
     return {"library": str(lib)}
 
 
-def stage_bld(ctx: _Context, d: Path) -> dict[str, Any]:
+def stage_bld(ctx: StageContext, d: Path) -> dict[str, Any]:
     from block_library import train_library
 
     lib = ctx.out("library", "library")
-    train_library(lib, config=_library_config(ctx.cfg), progress=ctx.progress)
-    return {"library": lib, "tokens": ctx.cfg.bld_tokens}
+    # the stage runs only when its manifest is not valid (new key, lost or damaged file): train for real
+    train_library(lib, config=library_config(ctx.plan), progress=ctx.progress, force=True)
+    return {"library": lib, "tokens": ctx.plan.bld_tokens}
 
 
-def stage_score(ctx: _Context, d: Path) -> dict[str, Any]:
+def stage_score(ctx: StageContext, d: Path) -> dict[str, Any]:
     from puzzle.scoring import ScoreConfig, score_library
 
-    cfg = ScoreConfig(sources=ctx.cfg.data, seq_len=ctx.cfg.score_seq_len, num_sequences=ctx.cfg.score_sequences)
-    result = _resume_or_restart(score_library, ctx.out("bld", "library"), d / "scores", cfg, progress=ctx.progress)
+    p = ctx.plan
+    cfg = ScoreConfig(sources=p.data, seq_len=p.score_seq_len, num_sequences=p.score_sequences)
+    result = resume_or_restart(score_library, ctx.out("bld", "library"), d / "scores", cfg, progress=ctx.progress)
     return {"scores": str(result.directory / "scores.csv"), "rows": len(result.scores)}
 
 
-def search_target(cfg: SearchConfig, profile_dir: Path) -> Any:
-    """The costing target of a run: ``cfg.budget``, with this machine's fitted efficiencies when it calibrates."""
-    from puzzle.profiler.calibrate import calibrate_target
-    from puzzle.profiler.hardware import parse_target
-
-    target = parse_target(cfg.budget, dtype=cfg.dtype)
-    path = Path(profile_dir) / "calibration.json"
-    if cfg.calibrate and path.is_file():
-        target = calibrate_target(target, None, (), (), measure=False, calibration=path)
-    return target
-
-
-def stage_profile(ctx: _Context, d: Path) -> dict[str, Any]:
+def stage_profile(ctx: StageContext, d: Path) -> dict[str, Any]:
     from puzzle.io import atomic_write_text
     from puzzle.profiler.calibrate import calibrate_target
     from puzzle.profiler.counts import ModelShape
-    from puzzle.profiler.hardware import parse_target
     from puzzle.profiler.table import cost_table, layer_candidates, model_totals
 
-    target = parse_target(ctx.cfg.budget, dtype=ctx.cfg.dtype)
+    p, target = ctx.plan, ctx.plan.target
     config, candidates = layer_candidates(ctx.out("bld", "library"))
     shape = ModelShape.from_config(config)
-    if ctx.cfg.calibrate:  # time this machine's variants in the run's scenarios; the fit lands in d
-        target = calibrate_target(target, shape, candidates, _scenarios(ctx.cfg), measure=True,
+    if p.calibrate:  # time this machine's variants in the run's scenarios; the fit lands in d
+        target = calibrate_target(target, shape, candidates, list(p.scenarios), measure=True,
                                   calibration=d / "calibration.json")
-    table = cost_table(shape, candidates, config.blocks, target=target, scenarios=_scenarios(ctx.cfg))
+    table = cost_table(shape, candidates, config.blocks, target=target, scenarios=list(p.scenarios))
     atomic_write_text(d / "costs.csv", table.to_csv(index=False))
-    return {"costs": str(d / "costs.csv"), "target": target.name, "calibrated": bool(ctx.cfg.calibrate),
-            "parent": model_totals(table, config.blocks, _scenarios(ctx.cfg))}
+    return {"costs": str(d / "costs.csv"), "target": target.name, "calibrated": bool(p.calibrate),
+            "parent": model_totals(table, config.blocks, list(p.scenarios))}
 
 
-def solve_problem(ctx: _Context, *, constraints: bool = True) -> Any:
-    """The run's MIP: scores (KL) and costs of every library variant, the budget, the custom constraints."""
-    from puzzle.cli.solve_cmd import _puzzle_errors
-    from solvers import Budget, Scenario
-    from solvers.io import problem_from_tables
-    from solvers.parse import parse_constraint
-
-    cfg = ctx.cfg
-    budget = Budget(speedup=cfg.speedup, throughput=cfg.throughput,
-                    memory_bytes=None if cfg.memory is None else cfg.memory * 2**30)
-    with _puzzle_errors():
-        return problem_from_tables(pd.read_csv(ctx.out("score", "scores")), pd.read_csv(ctx.out("profile", "costs")),
-                                   score_column="kl", budget=budget,
-                                   scenario=Scenario(name=cfg.scenario, batch=cfg.batch, context=cfg.context),
-                                   constraints=[parse_constraint(c) for c in cfg.constraints] if constraints else [])
-
-
-def stage_solve(ctx: _Context, d: Path) -> dict[str, Any]:
-    from puzzle.cli.solve_cmd import _puzzle_errors
+def stage_solve(ctx: StageContext, d: Path) -> dict[str, Any]:
+    from puzzle.errors import solver_errors
     from puzzle.schema import blocks_from_list, save_blocks
     from solvers import solve
     from solvers.io import write_json
 
     problem = solve_problem(ctx)
-    with _puzzle_errors():
-        solution = solve(problem, backend=ctx.cfg.solver)
+    with solver_errors():
+        solution = solve(problem, backend=ctx.plan.solver)
     write_json(d / "solution.json", solution.to_dict())
     blocks = blocks_from_list(solution.block_configs())
     save_blocks(blocks, d / "blocks.json")
@@ -206,43 +130,43 @@ def stage_solve(ctx: _Context, d: Path) -> dict[str, Any]:
     return {"blocks": str(d / "blocks.json"), "totals": solution.totals.to_dict(), "objective": solution.objective}
 
 
-def stage_fuse(ctx: _Context, d: Path) -> dict[str, Any]:
+def stage_fuse(ctx: StageContext, d: Path) -> dict[str, Any]:
     from block_library import open_library
     from puzzle.fusion import FusionConfig, fuse_and_report
     from puzzle.fusion.artifact import write_fusion
     from puzzle.schema import load_blocks
 
-    cfg = ctx.cfg
+    p = ctx.plan
     child = open_library(ctx.out("bld", "library")).assemble(load_blocks(ctx.out("solve", "blocks")))
-    if cfg.fuse_threshold == 0:  # fusion off: the MIP's child goes on as it is
+    if p.fuse_threshold == 0:  # fusion off: the MIP's child goes on as it is
         from puzzle.loading import save_runtime
 
         save_runtime(child, d / "child", overwrite=True)
         return {"model": str(d / "child"), "segments": []}
-    fcfg = FusionConfig(threshold=cfg.fuse_threshold, sources=cfg.data, calib_sequences=cfg.fuse_sequences,
-                        eval_sequences=cfg.fuse_sequences, distill_steps=cfg.fuse_distill_steps,
-                        targets=(cfg.budget,), dtype=cfg.dtype or "bf16", measure=False)
+    fcfg = FusionConfig(threshold=p.fuse_threshold, sources=p.data, calib_sequences=p.fuse_sequences,
+                        eval_sequences=p.fuse_sequences, distill_steps=p.fuse_distill_steps,
+                        targets=(p.target,), dtype=p.target.dtype, measure=False)
     result = fuse_and_report(child, ctx.tokenizer, fcfg, parent=ctx.parent, progress=ctx.progress)
-    write_fusion(result, d / "fusion", config=fcfg, source=cfg.model, source_dir=ctx.source.directory, overwrite=True)
+    write_fusion(result, d / "fusion", config=fcfg, source=p.model, source_dir=ctx.source.directory, overwrite=True)
     return {"model": str(d / "fusion" / "model"), "segments": [s.label for s in result.segments]}
 
 
-def stage_gkd(ctx: _Context, d: Path) -> dict[str, Any]:
+def stage_gkd(ctx: StageContext, d: Path) -> dict[str, Any]:
     from puzzle.distill import GKDConfig, distill_child
     from puzzle.loading import load_model, save_runtime
 
-    cfg = ctx.cfg
+    p = ctx.plan
     child = load_model(ctx.out("fuse", "model"))
-    if cfg.gkd_steps == 0:
+    if p.gkd_steps == 0:
         save_runtime(child, d / "child", overwrite=True)
         return {"model": str(d / "child"), "steps": 0}
-    gcfg = GKDConfig(sources=cfg.data, steps=cfg.gkd_steps, batch=cfg.gkd_batch, seed=cfg.seed)
-    result = _resume_or_restart(distill_child, child, ctx.parent, ctx.tokenizer, d / "gkd", gcfg, progress=ctx.progress)
+    gcfg = GKDConfig(sources=p.data, steps=p.gkd_steps, batch=p.gkd_batch, seed=p.seed)
+    result = resume_or_restart(distill_child, child, ctx.parent, ctx.tokenizer, d / "gkd", gcfg, progress=ctx.progress)
     save_runtime(result.model, d / "child", overwrite=True)
-    return {"model": str(d / "child"), "steps": cfg.gkd_steps, "initial": result.initial, "final": result.final}
+    return {"model": str(d / "child"), "steps": p.gkd_steps, "initial": result.initial, "final": result.final}
 
 
-def stage_export(ctx: _Context, d: Path) -> dict[str, Any]:
+def stage_export(ctx: StageContext, d: Path) -> dict[str, Any]:
     from puzzle.export import export_decilm
     from puzzle.loading import load_model
 
@@ -251,83 +175,135 @@ def stage_export(ctx: _Context, d: Path) -> dict[str, Any]:
     return {"model": str(d / "model"), "layers": child.config.num_hidden_layers}
 
 
-def stage_evaluate(ctx: _Context, d: Path) -> dict[str, Any]:
+def stage_evaluate(ctx: StageContext, d: Path) -> dict[str, Any]:
     from puzzle.evaluation import evaluate
     from puzzle.loading import load_model
 
-    cfg = ctx.cfg
+    p = ctx.plan
     child = load_model(ctx.out("export", "model"))
-    ev = evaluate(child, ctx.tokenizer, parent=ctx.parent, sources=cfg.data, num_sequences=cfg.eval_sequences,
-                  speed=cfg.measure_speed, scenarios=_scenarios(cfg))
+    ev = evaluate(child, ctx.tokenizer, parent=ctx.parent, sources=p.data, num_sequences=p.eval_sequences,
+                  speed=p.measure_speed, scenarios=list(p.scenarios))
     atomic_write_json(d / "evaluation.json", ev.to_dict())
     return {"evaluation": str(d / "evaluation.json"), **{k: v for k, v in ev.to_dict().items() if k != "tasks"}}
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[_Context, Path], dict[str, Any]]] = {
+STAGE_FUNCTIONS: dict[str, Callable[[StageContext, Path], dict[str, Any]]] = {
     "library": stage_library, "bld": stage_bld, "score": stage_score, "profile": stage_profile,
     "solve": stage_solve, "fuse": stage_fuse, "gkd": stage_gkd, "export": stage_export, "evaluate": stage_evaluate,
     "baselines": stage_baselines,
 }
 
 
-def _keys(ctx: _Context, stage: str) -> dict[str, Any]:
-    """What ``stage``'s result depends on: its settings and the keys of the stages it reads."""
-    from block_library.session import parent_fingerprint
-
-    c = ctx.cfg
+def stage_key(plan: Plan, stage: str, upstream: dict[str, str], parent_fingerprint: str) -> dict[str, Any]:
+    """What ``stage``'s result depends on: its settings and the output hashes of the stages it reads."""
+    p, up = plan, upstream
     if stage == "library":
-        return {"parent": parent_fingerprint(ctx.source), "library": _library_config(c).sha256("space", "data")}
+        return {"parent": parent_fingerprint, "library": library_config(p).sha256("space", "data")}
     if stage == "bld":
-        return {"library": ctx.sha("library"), "bld": _library_config(c).sha256()}
+        return {"library": up["library"], "bld": library_config(p).sha256()}
     if stage == "score":
-        return {"bld": ctx.sha("bld"), "data": list(c.data), "seq_len": c.score_seq_len, "sequences": c.score_sequences}
+        return {"bld": up["bld"], "data": list(p.data), "seq_len": p.score_seq_len, "sequences": p.score_sequences}
     if stage == "profile":
-        return {"library": ctx.sha("library"), "budget": c.budget, "dtype": c.dtype, "batch": c.batch, "context": c.context,
-                "calibrate": c.calibrate}
+        return {"library": up["library"], "target": p.target.to_dict(), "calibrate": p.calibrate,
+                "scenarios": [sc.to_dict() for sc in p.scenarios]}
+    limits = {"speedup": p.speedup, "throughput": p.throughput, "memory": p.memory,
+              "scenario": p.budget_scenario.to_dict()}
     if stage == "solve":
-        return {"score": ctx.sha("score"), "profile": ctx.sha("profile"), "speedup": c.speedup,
-                "throughput": c.throughput, "memory": c.memory, "scenario": c.scenario, "solver": c.solver,
-                "constraints": list(c.constraints)}
+        return {"score": up["score"], "profile": up["profile"], **limits, "solver": p.solver,
+                "constraints": list(p.constraints)}
     if stage == "fuse":
-        return {"solve": ctx.sha("solve"), "threshold": c.fuse_threshold, "sequences": c.fuse_sequences,
-                "distill": c.fuse_distill_steps}
+        return {"solve": up["solve"], "bld": up["bld"], "threshold": p.fuse_threshold, "sequences": p.fuse_sequences,
+                "distill": p.fuse_distill_steps, "target": p.target.to_dict()}
     if stage == "gkd":
-        return {"fuse": ctx.sha("fuse"), "steps": c.gkd_steps, "batch": c.gkd_batch, "seed": c.seed}
+        return {"fuse": up["fuse"], "steps": p.gkd_steps, "batch": p.gkd_batch, "seed": p.seed, "data": list(p.data)}
     if stage == "export":
-        return {"gkd": ctx.sha("gkd")}
+        return {"gkd": up["gkd"]}
     if stage == "evaluate":
-        return {"export": ctx.sha("export"), "sequences": c.eval_sequences, "speed": c.measure_speed}
+        return {"export": up["export"], "sequences": p.eval_sequences, "speed": p.measure_speed,
+                "scenarios": [sc.to_dict() for sc in p.scenarios]}
     # baselines: the same budget on the same costs, the same GKD and evaluation; the puzzle child to time against
-    return {"bld": ctx.sha("bld"), "profile": ctx.sha("profile"), "evaluate": ctx.sha("evaluate"),
-            "names": list(c.baselines), "speedup": c.speedup, "throughput": c.throughput, "memory": c.memory,
-            "scenario": c.scenario, "gkd": [c.gkd_steps, c.gkd_batch, c.seed], "speed": c.measure_speed}
+    return {"bld": up["bld"], "profile": up["profile"], "evaluate": up["evaluate"], "names": list(p.baselines),
+            **limits, "gkd": [p.gkd_steps, p.gkd_batch, p.seed], "speed": p.measure_speed}
 
 
-def search(cfg: SearchConfig, run_dir: str | Path, *, progress: bool = True,
-           echo: Callable[[str], None] | None = None, shared_dir: str | Path | None = None) -> SearchRun:
+def stage_names(plan: Plan) -> tuple[str, ...]:
+    return STAGES + (("baselines",) if plan.baselines else ())
+
+
+def planned_stages(plan: Plan, run_dir: str | Path, *, shared_dir: str | Path | None = None,
+                   verify: bool = False) -> list[dict[str, str]]:
+    """What :func:`search` would do in ``run_dir``, stage by stage: ``{"stage", "action": run | skip, "reason"}``.
+
+    Reads manifests and file sizes (hashes with ``verify``); writes nothing.
+    """
+    from block_library.session import parent_fingerprint
+    from puzzle.loading import resolve_source
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    shared = Path(shared_dir).expanduser().resolve() if shared_dir is not None else run_dir
+    fp = parent_fingerprint(resolve_source(plan.model))
+    upstream: dict[str, str] = {}
+    rows, first_run = [], None
+    for stage in stage_names(plan):
+        root = shared if stage in SHAREABLE else run_dir
+        if first_run is not None:
+            rows.append({"stage": stage, "action": "run", "reason": f"after {first_run}"})
+            continue
+        check = inspect_stage(root, stage, stage_key(plan, stage, upstream, fp), record=RECORD.get(stage),
+                              verify=verify)
+        rows.append({"stage": stage, "action": check.action, "reason": check.reason})
+        if check.action == "run":
+            first_run = stage
+        else:
+            upstream[stage] = str(check.outputs_sha256)
+    return rows
+
+
+def search(config: SearchConfig | Plan, run_dir: str | Path, *, progress: bool = True,
+           echo: Callable[[str], None] | None = None, shared_dir: str | Path | None = None,
+           verify: bool = False, force: bool = False) -> SearchRun:
     """Run (or resume) every stage of a search in ``run_dir``; see the module docstring.
 
-    ``shared_dir``: where the budget-independent stages (:data:`SHAREABLE`: library, BLD, scores,
-    costs) live, so several runs at different budgets train once (default: ``run_dir``).
+    ``config``: what the user said (resolved here) or a plan. Everything is checked before the first
+    write (:func:`puzzle.search.preflight.preflight`). ``shared_dir``: where the budget-independent
+    stages (:data:`SHAREABLE`) live, so runs at different budgets train once (default: ``run_dir``).
+    ``verify``: re-hash every recorded file of a stage before skipping it (sizes are always checked).
+    ``force``: allow a run directory that holds other files.
     """
-    from puzzle.profiler.hardware import parse_target
+    from block_library.session import parent_fingerprint
+    from puzzle import __version__
     from puzzle.search.report import write_report
 
-    parse_target(cfg.budget, dtype=cfg.dtype)  # a misspelled budget fails now, not after BLD and scoring
-    run_dir = Path(run_dir).resolve()  # manifests record absolute paths: valid from any working directory
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "run.json", {"config": cfg.to_dict(), "config_sha256": key_sha256(cfg.to_dict())})
-    shared = Path(shared_dir).resolve() if shared_dir is not None else run_dir
-    ctx = _Context(cfg, run_dir, progress)
-    run = SearchRun(directory=run_dir, config=cfg)
-    stages = STAGES + (("baselines",) if cfg.baselines else ())
+    plan = config if isinstance(config, Plan) else resolve(config)
+    run_dir = preflight(plan, run_dir, force=force)
+    shared = Path(shared_dir).expanduser().resolve() if shared_dir is not None else run_dir
+    if shared != run_dir:
+        preflight(plan, shared, force=force)
+    for root in {run_dir, shared}:
+        root.mkdir(parents=True, exist_ok=True)
+        # a shared root may be in use by another search right now: only leftovers older than an hour go
+        for path, size in clean_temporaries(root, min_age_s=0.0 if root == run_dir else 3600.0):
+            log.warning("removed %s (%.1f MiB) left by an interrupted run", path, size / 2**20)
+    atomic_write_json(run_dir / PLAN_FILE, plan.to_dict())
+    atomic_write_json(run_dir / RUN_FILE, {"puzzle": __version__, "config": plan.config.to_dict(),
+                                           "settings": plan.values()})
+    ctx = StageContext(plan, run_dir, progress)
+    run = SearchRun(directory=run_dir, plan=plan)
+    fp = parent_fingerprint(ctx.source)
+    upstream: dict[str, str] = {}
+    stages = stage_names(plan)
     for k, stage in enumerate(stages, start=1):
         fn = STAGE_FUNCTIONS[stage]
-        where = shared if stage in SHAREABLE else run_dir
-        result = run_stage(where, stage, _keys(ctx, stage), lambda d, fn=fn: fn(ctx, d))
+        root = shared if stage in SHAREABLE else run_dir
+        result = run_stage(root, stage, stage_key(plan, stage, upstream, fp), lambda d, fn=fn: fn(ctx, d),
+                           record=RECORD.get(stage), verify=verify)
         ctx.results[stage] = run.stages[stage] = result
+        upstream[stage] = result.outputs_sha256
         if echo is not None:
-            what = "up to date, skipped" if result.skipped else f"done in {result.seconds:.0f} s"
+            if result.skipped:
+                what = "up to date, skipped"
+            else:
+                what = f"done in {result.seconds:.0f} s" + (f" ({result.reason})" if result.reason else "")
             echo(f"[{k}/{len(stages)}] {stage}: {what}")
     write_report(run, ctx)
     return run

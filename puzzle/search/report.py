@@ -76,13 +76,13 @@ def plot_report(df: pd.DataFrame, path: Path, title: str) -> None:
 
 def write_report(run: Any, ctx: Any) -> pd.DataFrame:
     from puzzle.loading import load_model
-    from puzzle.search.pipeline import _scenarios, search_target
+    from puzzle.search.context import costing_target
 
     child = load_model(run.stages["export"].outputs["model"])
     evaluation = json.loads(Path(run.stages["evaluate"].outputs["evaluation"]).read_text())
-    target = search_target(run.config, run.stages["profile"].directory)
-    df = report_table(ctx.parent, child, target, _scenarios(run.config), evaluation)
+    target = costing_target(run.plan, run.stages["profile"].directory)
+    df = report_table(ctx.parent, child, target, list(run.plan.scenarios), evaluation)
     atomic_write_text(run.directory / "report.csv", df.to_csv(index=False))
-    plot_report(df, run.directory / "report.png", f"parent vs child on {run.config.budget} (predicted) and this "
+    plot_report(df, run.directory / "report.png", f"parent vs child on {run.plan.target.name} (predicted) and this "
                 f"machine (measured)")
     return df

@@ -16,7 +16,6 @@ from puzzle.profiler.table import cost_table
 from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig
 from solvers import Budget, solve
 from solvers.io import problem_from_tables
-from solvers.problem import Scenario
 
 SHAPE = ModelShape(576, 9, 64, 49152)
 PARENT = BlockConfig(attention=AttentionConfig.gqa(3), ffn=FFNConfig.swiglu(1536))
@@ -50,7 +49,7 @@ def test_fused_candidate_costs_are_the_fused_block_and_the_mip_takes_it_when_nee
     assert s2[(s2.layer == 2) & (s2.span == 3)].kl.iloc[0] == pytest.approx(0.03 + 0.05)
 
     def best(speedup):
-        p = problem_from_tables(s2, c2, score_column="kl", scenario=Scenario(name="decode", batch=8, context=1024),
+        p = problem_from_tables(s2, c2, score_column="kl", scenario=DECODE,
                                 budget=Budget(speedup=speedup))
         return solve(p)
 

@@ -27,7 +27,7 @@ def example():
 @pytest.fixture(scope="module")
 def tiny6(tmp_path_factory, smollm2_source) -> Path:
     """tests/conftest.py's tiny text parent with 6 layers, so that pinning 3 of them leaves a choice."""
-    from puzzle.parents.tiny import write_tiny_parent
+    from benchmarks.tiny_parent import write_tiny_parent
 
     return write_tiny_parent(tmp_path_factory.mktemp("tiny6"), layers=6)
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+import solvers
 from puzzle.errors import ConfigError
 from puzzle.profiler.scenario import Scenario, default_scenarios, parse_scenario
+from solvers.errors import ProblemError
 
 
 @pytest.mark.parametrize(
@@ -25,7 +27,7 @@ from puzzle.profiler.scenario import Scenario, default_scenarios, parse_scenario
 )
 def test_parse_scenario(text, name, phase, batch, length):
     sc = parse_scenario(text)
-    assert (sc.name, sc.phase, sc.batch, sc.length) == (name, phase, batch, length)
+    assert (sc.name, sc.phase, sc.batch, sc.length, sc.replicas) == (name, phase, batch, length, 1)
     assert sc.column == f"{name}_ms"
 
 
@@ -38,9 +40,11 @@ def test_parse_scenario(text, name, phase, batch, length):
         ("decode:batch=many", "batch must be an integer, got 'many'"),
         ("decode:context=1.5", "context must be an integer"),
         ("decode:batch", "batch must be an integer"),  # a key without a value
-        ("decode:batch=0", "batch and length must be >= 1"),
-        ("prefill:prompt=0", "batch and length must be >= 1"),
-        ("decode:batch=-4", "batch and length must be >= 1"),
+        ("decode:batch=0", "scenario 'decode': batch must be >= 1, got 0"),  # the solvers' check, as ConfigError
+        ("prefill:prompt=0", "scenario 'prefill': length must be >= 1, got 0"),
+        ("decode:batch=-4", "batch must be >= 1"),
+        ("decode:replicas=0", "replicas must be >= 1"),
+        ("decode:replicas=two", "replicas must be an integer, got 'two'"),
         ("2long=decode", "must be an identifier"),  # the name heads a table column
     ],
 )
@@ -58,18 +62,26 @@ def test_unknown_phase_message_shows_examples():
     assert "decode:batch=64,context=4096" in message
 
 
-def test_tokens_and_context_of_each_phase():
+def test_tokens_and_attended_keys_of_each_phase():
     prefill = Scenario(name="p", phase="prefill", batch=4, length=512)
-    assert (prefill.new_tokens, prefill.context, prefill.tokens) == (512, 512, 4 * 512)
+    assert (prefill.new_tokens, prefill.attended, prefill.tokens) == (512, 512, 4 * 512)
     # A decode step adds one token per sequence, which attends to the cache and to itself.
     decode = Scenario(name="d", phase="decode", batch=64, length=4096)
-    assert (decode.new_tokens, decode.context, decode.tokens) == (1, 4097, 64)
+    assert (decode.new_tokens, decode.attended, decode.tokens) == (1, 4097, 64)
+
+
+def test_the_profiler_and_the_mip_share_one_scenario_type():
+    assert Scenario is solvers.Scenario
+    sc = parse_scenario("long=decode:batch=64,context=8192,replicas=4")
+    assert isinstance(sc, solvers.Scenario)
+    assert (sc.name, sc.batch, sc.length, sc.replicas, sc.kv_tokens) == ("long", 64, 8192, 4, 8193)
+    assert sc.describe() == "long: decode, batch 64, context 8192, 4 replicas"
 
 
 def test_scenario_validates_itself():
-    with pytest.raises(ConfigError, match="phase must be one of"):
+    with pytest.raises(ProblemError, match="phase must be one of"):
         Scenario(name="x", phase="train", batch=1, length=1)
-    with pytest.raises(ConfigError, match=">= 1"):
+    with pytest.raises(ProblemError, match="length must be >= 1"):
         Scenario(name="x", phase="decode", batch=1, length=0)
 
 

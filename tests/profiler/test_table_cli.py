@@ -11,7 +11,7 @@ from puzzle.cli.main import main
 from puzzle.profiler.counts import ModelShape
 from puzzle.profiler.hardware import parse_target
 from puzzle.profiler.roofline import model_ms
-from puzzle.profiler.scenario import default_scenarios, parse_scenario
+from puzzle.profiler.scenario import Scenario, default_scenarios, parse_scenario
 from puzzle.profiler.table import cost_table, layer_candidates, model_totals
 from puzzle.schema import BlockConfig
 from tests.conftest import requires_smollm2
@@ -47,16 +47,13 @@ def test_the_mip_reads_the_table_and_its_totals_match_the_profiler(smollm2_costs
     from solvers import solve
     from solvers.constraints import Budget
     from solvers.io import problem_from_tables
-    from solvers.problem import Scenario as MipScenario
 
     config, _, scenarios, table = smollm2_costs
     body = table[table.layer >= 0]
     # proxy quality loss (a stand-in for `puzzle score`): what a variant removes, in parameters
     scores = body[["layer", "variant", "is_parent"]].assign(proxy=1.0 - body.params / body.params.max())
     decode = next(s for s in scenarios if s.name == "decode")
-    problem = problem_from_tables(scores, table, scenario=MipScenario(name="decode", batch=decode.batch,
-                                                                      context=decode.length),
-                                  budget=Budget(speedup=1.5))
+    problem = problem_from_tables(scores, table, scenario=decode, budget=Budget(speedup=1.5))  # the same type
     solution = solve(problem)
     assert solution.totals.speedup >= 1.5 - 1e-9
     shape, target = ModelShape.from_config(config), parse_target("8xH100")
@@ -88,7 +85,8 @@ def test_profile_cli_writes_a_table_the_solver_reads(capsys, tiny_llama_dir, tmp
     assert {"decode_ms", "p_ms", "params", "weight_bytes", "kv_bytes_per_token", "is_parent"} <= set(table.columns)
     meta = json.loads((out / "profile.json").read_text())
     assert meta["target"] == "2xH200:fp8" and meta["candidates"] == int((table.layer >= 0).sum())
-    assert meta["scenarios"][0] == vars(parse_scenario("decode:batch=4,context=512"))
+    assert meta["scenarios"][0] == {"name": "decode", "phase": "decode", "batch": 4, "length": 512, "replicas": 1}
+    assert Scenario.from_dict(meta["scenarios"][1]) == parse_scenario("p=prefill:batch=1,prompt=128")
     # fp8 halves GEMM weight bytes relative to bf16 (norms stay 16-bit)
     bf16 = tmp_path / "bf16"
     assert main(["profile", str(tiny_llama_dir), "--target", "2xH200", "--out", str(bf16)]) == 0

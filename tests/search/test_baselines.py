@@ -29,7 +29,7 @@ def _problem(speedup: float):
     costs.append({"layer": -1, "variant": "fixed", "is_parent": False, "params": 50, "weight_bytes": 100.0,
                   "kv_bytes_per_token": 0.0, "decode_ms": 0.5, "prefill_ms": 5.0})
     return problem_from_tables(pd.DataFrame(scores), pd.DataFrame(costs), score_column="kl",
-                               budget=Budget(speedup=speedup), scenario=Scenario(name="decode", batch=1, context=16))
+                               budget=Budget(speedup=speedup), scenario=Scenario(name="decode", phase="decode", batch=1, length=15))
 
 
 PARENT_MS = 0.5 + LAYERS * 3.0

@@ -106,3 +106,63 @@ def test_baselines_stage_meets_the_same_budget_with_the_same_gkd(finished_run, t
     lines.clear()
     search(cfg, run.directory, progress=False, echo=lines.append)
     assert all(line.endswith("skipped") for line in lines)
+
+
+# ------------------------------------------------------------------------------ honest run directories
+
+
+def _hashes(root):
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _ran(lines):
+    return [line.split()[1].rstrip(":") for line in lines if not line.endswith("skipped")]
+
+
+@pytest.fixture
+def copied_run(finished_run, tmp_path):
+    import shutil
+
+    run, _ = finished_run
+    shutil.copytree(run.directory, tmp_path / "copy")
+    return run.directory, tmp_path / "copy"
+
+
+def test_a_copied_run_reruns_fully_skipped_without_touching_the_original(copied_run, tiny_text_parent):
+    original, copy = copied_run
+    before = _hashes(original)
+    lines: list[str] = []
+    again = search(SearchConfig(model=str(tiny_text_parent), **TINY), copy, progress=False, echo=lines.append)
+    assert _ran(lines) == [] and len(lines) == len(STAGES)
+    assert _hashes(original) == before
+    assert str(again.export_dir).startswith(str(copy)) and again.export_dir.is_dir()
+    manifest = json.loads((copy / "score" / "stage.json").read_text())
+    assert not any(str(original) in json.dumps(v) for v in manifest["outputs"].values())  # relative paths only
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("score/scores/scores.csv", ["score", "solve", "fuse", "gkd", "export", "evaluate"]),
+    ("export/model/model.safetensors", ["export", "evaluate"]),
+    ("library/stage.json", list(STAGES)),
+])
+def test_a_damaged_stage_redoes_exactly_it_and_the_stages_that_read_it(copied_run, tiny_text_parent, damage,
+                                                                          expected):
+    _, copy = copied_run
+    path = copy / damage
+    if path.suffix == ".safetensors":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
+    else:
+        path.unlink()
+    lines: list[str] = []
+    search(SearchConfig(model=str(tiny_text_parent), **TINY), copy, progress=False, echo=lines.append)
+    assert _ran(lines) == expected
+    if damage != "library/stage.json":
+        assert any(damage in line for line in lines), lines  # the message names the damaged file
+    lib = block_library.open_library(copy / "library" / "lib")
+    assert lib.status == "trained"  # a rebuilt library is trained again before anything reads it
+    lines.clear()
+    search(SearchConfig(model=str(tiny_text_parent), **TINY), copy, progress=False, echo=lines.append)
+    assert _ran(lines) == []

@@ -43,12 +43,16 @@ def test_an_interrupted_stage_reruns_and_a_garbled_manifest_is_named(tmp_path):
         run_stage(tmp_path, "s", {"x": 1}, lambda d: {})
 
 
-def test_config_defaults_presets_and_errors(tmp_path):
+def test_config_holds_what_was_said_and_the_plan_fills_in_defaults(tmp_path, tiny_llama_dir):
+    from puzzle.search import resolve
+
     c = SearchConfig()
-    assert (c.model, c.budget, c.speedup, c.preset, c.bld_tokens, c.gkd_steps) == ("smollm2-135m", "8xH100", 1.5,
-                                                                                   "quick", 4096, 16)
-    assert SearchConfig(throughput=100.0).speedup is None
-    assert SearchConfig(preset="full").bld_tokens == 65536
+    assert c.given() == [] and c.speedup is None and c.bld_tokens is None
+    plan = resolve(SearchConfig(model=str(tiny_llama_dir)))
+    assert (plan.budget, plan.speedup, plan.preset, plan.bld_tokens, plan.gkd_steps) == ("8xH100", 1.5, "quick",
+                                                                                           4096, 16)
+    assert resolve(SearchConfig(model=str(tiny_llama_dir), throughput=100.0)).speedup is None
+    assert resolve(SearchConfig(model=str(tiny_llama_dir), preset="full")).bld_tokens == 65536
     with pytest.raises(ConfigError, match="unknown key"):
         SearchConfig.from_dict({"budgte": "8xH100"})
     with pytest.raises(ConfigError, match="preset"):
@@ -57,8 +61,10 @@ def test_config_defaults_presets_and_errors(tmp_path):
     args = build_parser().parse_args(["search", "--config", str(tmp_path / "s.yaml"), "--speedup", "1.7"])
     cfg = config_from_args(args)
     assert (cfg.budget, cfg.speedup, cfg.bld_tokens, cfg.data) == ("1xH200", 1.7, 2048, ("stdlib",))
+    assert (cfg.origin["budget"], cfg.origin["speedup"]) == ("file", "flag")
+    # a flag's memory budget adds to the file's speedup; it never drops it
     args = build_parser().parse_args(["search", "--config", str(tmp_path / "s.yaml"), "--memory", "20"])
-    assert config_from_args(args).speedup is None and config_from_args(args).memory == 20
+    assert config_from_args(args).speedup == 2.0 and config_from_args(args).memory == 20
     assert isinstance(args, argparse.Namespace)
 
 

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from functools import cache
 
 from solvers.constraints import Budget
-from solvers.problem import Candidate, Problem, Scenario
+from solvers.problem import Candidate, Problem
+from solvers.scenario import Scenario
 
 PARENT = "gqa:8|swiglu:1024"
 LABELS = [PARENT, "gqa:2|swiglu:512", "no_op|swiglu:1024", "gqa:4|no_op", "linear|linear", "no_op|no_op"]
@@ -44,7 +45,7 @@ def random_problem(seed: int, *, layers: int = 6, variants: int = 4, fused: bool
                     costs={"params": params, "weight_bytes": 2 * params, "kv_bytes_per_token": 0,
                            "decode_ms": rng.uniform(0.3, 1.2)},
                     scores={"kl": rng.uniform(0.05, 1.0), "loss_delta": rng.uniform(0, 1)}))
-    scenario = Scenario(name="decode", batch=4, context=16)
+    scenario = Scenario(name="decode", phase="decode", batch=4, length=15)  # 16 KV-cache tokens per sequence
     problem = Problem(candidates=tuple(cands), score_column="kl", scenario=scenario,
                       fixed={"params": 500, "weight_bytes": 1000, "decode_ms": 0.5})
     if not budgets:

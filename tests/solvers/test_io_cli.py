@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -82,9 +83,11 @@ def test_solve_writes_block_configs_and_totals(tables, tmp_path, capsys):
                                         "ffn": {"kind": "swiglu", "intermediate_size": 64}}
     assert data["fused"] == [{"id": f"1-2:{FUSED}+{FUSED}", "layers": [1, 2], "variants": [FUSED, FUSED]}]
     t = data["totals"]
-    assert (t["params"], t["weight_bytes"], t["kv_cache_bytes"], t["memory_bytes"]) == (300, 600, 640, 1240)
+    # KV cache: 32 bytes per token x batch 2 x (context 10 + the new token)
+    assert (t["params"], t["weight_bytes"], t["kv_cache_bytes"], t["memory_bytes"]) == (300, 600, 704, 1304)
     assert t["step_ms"] == pytest.approx(2.4) and t["throughput"] == pytest.approx(2000 / 2.4)
     assert t["speedup"] == pytest.approx(3.5 / 2.4)
+    assert data["scenario"] == {"name": "decode", "phase": "decode", "batch": 2, "length": 10, "replicas": 1}
     (con,) = data["constraints"]
     assert con["name"] == "throughput >= 800 tokens/s" and con["slack"] == pytest.approx(2000 / 2.4 - 800)
     assert "wrote" in capsys.readouterr().out
@@ -124,6 +127,60 @@ def test_solve_errors_are_one_line(tables, tmp_path, capsys, extra, message):
     assert not (tmp_path / "x.json").exists()
 
 
+def _with_scores(**rows: str) -> str:
+    """SCORES with the kl of some rows replaced: ``_with_scores(l1_small="-0.1")``."""
+    text = SCORES
+    for key, kl in rows.items():
+        layer, variant = {"l1_small": ("1,1", SMALL), "l2_small": ("2,1", SMALL), "fused": ("1,2", FUSED)}[key]
+        old = next(line for line in text.splitlines() if line.startswith(f"{layer},{variant},"))
+        text = text.replace(old, f"{layer},{variant},{kl},{old.rsplit(',', 1)[1]}")
+    return text
+
+
+@pytest.mark.parametrize("kl,shown", [("-0.1", "-0.1"), ("nan", "nan"), ("inf", "inf"), ("-inf", "-inf")])
+def test_scores_must_be_finite_and_not_negative(kl, shown):
+    costs = pd.read_csv(pd.io.common.StringIO(COSTS))
+    scores = pd.read_csv(pd.io.common.StringIO(_with_scores(l1_small=kl, l2_small="-1.0")))
+    # the first bad row in table order is named, with its value
+    with pytest.raises(TableError, match=rf"^scores table: layer 1, variant '{re.escape(SMALL)}' has "
+                                         rf"kl = {shown}; scores must be finite and >= 0"):
+        problem_from_tables(scores, costs, score_column="kl")
+
+
+def test_only_the_chosen_score_column_must_be_non_negative():
+    costs = pd.read_csv(pd.io.common.StringIO(COSTS))
+    scores = pd.read_csv(pd.io.common.StringIO(_with_scores(fused="-0.2")))
+    with pytest.raises(TableError, match=r"layer 1, span 2, variant .* has kl = -0.2;"):
+        problem_from_tables(scores, costs, score_column="kl")
+    assert problem_from_tables(scores, costs, score_column="loss_delta").score_column == "loss_delta"
+
+
+def test_solve_refuses_a_negative_score_in_one_line(tables, tmp_path, capsys):
+    (tmp_path / "scores.csv").write_text(_with_scores(l1_small="-0.1"))
+    out = tmp_path / "x.json"
+    assert main(["solve", *tables, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"puzzle solve: error: scores table: layer 1, variant '{SMALL}' has kl = -0.1; scores must be finite and "
+        f">= 0 (a quality loss, lower is better): fix the row or choose another score column\n")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command,example", [("solve", "arch.json"), ("frontier", "frontier.csv")])
+def test_out_must_be_a_file_in_an_existing_directory(tables, tmp_path, capsys, command, example):
+    directory, missing = tmp_path / "runs", tmp_path / "missing" / "x.out"
+    directory.mkdir()
+    # checked before any work: a missing scores table is not what the error is about
+    no_tables = ["--scores", str(tmp_path / "absent.csv")]
+    assert main([command, *tables, *no_tables, "--out", str(directory)]) == 2
+    assert capsys.readouterr().err == (f"puzzle {command}: error: --out {directory} is a directory; give the file "
+                                       f"to write, e.g. --out {directory / example}\n")
+    assert main([command, *tables, *no_tables, "--out", str(missing)]) == 2
+    assert capsys.readouterr().err == (f"puzzle {command}: error: --out {missing}: the directory {missing.parent} "
+                                       f"does not exist; create it first (mkdir -p {missing.parent}) or write "
+                                       f"elsewhere\n")
+    assert list(directory.iterdir()) == [] and not missing.parent.exists()
+
+
 def test_frontier_writes_table_and_plot(tables, tmp_path, capsys):
     out = tmp_path / "frontier.csv"
     assert main(["frontier", *tables, "--targets", "500,700,800,1000,1300,2000", "--out", str(out)]) == 0
@@ -143,3 +200,28 @@ def test_cli_backend_choices_are_the_registry():
     from solvers.backends import BACKENDS
 
     assert sorted(CLI_BACKENDS) == sorted(BACKENDS)
+
+
+@pytest.mark.parametrize(("extra", "throughput", "kv_bytes", "scenario"), [
+    # decode on 2 replicas: a node target of 1600 tokens/s is 800 per replica, so the same choice as above
+    (["--throughput", "1600", "--replicas", "2"], 2 * 2 * 1000 / 2.4, 704,
+     {"name": "decode", "phase": "decode", "batch": 2, "length": 10, "replicas": 2}),
+    # prefill of 10-token prompts: 2 x 10 tokens per step, and the cache holds the 10 prompt tokens
+    (["--phase", "prefill", "--throughput", "8000"], 2 * 10 * 1000 / 2.4, 640,
+     {"name": "decode", "phase": "prefill", "batch": 2, "length": 10, "replicas": 1}),
+])
+def test_solve_phase_and_replicas(tables, tmp_path, extra, throughput, kv_bytes, scenario):
+    out = tmp_path / "arch.json"
+    assert main(["solve", *tables, *extra, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["chosen"] == {"0": PARENT, "1": FUSED, "2": FUSED} and data["scenario"] == scenario
+    t = data["totals"]
+    assert t["step_ms"] == pytest.approx(2.4) and t["throughput"] == pytest.approx(throughput)
+    assert (t["kv_cache_bytes"], t["memory_bytes"]) == (kv_bytes, 600 + kv_bytes)
+    assert t["speedup"] == pytest.approx(3.5 / 2.4)
+
+
+def test_solve_rejects_a_bad_scenario_in_one_line(tables, tmp_path, capsys):
+    assert main(["solve", *tables, "--replicas", "0", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "scenario 'decode': replicas must be >= 1, got 0" in err and err.count("\n") == 1

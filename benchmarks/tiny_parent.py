@@ -1,5 +1,9 @@
 """A small random Llama with SmolLM2's tokenizer: the stand-in parent of smoke runs (``--quick``
-benchmarks, notebooks' small mode, tests). Its numbers mean nothing; its code paths are the real ones."""
+benchmarks, notebooks' small mode, tests). Its numbers mean nothing; its code paths are the real ones.
+
+A fixture, not product code, so it lives outside the installed packages: import it as
+``benchmarks.tiny_parent`` with the checkout's root on ``sys.path`` (pytest puts it there; scripts
+under benchmarks/ and the notebooks add it)."""
 
 from __future__ import annotations
 

@@ -31,7 +31,6 @@ from puzzle.profiler.table import cost_table
 from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.summary import attention_params, ffn_params
 from solvers import Budget, Problem
-from solvers import Scenario as MipScenario
 from solvers.expressions import total
 from solvers.io import problem_from_tables
 
@@ -154,7 +153,7 @@ def whatif_problem(spec: ParentSpec, target: Target, *, decode: Scenario, prefil
                    ) -> tuple[pd.DataFrame, Problem]:
     """The cost table of ``spec`` on ``target`` and the MIP over it (speedup on the decode step).
 
-    ``memory_bytes`` caps weights + KV cache (decode batch x context) per device; ``max_loss``
+    ``memory_bytes`` caps weights + KV cache (decode batch x kv_tokens) per device; ``max_loss``
     caps the total proxy loss (a child that dropped more is not worth distilling).
     """
     space = list(space or search_space(spec))
@@ -164,7 +163,7 @@ def whatif_problem(spec: ParentSpec, target: Target, *, decode: Scenario, prefil
     constraints = [total(SCORE) <= max_loss] if max_loss is not None else []
     problem = problem_from_tables(scores, costs, score_column=SCORE,
                                   budget=Budget(speedup=speedup, memory_bytes=memory_bytes),
-                                  scenario=MipScenario(name=decode.name, batch=decode.batch, context=decode.length),
+                                  scenario=decode,
                                   constraints=tuple(constraints))
     return costs, problem
 
@@ -196,8 +195,9 @@ def fuse_all_runs(blocks: Sequence[BlockConfig], *, max_width: int | None) -> li
 
 
 def memory_per_device(spec: ParentSpec, blocks: Sequence[BlockConfig], target: Target, decode: Scenario) -> float:
-    """Weights + KV cache (decode batch x context) + embeddings and head, bytes on the most loaded device."""
-    shape, tokens = spec.shape(), decode.batch * decode.length
+    """Weights + KV cache (decode batch x kv_tokens) + embeddings and head, bytes on the most loaded device
+    (each replica has its own devices, so ``decode.replicas`` does not change it)."""
+    shape, tokens = spec.shape(), decode.cache_tokens  # batch * kv_tokens, as the MIP's memory budget
     per = [block_weight_bytes(shape, b, dtype=target.dtype, tp=target.tp)
            + tokens * kv_bytes_per_token(shape, b, dtype=target.dtype, tp=target.tp) for b in blocks]
     return sum(per) + fixed_weight_bytes(shape, dtype=target.dtype, tp=target.tp)
@@ -205,11 +205,12 @@ def memory_per_device(spec: ParentSpec, blocks: Sequence[BlockConfig], target: T
 
 def evaluate(spec: ParentSpec, blocks: Sequence[BlockConfig], target: Target, *, decode: Scenario,
              prefill: Scenario) -> dict[str, float]:
-    """Predicted step times, throughputs and memory per device of one architecture (any layer count)."""
+    """Predicted step times, throughputs (of the whole target: all replicas) and memory per device of one
+    architecture (any layer count)."""
     shape = spec.shape()
     decode_ms, prefill_ms = model_ms(shape, blocks, decode, target), model_ms(shape, blocks, prefill, target)
     return {"layers": len(blocks), "decode_ms": decode_ms, "prefill_ms": prefill_ms,
-            "decode_tok_s": decode.tokens / (decode_ms / 1e3),  # batch sequences x 1 token per step
-            "prefill_tok_s": prefill.tokens / (prefill_ms / 1e3),  # batch x prompt tokens per step
+            "decode_tok_s": decode.throughput(decode_ms),  # replicas x batch sequences x 1 token per step
+            "prefill_tok_s": prefill.throughput(prefill_ms),  # replicas x batch x prompt tokens per step
             "memory_gb": memory_per_device(spec, blocks, target, decode) / 1e9,
             "params_b": (sum(block_params(shape, b) for b in blocks) + fixed_params(shape)) / 1e9}

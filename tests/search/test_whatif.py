@@ -6,8 +6,8 @@ import pytest
 
 from puzzle.profiler.hardware import parse_target
 from puzzle.profiler.scenario import Scenario
-from puzzle.profiler.whatif import (LLAMA_31, SCORE, evaluate, drop_identity, fuse_all_runs, fusion_segments, layer_importance,
-                                    memory_per_device, proxy_scores, search_space, whatif_problem)
+from puzzle.search.whatif import (LLAMA_31, SCORE, evaluate, drop_identity, fuse_all_runs, fusion_segments, layer_importance,
+                                  memory_per_device, proxy_scores, search_space, whatif_problem)
 from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig, blocks_from_list
 from solvers import InfeasibleError, solve
 

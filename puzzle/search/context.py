@@ -1,0 +1,105 @@
+"""What every stage of a search receives: the plan, the stage results so far, the shared parent.
+
+    ctx.plan                    the resolved plan (settings, target, scenarios, limits)
+    ctx.parent / ctx.tokenizer  loaded once, on first use
+    ctx.out("bld", "library")   an output of an earlier stage (paths absolute, inside the run)
+    ctx.sha("bld")              the hash of that stage's outputs (what later stages' keys include)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from puzzle.search.plan import Plan
+from puzzle.search.stages import StageResult
+
+log = logging.getLogger(__name__)
+
+
+class StageContext:
+    """Lazily loaded shared objects (parent, tokenizer) and the stage results so far."""
+
+    def __init__(self, plan: Plan, run_dir: Path, progress: bool) -> None:
+        self.plan, self.run_dir, self.progress = plan, run_dir, progress
+        self.results: dict[str, StageResult] = {}
+        self._parent: Any = None
+        self._tokenizer: Any = None
+
+    @property
+    def source(self) -> Any:
+        from puzzle.loading import resolve_source
+
+        return resolve_source(self.plan.model)
+
+    @property
+    def parent(self) -> Any:
+        if self._parent is None:
+            from puzzle.loading import load_model
+
+            self._parent = load_model(self.source)
+        return self._parent
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from puzzle.loading import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.source)
+        return self._tokenizer
+
+    def sha(self, stage: str) -> str:
+        """The hash of ``stage``'s recorded outputs: a later stage's key includes it."""
+        return self.results[stage].outputs_sha256
+
+    def out(self, stage: str, name: str) -> Any:
+        return self.results[stage].outputs[name]
+
+
+def library_config(plan: Plan) -> Any:
+    """The block library's settings for this plan: the default search space, the plan's data and BLD tokens."""
+    from block_library import LibraryConfig
+    from puzzle.data.config import DataConfig
+
+    steps = max(1, plan.bld_tokens // (8 * 256))
+    return LibraryConfig(data=DataConfig(sources=plan.data)).with_bld(tokens=plan.bld_tokens,
+                                                                      checkpoint_every=max(1, steps // 4))
+
+
+def resume_or_restart(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a resumable stage function; if its directory holds work of other inputs (an earlier key of
+    this stage, interrupted), start it over: the stage key, not the old files, decides what is valid."""
+    from puzzle.errors import StaleArtifactError
+
+    try:
+        return fn(*args, **kwargs)
+    except StaleArtifactError as e:
+        log.info("%s; starting it over", e)
+        return fn(*args, force=True, **kwargs)
+
+
+def costing_target(plan: Plan, profile_dir: Path) -> Any:
+    """The plan's target, with this machine's fitted efficiencies when the plan calibrates."""
+    from puzzle.profiler.calibrate import calibrate_target
+
+    path = Path(profile_dir) / "calibration.json"
+    if plan.calibrate and path.is_file():
+        return calibrate_target(plan.target, None, (), (), measure=False, calibration=path)
+    return plan.target
+
+
+def solve_problem(ctx: StageContext, *, constraints: bool = True) -> Any:
+    """The run's MIP: scores (KL) and costs of every library variant, the plan's limits and constraints."""
+    import pandas as pd
+
+    from puzzle.errors import solver_errors
+    from solvers.io import problem_from_tables
+    from solvers.parse import parse_constraint
+
+    plan = ctx.plan
+    with solver_errors():
+        return problem_from_tables(pd.read_csv(ctx.out("score", "scores")), pd.read_csv(ctx.out("profile", "costs")),
+                                   score_column="kl", budget=plan.limits, scenario=plan.budget_scenario,
+                                   constraints=[parse_constraint(c) for c in plan.constraints] if constraints else [])

@@ -1,0 +1,193 @@
+"""The plan: one resolve step, one merge rule, one parsed target with a valid tensor-parallel degree."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from puzzle.cli.main import main
+from puzzle.errors import ConfigError, UnknownTargetError
+from puzzle.profiler.counts import ModelShape
+from puzzle.profiler.deployment import memory_per_device, valid_tensor_parallel
+from puzzle.search import SearchConfig, resolve
+from puzzle.search.config import settings_fields
+
+SMOLLM2_SHAPE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+                 "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                 "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
+                 "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True, "hidden_act": "silu"}
+LLAMA_70B_SHAPE = {**SMOLLM2_SHAPE, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                   "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+                   "tie_word_embeddings": False}
+
+
+def shape_dir(tmp_path: Path, config: dict, name: str = "shape") -> Path:
+    """A model directory holding only ``config.json``: enough to plan."""
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+@pytest.fixture
+def smol_shape(tmp_path) -> str:
+    return str(shape_dir(tmp_path, SMOLLM2_SHAPE))
+
+
+# ------------------------------------------------------------------------------------- the target
+
+
+def test_1xcpu_is_the_cpu_target_everywhere(smol_shape):
+    cpu, one = resolve(SearchConfig(model=smol_shape, budget="cpu")), resolve(SearchConfig(model=smol_shape,
+                                                                                          budget="1xcpu"))
+    for plan in (cpu, one):
+        assert plan.target.is_cpu and plan.target.tp == 1 and plan.target.replicas == 1
+        assert plan.calibrate is True and plan.settings["calibrate"].source == "derived"
+        assert plan.fuse_threshold == 0.0 and plan.dtype == "fp32"
+    assert {k: v for k, v in one.values().items() if k != "budget"} == {k: v for k, v in cpu.values().items()
+                                                                        if k != "budget"}
+    with pytest.raises(UnknownTargetError, match="one machine"):
+        resolve(SearchConfig(model=smol_shape, budget="2xcpu"))
+
+
+def test_8xh100_serves_smollm2_with_a_tensor_parallel_degree_engines_accept(smol_shape):
+    plan = resolve(SearchConfig(model=smol_shape, budget="8xH100"))
+    # 9 query heads and 3 KV heads split evenly only 1, 3 or 9 ways; the smallest that fits is 1
+    assert valid_tensor_parallel(8, num_attention_heads=9, blocks=[]) == [1, 3]
+    assert (plan.target.count, plan.target.tp, plan.target.replicas) == (8, 1, 8)
+    assert plan.settings["tp"].source == "derived"
+    three = resolve(SearchConfig(model=smol_shape, budget="8xH100", tp=3))
+    assert (three.target.tp, three.target.replicas) == (3, 2)
+    with pytest.raises(UnknownTargetError, match="valid degrees: 1, 3"):
+        resolve(SearchConfig(model=smol_shape, budget="8xH100", tp=8))
+
+
+def test_a_70b_parent_gets_the_smallest_degree_that_fits(tmp_path):
+    plan = resolve(SearchConfig(model=str(shape_dir(tmp_path, LLAMA_70B_SHAPE)), budget="8xH100"))
+    from puzzle.loading import load_config
+
+    cfg = load_config(plan.parent["directory"])
+    shape, limit = ModelShape.from_config(cfg), 0.9 * 80e9
+    need = {tp: memory_per_device(shape, cfg.blocks, dtype="bf16", tp=tp, batch=8, context=1024) for tp in (1, 2, 4, 8)}
+    assert plan.target.tp == min(tp for tp, b in need.items() if b <= limit)
+    assert need[plan.target.tp] <= limit < need[plan.target.tp // 2]
+    assert plan.target.replicas == 8 // plan.target.tp
+
+
+def test_throughput_counts_every_replica(smol_shape):
+    one = resolve(SearchConfig(model=smol_shape, budget="1xH100"))
+    eight = resolve(SearchConfig(model=smol_shape, budget="8xH100"))
+    assert eight.budget_scenario.replicas == 8 and one.budget_scenario.replicas == 1
+    assert eight.feasibility.max_throughput == pytest.approx(8 * one.feasibility.max_throughput)
+    assert eight.feasibility.max_speedup == pytest.approx(one.feasibility.max_speedup)
+
+
+# ---------------------------------------------------------------------------------- the scenario
+
+
+def test_prefill_budget_costs_and_constrains_the_same_batch(smol_shape):
+    from puzzle.profiler.roofline import model_ms
+
+    plan = resolve(SearchConfig(model=smol_shape, scenario="prefill", batch=4, context=512))
+    sc = plan.budget_scenario
+    assert (sc.phase, sc.batch, sc.length, sc.column) == ("prefill", 4, 512, "prefill_ms")
+    assert [s.phase for s in plan.scenarios] == ["prefill", "decode"]
+    from puzzle.loading import load_config
+
+    cfg = load_config(plan.parent["directory"])
+    parent_ms = model_ms(ModelShape.from_config(cfg), cfg.blocks, sc, plan.target)
+    assert plan.feasibility.parent_ms == pytest.approx(parent_ms, rel=1e-9)
+    # batch 4 prompts cost more than 1: the budget's batch is the costed one
+    one = resolve(SearchConfig(model=smol_shape, scenario="prefill", batch=1, context=512))
+    assert plan.feasibility.parent_ms > 2 * one.feasibility.parent_ms
+
+
+# ------------------------------------------------------------------------------------- merging
+
+
+def test_yaml_speedup_survives_a_memory_flag_and_a_memory_keyword(tmp_path, smol_shape, capsys):
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump({"model": smol_shape, "speedup": 2.0}))
+    main(["plan", "--config", str(path), "--memory", "20", "--json", "--out", str(tmp_path / "r")])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["settings"]["speedup"] == {"value": 2.0, "source": "file"}
+    assert doc["settings"]["memory"] == {"value": 20.0, "source": "flag"}
+    api = resolve(SearchConfig.from_file(path).merge({"memory": 20}))
+    assert (api.speedup, api.memory) == (2.0, 20.0)
+
+
+def test_an_explicit_value_equal_to_a_default_is_kept_across_a_preset_change(smol_shape):
+    cfg = SearchConfig(model=smol_shape, gkd_steps=16).merge({"preset": "full"})
+    plan = resolve(cfg)
+    assert plan.gkd_steps == 16 and plan.settings["gkd_steps"].source == "keyword"
+    assert plan.bld_tokens == 65536 and plan.settings["bld_tokens"].source == "preset"
+
+
+FLAG_VALUES = {  # a value for every setting, different from its default, and how to write it as a flag
+    "model": None, "data": (["stdlib", "stdlib"], ["--data", "stdlib", "stdlib"]),
+    "budget": ("4xH200", ["--budget", "4xH200"]), "tp": (3, ["--tp", "3"]), "dtype": ("fp8", ["--dtype", "fp8"]),
+    "speedup": (1.7, ["--speedup", "1.7"]), "throughput": (50.0, ["--throughput", "50"]),
+    "memory": (30.0, ["--memory", "30"]), "scenario": ("prefill", ["--scenario", "prefill"]),
+    "batch": (3, ["--batch", "3"]), "context": (333, ["--context", "333"]), "solver": ("pulp", ["--solver", "pulp"]),
+    "constraints": (["layer[0] == parent"], ["--constraint", "layer[0] == parent"]),
+    "calibrate": (True, ["--calibrate"]), "baselines": (["shortgpt"], ["--baselines", "shortgpt"]),
+    "preset": ("full", ["--preset", "full"]), "bld_tokens": (1234, ["--bld-tokens", "1234"]),
+    "score_sequences": (5, ["--score-sequences", "5"]), "score_seq_len": (77, ["--score-seq-len", "77"]),
+    "fuse_threshold": (0.05, ["--fuse-threshold", "0.05"]), "fuse_sequences": (6, ["--fuse-sequences", "6"]),
+    "fuse_distill_steps": (7, ["--fuse-distill-steps", "7"]), "gkd_steps": (9, ["--gkd-steps", "9"]),
+    "gkd_batch": (3, ["--gkd-batch", "3"]), "eval_sequences": (11, ["--eval-sequences", "11"]),
+    "measure_speed": (False, ["--no-speed"]), "seed": (5, ["--seed", "5"]),
+}
+
+
+def _plan_json(capsys, argv: list[str]) -> dict:
+    main(["plan", "--json", *argv])
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("name", [f.name for f in settings_fields() if f.name != "model"])
+def test_yaml_then_flag_equals_keyword_override_for_every_setting(name, tmp_path, smol_shape, capsys):
+    assert set(FLAG_VALUES) == {f.name for f in settings_fields()}, "every setting needs a flag"
+    value, flag = FLAG_VALUES[name]
+    base = {"model": smol_shape, "budget": "8xH100", "speedup": 1.3, "gkd_steps": 4, "batch": 2}
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(base))
+    out = ["--out", str(tmp_path / "run")]
+    cli = _plan_json(capsys, ["--config", str(path), *flag, *out])
+    plan = resolve(SearchConfig.from_file(path).merge({name: value}))
+    values = {k: v["value"] for k, v in cli["settings"].items()}
+    assert values == json.loads(json.dumps(plan.values()))
+    assert cli["target"] == plan.target.to_dict()
+    assert cli["settings"][name]["source"] == "flag"
+    assert plan.settings[name].source == "keyword"
+    expected = list(value) if isinstance(value, (list, tuple)) else value
+    assert values[name] == expected
+
+
+def test_bad_values_are_one_line_config_errors(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="speedup must be a number, got 'fast'"):
+        SearchConfig.from_dict({"speedup": "fast"})
+    path = tmp_path / "bad.yaml"
+    path.write_text("speedup: fast\n")
+    assert main(["plan", "--config", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "speedup must be a number" in err and "Traceback" not in err
+    for bad in ({"gkd_steps": -1}, {"batch": 0}, {"calibrate": "yes"}, {"preset": "huge"}, {"tp": 1.5},
+                {"speedup": float("nan")}, {"bogus": 1}):
+        with pytest.raises(ConfigError):
+            SearchConfig.from_dict(bad)
+
+
+def test_plan_json_has_settings_target_and_stages(tmp_path, smol_shape, capsys):
+    doc = _plan_json(capsys, ["--model", smol_shape, "--out", str(tmp_path / "run")])
+    assert doc["settings"]["speedup"] == {"value": 1.5, "source": "default"}
+    assert doc["settings"]["gkd_steps"] == {"value": 16, "source": "preset"}
+    assert doc["settings"]["model"]["source"] == "flag"
+    assert set(doc["target"]) >= {"accelerator", "count", "tensor_parallel", "replicas", "dtype"}
+    assert doc["feasibility"]["feasible"] is True and doc["feasibility"]["max_speedup"] > 1.5
+    # only config.json: the plan is printed, the run is refused (no weights), nothing is written
+    assert "no weights" in doc["problem"] and doc["stages"] == []
+    assert not (tmp_path / "run").exists()
