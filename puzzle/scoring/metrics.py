@@ -36,7 +36,7 @@ class TokenSums:
 
     def add(self, parent_logp: torch.Tensor, child_logp: torch.Tensor, labels: torch.Tensor) -> None:
         """Accumulate one chunk: log-probs (B, T', V) float32, labels (B, T') int64 (the next tokens)."""
-        kl = (parent_logp.exp() * (parent_logp - child_logp)).sum(-1)  # (B, T')
+        kl = (parent_logp.exp() * (parent_logp - child_logp)).sum(-1).clamp_min(0.0)  # (B, T'), >= 0
         idx = labels.unsqueeze(-1)  # (B, T', 1)
         self.kl += float(kl.double().sum())
         self.child_nll -= float(child_logp.gather(-1, idx).double().sum())

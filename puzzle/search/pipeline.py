@@ -284,6 +284,8 @@ def search(config: SearchConfig | Plan, run_dir: str | Path, *, progress: bool =
         # a shared root may be in use by another search right now: only leftovers older than an hour go
         for path, size in clean_temporaries(root, min_age_s=0.0 if root == run_dir else 3600.0):
             log.warning("removed %s (%.1f MiB) left by an interrupted run", path, size / 2**20)
+    if shared != run_dir and not (shared / RUN_FILE).is_file():  # marks it as a run directory for later preflights
+        atomic_write_json(shared / RUN_FILE, {"puzzle": __version__, "shared": SHAREABLE})
     atomic_write_json(run_dir / PLAN_FILE, plan.to_dict())
     atomic_write_json(run_dir / RUN_FILE, {"puzzle": __version__, "config": plan.config.to_dict(),
                                            "settings": plan.values()})

@@ -191,3 +191,14 @@ def test_plan_json_has_settings_target_and_stages(tmp_path, smol_shape, capsys):
     # only config.json: the plan is printed, the run is refused (no weights), nothing is written
     assert "no weights" in doc["problem"] and doc["stages"] == []
     assert not (tmp_path / "run").exists()
+
+
+def test_profile_picks_a_tensor_parallel_degree_the_model_splits_into(smol_shape, tmp_path, capsys):
+    out = tmp_path / "costs"
+    assert main(["profile", smol_shape, "--target", "1000xH100", "--out", str(out)]) == 0
+    deployment = json.loads((out / "profile.json").read_text())["deployment"]
+    # not tensor parallelism 1000 for 9 query heads: 1, with the other 999 GPUs serving replicas
+    assert (deployment["tensor_parallel"], deployment["replicas"], deployment["count"]) == (1, 1000, 1000)
+    capsys.readouterr()
+    assert main(["profile", smol_shape, "--target", "8xH100", "--tp", "8", "--out", str(tmp_path / "c2")]) == 2
+    assert "valid degrees: 1, 3" in capsys.readouterr().err

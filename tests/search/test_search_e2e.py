@@ -122,18 +122,28 @@ def _ran(lines):
     return [line.split()[1].rstrip(":") for line in lines if not line.endswith("skipped")]
 
 
+@pytest.fixture(scope="module")
+def pristine_run(tiny_text_parent, tmp_path_factory):
+    """A finished run that no test changes (the tests below work on copies of it)."""
+    out = tmp_path_factory.mktemp("pristine") / "run"
+    return search(SearchConfig(model=str(tiny_text_parent), **TINY), out, progress=False).directory
+
+
 @pytest.fixture
-def copied_run(finished_run, tmp_path):
+def copied_run(pristine_run, tmp_path):
     import shutil
 
-    run, _ = finished_run
-    shutil.copytree(run.directory, tmp_path / "copy")
-    return run.directory, tmp_path / "copy"
+    shutil.copytree(pristine_run, tmp_path / "copy")
+    return pristine_run, tmp_path / "copy"
 
 
 def test_a_copied_run_reruns_fully_skipped_without_touching_the_original(copied_run, tiny_text_parent):
+    from puzzle.search import planned_stages, resolve
+
     original, copy = copied_run
     before = _hashes(original)
+    plan = resolve(SearchConfig(model=str(tiny_text_parent), **TINY))
+    assert [r["action"] for r in planned_stages(plan, copy, verify=True)] == ["skip"] * len(STAGES)
     lines: list[str] = []
     again = search(SearchConfig(model=str(tiny_text_parent), **TINY), copy, progress=False, echo=lines.append)
     assert _ran(lines) == [] and len(lines) == len(STAGES)
