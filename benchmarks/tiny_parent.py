@@ -18,7 +18,7 @@ def write_tiny_parent(directory: str | Path, *, layers: int = 3, seed: int = 0) 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from puzzle.io import copy_tokenizer_files
-    from puzzle.loading import resolve_source
+    from puzzle.parents.embedded import embedded_tokenizer
 
     directory = Path(directory)
     torch.manual_seed(seed)
@@ -30,5 +30,5 @@ def write_tiny_parent(directory: str | Path, *, layers: int = 3, seed: int = 0) 
             if "norm" in name:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
     model.save_pretrained(directory)
-    copy_tokenizer_files(resolve_source("smollm2-135m").directory, directory)
+    copy_tokenizer_files(embedded_tokenizer("smollm2-135m"), directory)  # no weight conversion needed
     return directory

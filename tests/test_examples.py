@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import requires_smollm2
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.slow  # SmolLM2 in a subprocess
 @requires_smollm2
 def test_handmade_child(tmp_path, smollm2_source):
     proc = subprocess.run(

@@ -99,6 +99,37 @@ def resolve_embedded(name: str) -> Path:
     return target
 
 
+def embedded_tokenizer(name: str) -> Path:
+    """A directory with the tokenizer files of an embedded parent, without converting its weights.
+
+    The parent's full cache when it exists; otherwise a tokenizer-only cache read from the GGUF's
+    metadata (seconds, where the whole conversion takes most of a minute).
+    """
+    key = canonical_name(name)
+    if key is None:
+        raise KeyError(name)
+    gguf = gguf_path(EMBEDDED[key])
+    full = cache_root() / "parents" / key
+    stamp = _stamp(gguf)
+    for directory in (full, cache_root() / "tokenizers" / key):
+        try:
+            if json.loads((directory / "puzzle_cache.json").read_text()) == stamp:
+                return directory
+        except (OSError, json.JSONDecodeError):
+            pass
+    from transformers import AutoTokenizer
+
+    target = cache_root() / "tokenizers" / key
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # gguf parsing errors come in many types
+        raise CorruptArtifactError(f"cannot read {gguf}: {e}") from e
+    with atomic_directory(target, overwrite=True) as tmp:
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "puzzle_cache.json", stamp)
+    return target
+
+
 def _convert(gguf: Path, target: Path, stamp: dict[str, object]) -> None:
     import torch
     from safetensors.torch import save_file

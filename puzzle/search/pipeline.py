@@ -305,7 +305,8 @@ def search(config: SearchConfig | Plan, run_dir: str | Path, *, progress: bool =
             if result.skipped:
                 what = "up to date, skipped"
             else:
-                what = f"done in {result.seconds:.0f} s" + (f" ({result.reason})" if result.reason else "")
+                why = result.reason if result.reason and not result.reason.endswith("never completed") else ""
+                what = f"done in {result.seconds:.0f} s" + (f" ({why})" if why else "")
             echo(f"[{k}/{len(stages)}] {stage}: {what}")
     write_report(run, ctx)
     return run

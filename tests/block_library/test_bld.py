@@ -39,6 +39,7 @@ def trained(built, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # builds or trains a library
 def test_build_writes_the_table_and_files(built):
     lib = open_library(built)
     t = lib.table
@@ -54,6 +55,7 @@ def test_build_writes_the_table_and_files(built):
         assert s.init_val_nmse.is_monotonic_decreasing
 
 
+@pytest.mark.slow  # builds or trains a library
 def test_no_op_nmse_is_the_parents_relative_output_energy(built, tiny_text_parent):
     from puzzle.data import load_sequences
     from puzzle.loading import load_model, load_tokenizer
@@ -80,6 +82,7 @@ def test_no_op_nmse_is_the_parents_relative_output_energy(built, tiny_text_paren
         assert got == pytest.approx(energy, rel=1e-5)
 
 
+@pytest.mark.slow  # builds or trains a library
 def test_training_lowers_every_validation_nmse(trained):
     lib = open_library(trained)
     t = lib.table
@@ -97,6 +100,7 @@ def test_training_lowers_every_validation_nmse(trained):
     assert not (trained / "bld" / "ckpt").exists()  # cleaned up once done
 
 
+@pytest.mark.slow  # builds or trains a library
 def test_resume_after_a_kill_reproduces_an_uninterrupted_run(built, trained, tmp_path):
     """Kill -9 a training process after step 3 (checkpoint at step 2), rerun, compare bit for bit."""
     lib = tmp_path / "lib"
@@ -125,6 +129,7 @@ def test_resume_after_a_kill_reproduces_an_uninterrupted_run(built, trained, tmp
     pd.testing.assert_frame_equal(open_library(trained).table, open_library(lib).table)
 
 
+@pytest.mark.slow  # builds or trains a library
 def test_two_processes_build_the_same_library_as_one(tiny_text_parent, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     import yaml
@@ -148,6 +153,7 @@ def test_two_processes_build_the_same_library_as_one(tiny_text_parent, tmp_path)
             torch.testing.assert_close(x[k], y[k], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # builds or trains a library
 def test_assemble_parent_architecture_gives_the_parents_logits(trained, tiny_text_parent):
     from puzzle.loading import load_model
 
@@ -168,6 +174,7 @@ def test_assemble_parent_architecture_gives_the_parents_logits(trained, tiny_tex
         lib.assemble([BlockConfig(attention=AttentionConfig.gqa(2), ffn=FFNConfig.swiglu(50))] * 3)
 
 
+@pytest.mark.slow  # builds or trains a library
 def test_bad_input_is_a_clear_error(built, tiny_text_parent, tmp_path):
     with pytest.raises(ConfigError, match="already holds a block library"):
         build_library(str(tiny_text_parent), built, tiny_config(), progress=False)
@@ -220,6 +227,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
 
 
+@pytest.mark.slow  # builds or trains a library
 def test_cli_build_train_show_inspect(tiny_text_parent, tmp_path, capsys):
     import yaml
 

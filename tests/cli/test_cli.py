@@ -66,6 +66,7 @@ def test_bad_input_exits_2_with_one_line(argv, message, capsys):
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
 
+@pytest.mark.slow  # SmolLM2 in a subprocess
 @requires_smollm2
 def test_console_script_inspects_the_embedded_parent(smollm2_source):
     exe = shutil.which("puzzle")

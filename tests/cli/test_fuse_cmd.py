@@ -23,6 +23,7 @@ def _logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits
 
 
+@pytest.mark.slow  # about 10 s
 def test_fuse_by_hand_on_a_tiny_parent(tiny_text_parent, tmp_path, capsys):
     out = tmp_path / "fused"
     assert main(["fuse", str(tiny_text_parent), "--no-attention", "1-2", "--segments", "1-2", "--out", str(out),

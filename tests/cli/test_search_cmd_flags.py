@@ -18,17 +18,18 @@ def test_flags_parse_into_the_config():
     assert cfg.constraints == ("layer[0] == parent", "count(attention != no_op) >= 2")
     assert cfg.baselines == ("uniform_ffn", "shortgpt") and cfg.calibrate is False
     plain = _config()
-    assert (plain.constraints, plain.baselines, plain.calibrate) == ((), (), False)  # 8xH100: not calibrated here
-    assert _config("--calibrate").calibrate is True and _config("--budget", "cpu").calibrate is True
+    assert plain.given() == []  # nothing said: the plan fills in every default
+    assert _config("--calibrate").calibrate is True and _config("--budget", "cpu").calibrate is None
 
 
 def test_flags_replace_the_config_file_and_a_new_budget_rederives_calibrate(tmp_path):
     (tmp_path / "s.yaml").write_text("budget: cpu\nconstraints: ['layer[1] == parent']\nbaselines: [shortgpt]\n")
     from_file = _config("--config", str(tmp_path / "s.yaml"))
     assert (from_file.constraints, from_file.baselines, from_file.calibrate) == (("layer[1] == parent",),
-                                                                                  ("shortgpt",), True)
+                                                                                  ("shortgpt",), None)
     cfg = _config("--config", str(tmp_path / "s.yaml"), "--constraint", "layer[0] == parent", "--budget", "8xH100")
-    assert cfg.constraints == ("layer[0] == parent",) and cfg.baselines == ("shortgpt",) and cfg.calibrate is False
+    assert cfg.constraints == ("layer[0] == parent",) and cfg.baselines == ("shortgpt",) and cfg.calibrate is None
+    assert (cfg.origin["constraints"], cfg.origin["baselines"]) == ("flag", "file")
 
 
 def test_an_unknown_baseline_is_refused_by_argparse(capsys):

@@ -19,6 +19,7 @@ from tests.evaluation.test_tasks import EXAMPLE
 SPEED = ["--speed", "--scenario", "prefill:batch=1,prompt=16", "decode:batch=2,context=16"]
 
 
+@pytest.mark.slow  # about 15 s
 def test_cli_model_against_itself(tiny_text_parent, tmp_path, capsys):
     out = tmp_path / "eval"
     argv = ["evaluate", str(tiny_text_parent), "--parent", str(tiny_text_parent), "--sequences", "2",

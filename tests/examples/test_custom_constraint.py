@@ -15,6 +15,8 @@ from solvers import InfeasibleError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "custom_constraint.py"
 
+pytestmark = pytest.mark.slow  # a whole search on a 6-layer parent (about 50 s)
+
 
 @pytest.fixture(scope="module")
 def example():

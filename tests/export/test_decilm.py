@@ -98,6 +98,7 @@ def _remote_logits(out: Path, ids: torch.Tensor, tmp_path: Path) -> dict:
     return load_file(str(tmp_path / "out.safetensors"))
 
 
+@pytest.mark.slow  # about 10 s
 def test_trust_remote_code_load_without_puzzle_gives_same_logits(tmp_path):
     model, out = _export_hetero(tmp_path, tie_word_embeddings=True)
     ids = torch.randint(0, 128, (2, 24))

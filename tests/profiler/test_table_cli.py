@@ -80,13 +80,13 @@ def test_profile_cli_writes_a_table_the_solver_reads(capsys, tiny_llama_dir, tmp
                  "--scenario", "decode:batch=4,context=512", "--scenario", "p=prefill:batch=1,prompt=128",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "2xH200:fp8" in printed and "parent, decode" in printed
+    assert "2xH200:tp1:fp8" in printed and "parent, decode" in printed  # 4 heads, 2 KV heads: tp 1 fits
     table = pd.read_csv(out / "costs.csv")
     assert {"decode_ms", "p_ms", "params", "weight_bytes", "kv_bytes_per_token", "is_parent"} <= set(table.columns)
     meta = json.loads((out / "profile.json").read_text())
-    assert meta["target"] == "2xH200:fp8" and meta["candidates"] == int((table.layer >= 0).sum())
-    assert meta["scenarios"][0] == {"name": "decode", "phase": "decode", "batch": 4, "length": 512, "replicas": 1}
-    assert Scenario.from_dict(meta["scenarios"][1]) == parse_scenario("p=prefill:batch=1,prompt=128")
+    assert meta["target"] == "2xH200:tp1:fp8" and meta["deployment"]["replicas"] == 2 and meta["candidates"] == int((table.layer >= 0).sum())
+    assert meta["scenarios"][0] == {"name": "decode", "phase": "decode", "batch": 4, "length": 512, "replicas": 2}
+    assert Scenario.from_dict(meta["scenarios"][1]) == parse_scenario("p=prefill:batch=1,prompt=128,replicas=2")
     # fp8 halves GEMM weight bytes relative to bf16 (norms stay 16-bit)
     bf16 = tmp_path / "bf16"
     assert main(["profile", str(tiny_llama_dir), "--target", "2xH200", "--out", str(bf16)]) == 0

@@ -26,20 +26,25 @@ def test_calling_the_module_runs_a_search_with_overrides(calls, tmp_path):
     out = puzzle.search(run_dir=tmp_path / "x", budget="cpu", speedup=1.7, constraints=["layer[0] == parent"],
                         progress=False, echo=print)
     cfg, run_dir, kw = calls[0]
-    assert out == "run" and run_dir == tmp_path / "x" and kw == {"progress": False, "echo": print}
-    assert (cfg.budget, cfg.speedup, cfg.constraints, cfg.calibrate) == ("cpu", 1.7, ("layer[0] == parent",), True)
+    assert out == "run" and run_dir == tmp_path / "x"
+    assert kw == {"progress": False, "echo": print, "verify": False, "force": False}
+    assert (cfg.budget, cfg.speedup, cfg.constraints) == ("cpu", 1.7, ("layer[0] == parent",))
+    assert cfg.calibrate is None and cfg.origin["speedup"] == "keyword"  # only what was said; the plan derives the rest
     puzzle.search(SearchConfig(budget="1xH200"))  # a config object, positional, and the default run dir
     assert calls[1][0] == SearchConfig(budget="1xH200") and str(calls[1][1]) == "runs/search"
 
 
-def test_overrides_of_a_config_undo_only_what_it_derived(calls):
-    base = SearchConfig(budget="8xH100", bld_tokens=2048)
+def test_overrides_keep_what_was_said_and_the_plan_derives_the_rest(calls, tiny_llama_dir):
+    from puzzle.search import resolve
+
+    base = SearchConfig(model=str(tiny_llama_dir), budget="8xH100", bld_tokens=2048, gkd_steps=16)
     run_search(base, "r", throughput=500.0, preset="full")
-    cfg = calls[0][0]
-    assert cfg.speedup is None and cfg.throughput == 500.0  # the default speedup gave way to the new budget
-    assert cfg.bld_tokens == 2048 and cfg.gkd_steps == 200  # explicit sizes kept, preset sizes re-derived
+    plan = resolve(calls[0][0])
+    assert plan.speedup is None and plan.throughput == 500.0  # no default speedup next to a given budget
+    assert (plan.bld_tokens, plan.gkd_steps, plan.eval_sequences) == (2048, 16, 16)  # said sizes kept, others preset
+    assert plan.settings["gkd_steps"].source == "keyword" and plan.settings["eval_sequences"].source == "preset"
     run_search(SearchConfig(speedup=2.0), "r", memory=20.0)
-    assert (calls[1][0].speedup, calls[1][0].memory) == (2.0, 20.0)  # a speedup that was not a default stays
+    assert (calls[1][0].speedup, calls[1][0].memory) == (2.0, 20.0)  # a given speedup stays next to a new budget
 
 
 def test_an_unknown_override_or_a_bad_constraint_is_a_config_error(calls):
@@ -67,11 +72,12 @@ def test_import_puzzle_is_light_and_search_loads_on_first_use():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_a_new_budget_rederives_its_defaults():
-    from puzzle.search.api import _merge
+def test_a_new_budget_rederives_its_defaults(tiny_llama_dir):
+    from puzzle.search import resolve
 
-    gpu = SearchConfig(budget="8xH100")
-    cpu = SearchConfig.from_dict(_merge(gpu, {"budget": "cpu"}))
+    gpu = SearchConfig(model=str(tiny_llama_dir), budget="8xH100")
+    cpu = resolve(gpu.merge({"budget": "cpu"}))
     assert (cpu.calibrate, cpu.fuse_threshold) == (True, 0.0)
-    kept = SearchConfig.from_dict(_merge(SearchConfig(budget="8xH100", fuse_threshold=0.3), {"budget": "cpu"}))
+    assert (cpu.settings["calibrate"].source, cpu.settings["fuse_threshold"].source) == ("derived", "derived")
+    kept = resolve(gpu.merge({"fuse_threshold": 0.3}).merge({"budget": "cpu"}))
     assert kept.fuse_threshold == 0.3
