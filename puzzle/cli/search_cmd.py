@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from puzzle.search.config import BASELINES, SearchConfig
 
