@@ -55,6 +55,18 @@ def tiny_parent_factory(tmp_path_factory):
     return factory
 
 
+@pytest.fixture
+def fake_cpu_peaks(tmp_path_factory, monkeypatch):
+    """A hermetic cache and stand-in peaks for the cpu target, whose first real measurement takes minutes."""
+    from puzzle.profiler import cpu
+
+    monkeypatch.setenv("PUZZLE_CACHE_DIR", str(tmp_path_factory.mktemp("cpu_cache")))
+    monkeypatch.setattr(cpu, "_MEMO", {})
+    monkeypatch.setattr(cpu, "measure_cpu_peaks", lambda **kw: {
+        "fp32_flops": 1e11, "bandwidth": 2e10, "kernel_overhead_us": 3.0, "threads": 1, "cpu": "fake",
+        "torch": torch.__version__})
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tiny_parent_factory) -> Path:
     return tiny_parent_factory("llama")
@@ -224,6 +236,7 @@ class _SmolLM2Guard:
         guard = self
         load_file, safe_open = safetensors.torch.load_file, safetensors.safe_open
         resolve_embedded, gguf_path = embedded.resolve_embedded, embedded.gguf_path
+        embedded_tokenizer = embedded.embedded_tokenizer
 
         @functools.wraps(load_file)
         def guarded_load_file(filename, *args, **kwargs):
@@ -241,6 +254,14 @@ class _SmolLM2Guard:
             guard._resolving += 1
             try:
                 return resolve_embedded(*args, **kwargs)
+            finally:
+                guard._resolving -= 1
+
+        @functools.wraps(embedded_tokenizer)
+        def guarded_embedded_tokenizer(*args, **kwargs):  # reads only the GGUF's tokenizer metadata
+            guard._resolving += 1
+            try:
+                return embedded_tokenizer(*args, **kwargs)
             finally:
                 guard._resolving -= 1
 
@@ -263,6 +284,7 @@ class _SmolLM2Guard:
         self._patch.setattr(safetensors, "safe_open", guarded_safe_open)
         self._patch.setattr(embedded, "resolve_embedded", guarded_resolve_embedded)
         self._patch.setattr(embedded, "gguf_path", guarded_gguf_path)
+        self._patch.setattr(embedded, "embedded_tokenizer", guarded_embedded_tokenizer)
 
     def uninstall(self) -> None:
         self._patch.undo()

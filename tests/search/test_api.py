@@ -72,7 +72,7 @@ def test_import_puzzle_is_light_and_search_loads_on_first_use():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_a_new_budget_rederives_its_defaults(tiny_llama_dir):
+def test_a_new_budget_rederives_its_defaults(tiny_llama_dir, fake_cpu_peaks):
     from puzzle.search import resolve
 
     gpu = SearchConfig(model=str(tiny_llama_dir), budget="8xH100")

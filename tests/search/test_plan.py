@@ -40,7 +40,7 @@ def smol_shape(tmp_path) -> str:
 # ------------------------------------------------------------------------------------- the target
 
 
-def test_1xcpu_is_the_cpu_target_everywhere(smol_shape):
+def test_1xcpu_is_the_cpu_target_everywhere(smol_shape, fake_cpu_peaks):
     cpu, one = resolve(SearchConfig(model=smol_shape, budget="cpu")), resolve(SearchConfig(model=smol_shape,
                                                                                           budget="1xcpu"))
     for plan in (cpu, one):
