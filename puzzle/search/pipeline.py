@@ -222,8 +222,9 @@ def stage_key(plan: Plan, stage: str, upstream: dict[str, str], parent_fingerpri
         return {"export": up["export"], "sequences": p.eval_sequences, "speed": p.measure_speed,
                 "scenarios": [sc.to_dict() for sc in p.scenarios]}
     # baselines: the same budget on the same costs, the same GKD and evaluation; the puzzle child to time against
-    return {"bld": up["bld"], "profile": up["profile"], "evaluate": up["evaluate"], "names": list(p.baselines),
-            **limits, "gkd": [p.gkd_steps, p.gkd_batch, p.seed], "speed": p.measure_speed}
+    return {"bld": up["bld"], "score": up["score"], "profile": up["profile"], "evaluate": up["evaluate"],
+            "names": list(p.baselines), **limits, "gkd": [p.gkd_steps, p.gkd_batch, p.seed], "data": list(p.data),
+            "sequences": [p.fuse_sequences, p.eval_sequences], "speed": p.measure_speed}
 
 
 def stage_names(plan: Plan) -> tuple[str, ...]:

@@ -164,10 +164,10 @@ def resolve(config: SearchConfig | None = None) -> Plan:
     settings.setdefault("speedup", Setting(None, "default"))
     v = {k: s.value for k, s in settings.items()}
 
+    target = parse_target(v["budget"], dtype=config.dtype)  # a misspelled target fails before the model is read
     source = resolve_source(v["model"])
     parent = load_config(source)
     shape = ModelShape.from_config(parent)
-    target = parse_target(v["budget"], dtype=config.dtype)
     memory_bytes = None if v["memory"] is None else v["memory"] * 2**30
     target = choose_tensor_parallel(target, shape, parent.blocks, batch=v["batch"], context=v["context"],
                                     memory_bytes=memory_bytes, tp=config.tp)
