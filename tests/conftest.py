@@ -249,21 +249,17 @@ class _SmolLM2Guard:
             guard._check_weights(filename, "safetensors.safe_open")
             return safe_open(filename, *args, **kwargs)
 
-        @functools.wraps(resolve_embedded)
-        def guarded_resolve_embedded(*args, **kwargs):
-            guard._resolving += 1
-            try:
-                return resolve_embedded(*args, **kwargs)
-            finally:
-                guard._resolving -= 1
+        def allowed(fn):  # resolving the parent, or reading only the GGUF's tokenizer metadata, may find its GGUF
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                guard._resolving += 1
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    guard._resolving -= 1
+            return wrapper
 
-        @functools.wraps(embedded_tokenizer)
-        def guarded_embedded_tokenizer(*args, **kwargs):  # reads only the GGUF's tokenizer metadata
-            guard._resolving += 1
-            try:
-                return embedded_tokenizer(*args, **kwargs)
-            finally:
-                guard._resolving -= 1
+        guarded_resolve_embedded, guarded_embedded_tokenizer = allowed(resolve_embedded), allowed(embedded_tokenizer)
 
         @functools.wraps(gguf_path)
         def guarded_gguf_path(*args, **kwargs):

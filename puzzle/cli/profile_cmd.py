@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     config, candidates = layer_candidates(args.source, space=space)
     shape = ModelShape.from_config(config)
     sized = next((s for s in scenarios if s.phase == "decode"), scenarios[0])  # the KV cache the fit must hold
-    target = choose_tensor_parallel(target, shape, config.blocks, batch=sized.batch, context=sized.kv_tokens,
+    target = choose_tensor_parallel(target, shape, config.blocks, batch=sized.batch, kv_tokens=sized.kv_tokens,
                                     tp=args.tp)
     scenarios = [dataclasses.replace(s, replicas=target.replicas) for s in scenarios]
     if args.calibration or args.measure:

@@ -51,16 +51,16 @@ def valid_tensor_parallel(count: int, *, num_attention_heads: int, blocks: Seque
 
 
 def memory_per_device(shape: ModelShape, blocks: Sequence[BlockConfig], *, dtype: str, tp: int, batch: int,
-                      context: int) -> float:
-    """Bytes on the most loaded rank: weights plus the KV cache of ``batch`` sequences of ``context`` tokens."""
+                      kv_tokens: int) -> float:
+    """Bytes on the most loaded rank: weights plus the KV cache of ``batch`` sequences of ``kv_tokens`` tokens."""
     weights = fixed_weight_bytes(shape, dtype=dtype, tp=tp)
     weights += sum(block_weight_bytes(shape, b, dtype=dtype, tp=tp) for b in blocks)
-    kv = sum(kv_bytes_per_token(shape, b, dtype=dtype, tp=tp) for b in blocks) * batch * context
+    kv = sum(kv_bytes_per_token(shape, b, dtype=dtype, tp=tp) for b in blocks) * batch * kv_tokens
     return weights + kv
 
 
 def choose_tensor_parallel(target: Target, shape: ModelShape, blocks: Sequence[BlockConfig], *, batch: int,
-                           context: int, memory_bytes: float | None = None, tp: int | None = None) -> Target:
+                           kv_tokens: int, memory_bytes: float | None = None, tp: int | None = None) -> Target:
     """``target`` with its tensor-parallel degree chosen for this model (or ``tp``, checked).
 
     The smallest valid degree at which the model fits ``memory_bytes`` per device (default: 90% of
@@ -81,7 +81,7 @@ def choose_tensor_parallel(target: Target, shape: ModelShape, blocks: Sequence[B
         return target.with_tensor_parallel(tp)
     limit = memory_bytes if memory_bytes is not None else MEMORY_MARGIN * target.accelerator.memory_bytes
     for degree in valid:
-        need = memory_per_device(shape, blocks, dtype=target.dtype, tp=degree, batch=batch, context=context)
+        need = memory_per_device(shape, blocks, dtype=target.dtype, tp=degree, batch=batch, kv_tokens=kv_tokens)
         if need <= limit:
             return target.with_tensor_parallel(degree)
     return target.with_tensor_parallel(valid[-1])

@@ -30,8 +30,9 @@ TEMPORARY_DIRS = (".*.building",)
 """Names of directories under construction (``build_library``'s ``.lib.building``)."""
 
 
-def _absolute(root: Path | str) -> Path:
-    return Path(root).expanduser().resolve()
+def absolute(root: Path | str) -> Path:
+    """``root`` made absolute without resolving symlinks (the run directory as the user named it)."""
+    return Path(os.path.abspath(root))
 
 
 def record_files(root: Path, patterns: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -42,7 +43,7 @@ def record_files(root: Path, patterns: Sequence[str]) -> dict[str, dict[str, Any
 
 def matching_files(root: Path, patterns: Sequence[str]) -> list[str]:
     """The sorted relative paths of the files under ``root`` that ``patterns`` name (module docstring)."""
-    root = _absolute(root)
+    root = absolute(root)
     include = [p for p in patterns if not p.startswith("!")]
     exclude = [_regex(p[1:].strip("/")) for p in patterns if p.startswith("!")]
     found: set[str] = set()
@@ -137,7 +138,7 @@ def clean_temporaries(root: Path, *, min_age_s: float = 0.0) -> list[tuple[Path,
     Nothing else is touched, and other hidden directories are not entered. ``min_age_s``: keep
     anything modified more recently (another run sharing ``root`` may be writing it now).
     Returns ``(path, bytes)`` of what was removed."""
-    root = _absolute(root)
+    root = absolute(root)
     removed: list[tuple[Path, int]] = []
     now = time.time()
     for dirpath, dirnames, filenames in os.walk(root):

@@ -24,7 +24,7 @@ from puzzle.io import atomic_write_text
 from puzzle.search.config import SearchConfig
 
 
-def _rows_of(run: object, cfg: SearchConfig) -> pd.DataFrame:
+def _rows_of(run: object) -> pd.DataFrame:
     if run.plan.baselines:  # type: ignore[attr-defined]
         return pd.read_csv(run.stages["baselines"].outputs["table"])  # type: ignore[attr-defined]
     df = run.report.copy()  # type: ignore[attr-defined]
@@ -48,7 +48,7 @@ def search_frontier(cfg: SearchConfig, run_dir: str | Path, speedups: Sequence[f
         if echo is not None:
             echo(f"== speedup >= {x:g} on {c.budget or 'the default target'} ({c.scenario or 'decode'})")
         run = search(c, run_dir / f"speedup-{x:g}", progress=progress, echo=echo, shared_dir=run_dir / "shared")
-        df = _rows_of(run, c)
+        df = _rows_of(run)
         df.insert(0, "target_speedup", float(x))
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)

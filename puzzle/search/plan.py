@@ -17,6 +17,7 @@ reads the plan; nothing downstream parses a flag or a hardware string again.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -168,18 +169,19 @@ def resolve(config: SearchConfig | None = None) -> Plan:
     source = resolve_source(v["model"])
     parent = load_config(source)
     shape = ModelShape.from_config(parent)
+    phase = v["scenario"]
+    other = "prefill" if phase == "decode" else "decode"
+    budget_sc = Scenario(name=phase, phase=phase, batch=v["batch"], length=v["context"])
     memory_bytes = None if v["memory"] is None else v["memory"] * 2**30
-    target = choose_tensor_parallel(target, shape, parent.blocks, batch=v["batch"], context=v["context"],
-                                    memory_bytes=memory_bytes, tp=config.tp)
+    target = choose_tensor_parallel(target, shape, parent.blocks, batch=budget_sc.batch,
+                                    kv_tokens=budget_sc.kv_tokens, memory_bytes=memory_bytes, tp=config.tp)
     derived = {"dtype": target.dtype, "tp": target.tp, "calibrate": target.is_cpu,
                "fuse_threshold": 0.0 if target.is_cpu else 0.2}
     for name, value in derived.items():
         settings.setdefault(name, Setting(value, "derived"))
     settings = {f.name: settings[f.name] for f in settings_fields()}  # field order
 
-    phase = v["scenario"]
-    other = "prefill" if phase == "decode" else "decode"
-    scenarios = (Scenario(name=phase, phase=phase, batch=v["batch"], length=v["context"], replicas=target.replicas),
+    scenarios = (dataclasses.replace(budget_sc, replicas=target.replicas),
                  Scenario(name=other, phase=other, batch=OTHER_PHASE_BATCH[other], length=v["context"],
                           replicas=target.replicas))
     limits = Budget(speedup=settings["speedup"].value, throughput=v["throughput"], memory_bytes=memory_bytes)
@@ -193,7 +195,8 @@ def resolve(config: SearchConfig | None = None) -> Plan:
                 feasibility=feasibility, parent=summary)
 
 
-def _feasibility(model_dir: Any, shape: Any, target: Any, scenario: Any, limits: Any, *, approximate: bool) -> Feasibility:
+def _feasibility(model_dir: Any, shape: Any, target: Any, scenario: Any, limits: Any, *,
+                 approximate: bool) -> Feasibility:
     """The cheapest child of the default search space against the parent, on ``target`` in ``scenario``."""
     from puzzle.profiler.table import cost_table, layer_candidates
 

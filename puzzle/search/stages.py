@@ -62,10 +62,10 @@ from typing import Any
 import puzzle
 from puzzle.errors import CorruptArtifactError
 from puzzle.io import atomic_write_json, read_json_file
-from puzzle.search.files import MANIFEST, clean_temporaries, file_sha256, matching_files, record_files
+from puzzle.search.files import MANIFEST, absolute, clean_temporaries, file_sha256, matching_files, record_files
 
-__all__ = ["MANIFEST", "StageCheck", "StageResult", "clean_temporaries", "inspect_stage", "key_sha256", "matching_files",
-           "read_stage", "record_files", "run_stage"]
+__all__ = ["MANIFEST", "StageCheck", "StageResult", "clean_temporaries", "inspect_stage", "key_sha256",
+           "matching_files", "read_stage", "record_files", "run_stage"]
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def inspect_stage(root: Path, name: str, key: Mapping[str, Any], *, record: Sequ
     :class:`CorruptArtifactError` as :func:`run_stage` would."""
     _patterns(record, name)  # refuse bad patterns here too, before a real run would
     key = stage_key(key)
-    check, _, _ = _check(_absolute(root), name, key_sha256(key), key, verify=verify)
+    check, _, _ = _check(absolute(root), name, key_sha256(key), key, verify=verify)
     return check
 
 
@@ -215,7 +215,7 @@ def run_stage(root: Path, name: str, key: Mapping[str, Any], fn: Callable[[Path]
     sizes. ``fresh``: delete the stage directory before running when its key changed (for stages that
     cannot resume over another key's partial files); resumable stages keep it.
     """
-    root = _absolute(root)
+    root = absolute(root)
     directory = root / name
     patterns = _patterns(record, name)
     key = stage_key(key)
@@ -269,10 +269,6 @@ def outputs_sha256(files: Mapping[str, Mapping[str, Any]], outputs: Mapping[str,
     return key_sha256({"files": listing, "outputs": dict(outputs)})
 
 
-def _absolute(root: Path | str) -> Path:
-    return Path(os.path.abspath(root))
-
-
 def _relative_outputs(root: Path, outputs: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Outputs with path values made relative to ``root``, and the keys that are paths."""
     if not isinstance(outputs, Mapping):
@@ -289,7 +285,7 @@ def _relative_outputs(root: Path, outputs: Mapping[str, Any]) -> tuple[dict[str,
 
 
 def _relative_to_root(root: Path, path: Path, key: str) -> str:
-    path = _absolute(path)
+    path = absolute(path)
     for base, p in ((root, path), (root.resolve(), path.resolve())):  # the second: root reached via a symlink
         try:
             return p.relative_to(base).as_posix() or "."

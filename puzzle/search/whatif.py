@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from puzzle.fusion.runs import Segment, choose_segments, find_runs, fused_blocks
-from puzzle.profiler.counts import (ModelShape, block_params, block_weight_bytes, fixed_params,
-                                    fixed_weight_bytes, kv_bytes_per_token)
+from puzzle.profiler.counts import ModelShape, block_params, fixed_params
+from puzzle.profiler.deployment import memory_per_device as _device_bytes
 from puzzle.profiler.hardware import Target
 from puzzle.profiler.roofline import model_ms
 from puzzle.profiler.scenario import Scenario
@@ -197,10 +197,8 @@ def fuse_all_runs(blocks: Sequence[BlockConfig], *, max_width: int | None) -> li
 def memory_per_device(spec: ParentSpec, blocks: Sequence[BlockConfig], target: Target, decode: Scenario) -> float:
     """Weights + KV cache (decode batch x kv_tokens) + embeddings and head, bytes on the most loaded device
     (each replica has its own devices, so ``decode.replicas`` does not change it)."""
-    shape, tokens = spec.shape(), decode.cache_tokens  # batch * kv_tokens, as the MIP's memory budget
-    per = [block_weight_bytes(shape, b, dtype=target.dtype, tp=target.tp)
-           + tokens * kv_bytes_per_token(shape, b, dtype=target.dtype, tp=target.tp) for b in blocks]
-    return sum(per) + fixed_weight_bytes(shape, dtype=target.dtype, tp=target.tp)
+    return _device_bytes(spec.shape(), blocks, dtype=target.dtype, tp=target.tp, batch=decode.batch,
+                         kv_tokens=decode.kv_tokens)
 
 
 def evaluate(spec: ParentSpec, blocks: Sequence[BlockConfig], target: Target, *, decode: Scenario,

@@ -71,7 +71,8 @@ def test_a_70b_parent_gets_the_smallest_degree_that_fits(tmp_path):
 
     cfg = load_config(plan.parent["directory"])
     shape, limit = ModelShape.from_config(cfg), 0.9 * 80e9
-    need = {tp: memory_per_device(shape, cfg.blocks, dtype="bf16", tp=tp, batch=8, context=1024) for tp in (1, 2, 4, 8)}
+    need = {tp: memory_per_device(shape, cfg.blocks, dtype="bf16", tp=tp, batch=8, kv_tokens=1025)
+            for tp in (1, 2, 4, 8)}  # decode at context 1024 holds 1025 tokens
     assert plan.target.tp == min(tp for tp, b in need.items() if b <= limit)
     assert need[plan.target.tp] <= limit < need[plan.target.tp // 2]
     assert plan.target.replicas == 8 // plan.target.tp
