@@ -74,6 +74,21 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
         raise CorruptArtifactError(f"cannot read {path}: {e} (truncated?)") from None
 
 
+def _runtime_config_json(config: PuzzleConfig) -> dict[str, Any]:
+    """The config.json that :func:`puzzle.loading.save_runtime` writes for ``config``."""
+    from puzzle.loading import runtime_config_dict
+
+    return runtime_config_dict(config)
+
+
+def _tensor_names(path: Path) -> list[str]:
+    from puzzle.io import safetensors_header
+
+    if not path.is_file():
+        raise CorruptArtifactError(f"missing variant file {path}")
+    return [k for k in safetensors_header(path) if k != "__metadata__"]
+
+
 def write_state(state: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (temp file in the same directory, then rename)."""
     import os
@@ -120,8 +135,8 @@ class Library:
         t = self.table
         return list(t[(t.layer == layer) & (t.subblock == subblock)]["variant"])
 
-    def variant_state(self, layer: int, subblock: str, label: str, *, initial: bool = False) -> dict[str, torch.Tensor]:
-        """The module state dict of one variant (empty for a no-op); ``initial``: before BLD."""
+    def variant_file(self, layer: int, subblock: str, label: str, *, initial: bool = False) -> Path | None:
+        """The file of one variant (None for a no-op); ``initial``: before BLD."""
         t = self.table
         row = t[(t.layer == layer) & (t.subblock == subblock) & (t.variant == label)]
         if row.empty:
@@ -130,7 +145,12 @@ class Library:
         file = str(row.iloc[0]["file"])
         if file and initial:
             file = "init/" + Path(file).name
-        return read_state(self.directory / file) if file else {}
+        return self.directory / file if file else None
+
+    def variant_state(self, layer: int, subblock: str, label: str, *, initial: bool = False) -> dict[str, torch.Tensor]:
+        """The module state dict of one variant (empty for a no-op); ``initial``: before BLD."""
+        file = self.variant_file(layer, subblock, label, initial=initial)
+        return read_state(file) if file is not None else {}
 
     def assemble(self, blocks: Sequence[BlockConfig], *, dtype: torch.dtype = torch.float32,
                  initial: bool = False) -> PuzzleForCausalLM:
@@ -140,16 +160,59 @@ class Library:
         """
         from puzzle.model.weights import model_from_state_dict
 
-        parent = self.parent_config
-        if len(blocks) != parent.num_hidden_layers:
-            raise SchemaError(f"the architecture has {len(blocks)} blocks but the library's parent has "
-                              f"{parent.num_hidden_layers} layers")
+        parent = self._check_blocks(blocks)
         state = dict(read_state(self.directory / "shared.safetensors"))
         for i, b in enumerate(blocks):
             for sub, cfg in (("attention", b.attention), ("ffn", b.ffn)):
                 for name, t in self.variant_state(i, sub, cfg.label, initial=initial).items():
                     state[f"model.layers.{i}.{name}"] = t
         return model_from_state_dict(parent.with_blocks(list(blocks)), state, dtype=dtype)
+
+    def _check_blocks(self, blocks: Sequence[BlockConfig]) -> PuzzleConfig:
+        parent = self.parent_config
+        if len(blocks) != parent.num_hidden_layers:
+            raise SchemaError(f"the architecture has {len(blocks)} blocks but the library's parent has "
+                              f"{parent.num_hidden_layers} layers")
+        return parent
+
+    def assemble_to(self, blocks: Sequence[BlockConfig], out_dir: str | Path, *, dtype: torch.dtype | None = torch.float32,
+                    initial: bool = False, overwrite: bool = False) -> Path:
+        """Write the runtime directory of :meth:`assemble` without building the model: the config,
+        the shared and variant tensors copied one at a time (cast to ``dtype``; None keeps the stored
+        one), and the library's tokenizer files, atomically. The same directory as
+        ``save_runtime(self.assemble(blocks, dtype=dtype), out_dir, source=<the library>)``, byte for
+        byte; peak memory is one tensor in flight (:func:`puzzle.export.memory.assembly_peak_bytes`)."""
+        from puzzle.io import (atomic_directory, atomic_write_json, copy_tokenizer_files, save_safetensors_streamed,
+                               stored_dtype)
+        from puzzle.loading import read_tensor
+        from puzzle.model.weights import meta_model, runtime_weight_names
+
+        config = self._check_blocks(blocks).with_blocks(list(blocks))
+        where = self._tensor_sources(blocks, initial=initial)  # runtime name -> (file, stored name)
+        model = meta_model(config)
+        want = runtime_weight_names(model)
+        missing, unexpected = sorted(set(want) - where.keys()), sorted(where.keys() - set(want))
+        if missing or unexpected:
+            raise CorruptArtifactError(f"{self.directory}: the library's tensors do not match the architecture: "
+                                       f"missing {missing[:6]}, unexpected {unexpected[:6]}")
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        specs = {k: (shapes[k], dtype or stored_dtype(*where[k])) for k in want}
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            save_safetensors_streamed(specs, lambda k: read_tensor(*where[k], dtype=specs[k][1]), tmp)
+            atomic_write_json(tmp / "config.json", _runtime_config_json(config))
+            copy_tokenizer_files(self.directory, tmp)
+        return Path(out_dir)
+
+    def _tensor_sources(self, blocks: Sequence[BlockConfig], *, initial: bool) -> dict[str, tuple[Path, str]]:
+        """Where each runtime tensor of the child lives: (file, name in that file), from file headers."""
+        shared = self.directory / "shared.safetensors"
+        where = {k: (shared, k) for k in _tensor_names(shared)}
+        for i, b in enumerate(blocks):
+            for sub, cfg in (("attention", b.attention), ("ffn", b.ffn)):
+                file = self.variant_file(i, sub, cfg.label, initial=initial)
+                if file is not None:
+                    where.update({f"model.layers.{i}.{k}": (file, k) for k in _tensor_names(file)})
+        return where
 
 
 def open_library(directory: str | Path) -> Library:

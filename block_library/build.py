@@ -2,7 +2,9 @@
 
 One streamed parent pass over calibration sequences gathers what the initializers need, each
 variant is initialized by its family (:mod:`block_library.registry`), and one pass over the
-validation sequences scores every initialization. The directory appears only when complete
+validation sequences scores every initialization. Under a memory limit, variants are
+initialized, saved and validated in rounds (:mod:`block_library.rounds`), one validation pass
+each; the result is the same. The directory appears only when complete
 (built under a temporary sibling, then renamed); the parent is never written.
 """
 
@@ -15,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
+from block_library import rounds
 from block_library.artifact import INDEX, INDEX_COLUMNS, MANIFEST, STAGE, is_library, write_state
-from block_library.calibration import StatsCollector
+from block_library.calibration import CalibrationStats, StatsCollector
 from block_library.config import LibraryConfig
 from block_library.distributed import close_shard
 from block_library.registry import family_of, initialize
@@ -42,8 +46,12 @@ def _needs(session: Session) -> dict[int, set[str]]:
 
 
 def build_library(source: str, out_dir: str | Path, config: LibraryConfig | None = None, *,
-                  overwrite: bool = False, progress: bool = True) -> Path:
-    """Build an initialized (untrained) library of ``source`` in ``out_dir``; return its path."""
+                  overwrite: bool = False, progress: bool = True, max_memory_bytes: float | None = None) -> Path:
+    """Build an initialized (untrained) library of ``source`` in ``out_dir``; return its path.
+
+    ``max_memory_bytes``: a rank's memory limit; variants are initialized and validated in as many
+    rounds as it takes to fit (None: one round).
+    """
     config = config or LibraryConfig()
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
@@ -54,14 +62,14 @@ def build_library(source: str, out_dir: str | Path, config: LibraryConfig | None
     session = open_session(source, config)
     if out == session.source.directory.resolve() or session.source.directory.resolve() in out.parents:
         raise ConfigError(f"{out} is inside the parent's directory {session.source.directory}; never write there")
-    shard, bld = session.shard, config.bld
+    shard = session.shard
     tmp = out.with_name(f".{out.name}.building")
     if shard.first:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "init").mkdir(parents=True)
     shard.barrier()
     try:
-        _build_into(session, tmp, out, progress=progress)
+        _build_into(session, tmp, out, progress=progress, max_memory_bytes=max_memory_bytes)
     except BaseException:
         if shard.first:  # leave nothing half-written behind
             shutil.rmtree(tmp, ignore_errors=True)
@@ -71,7 +79,7 @@ def build_library(source: str, out_dir: str | Path, config: LibraryConfig | None
     return out
 
 
-def _build_into(session: Session, tmp: Path, out: Path, *, progress: bool) -> None:
+def _build_into(session: Session, tmp: Path, out: Path, *, progress: bool, max_memory_bytes: float | None) -> None:
     """Calibrate, initialize, validate and write into ``tmp``; rank 0 then moves it to ``out``."""
     shard, config = session.shard, session.config
     bld = config.bld
@@ -92,26 +100,49 @@ def _build_into(session: Session, tmp: Path, out: Path, *, progress: bool) -> No
     collector.count(n * config.data.seq_len)
     bar.close()
 
-    # Initialize every variant from the parent and save it.
-    modules = {}
-    for v in tqdm(session.owned_variants(), desc="initialize", unit="variant", disable=not (progress and shard.first)):
-        m = initialize(session.new_module(v), blocks[v.layer], v, collector.stats)
-        modules[v.key] = m
-        if v.kind != "no_op":
-            write_state(m.state_dict(), tmp / "init" / v.filename)
-
-    # Validation NMSE of every initialization.
+    # Initialize every variant from the parent, save it and score it, in rounds that fit the memory limit.
+    params = {v.key: variant_params(v, session.parent_config)  # every layer's: rank 0 logs all ranks' rounds
+              for l in range(len(session.layer_variants)) for v in session.variants(l)}
+    table = rounds.agree_rounds(session, [(v.key, params[v.key]) for v in session.owned_variants()], max_memory_bytes,
+                                bytes_per_param=rounds.BUILD_BYTES_PER_PARAM, stage="build")  # [rank][round]: keys
+    info = rounds.summary(table, params, bytes_per_param=rounds.BUILD_BYTES_PER_PARAM)
     vids, vn = load_ids(session, "validation", bld.val_sequences)
-    vbar = tqdm(desc="validate", total=-(-vn // bld.batch_size), unit="batch", disable=not (progress and shard.first))
-    val = validate(session, modules, vids, vn, progress=vbar)
-    vbar.close()
+    val: dict[str, float] = {}
+    for k, keys in enumerate(table[shard.rank]):
+        label = f"{k + 1}/{len(info)}"
+        if shard.first:
+            log.info("build round %s: %d variants, %s on the fullest rank", label, info[k]["variants"],
+                     rounds.format_bytes(info[k]["bytes"]))
+        val.update(_build_round(session, set(keys), collector.stats, tmp, vids, vn, label=label, progress=progress))
+        rounds.release(shard.device)
     rows = [_row(v, session, val[v.key]) for v in session.owned_variants()]
     gathered = shard.gather(rows)
     if shard.first:
-        table = pd.DataFrame([r for part in gathered for r in part], columns=INDEX_COLUMNS)
-        _write_rest(session, tmp, table, seconds=time.perf_counter() - t0, calib_tokens=collector.stats.tokens)
+        _write_rest(session, tmp, pd.DataFrame([r for part in gathered for r in part], columns=INDEX_COLUMNS),
+                    seconds=time.perf_counter() - t0, calib_tokens=collector.stats.tokens,
+                    rounds_info={"count": len(info), "sizes": [r["sizes"] for r in info]})
         replace_directory(tmp, out)
-        log.info("library of %d variants written to %s", len(table), out)
+        log.info("library of %d variants written to %s", sum(map(len, gathered)), out)
+
+
+def _build_round(session: Session, keys: set[str], stats: CalibrationStats, tmp: Path, vids: torch.Tensor | None,
+                 vn: int, *, label: str, progress: bool) -> dict[str, float]:
+    """Initialize and save this rank's variants in ``keys``; return the validation NMSE of every one
+    (and 0 for the parent's own sub-blocks). One validation pass: every rank takes part."""
+    show = progress and session.shard.first
+    modules = {}
+    blocks = session.teacher.blocks
+    for v in tqdm([v for v in session.owned_variants() if v.key in keys], desc=f"initialize {label}",
+                  unit="variant", disable=not show):
+        m = initialize(session.new_module(v), blocks[v.layer], v, stats)
+        modules[v.key] = m
+        if v.kind != "no_op":
+            write_state(m.state_dict(), tmp / "init" / v.filename)
+    bs = session.config.bld.batch_size
+    vbar = tqdm(desc=f"validate {label}", total=-(-vn // bs), unit="batch", disable=not show)
+    val = validate(session, modules, vids, vn, progress=vbar)
+    vbar.close()
+    return val
 
 
 def _row(v, session: Session, nmse: float) -> dict[str, Any]:
@@ -120,9 +151,9 @@ def _row(v, session: Session, nmse: float) -> dict[str, Any]:
             "final_val_nmse": nmse, "file": f"init/{v.filename}" if v.kind != "no_op" else ""}
 
 
-def _write_rest(session: Session, tmp: Path, table: pd.DataFrame, *, seconds: float, calib_tokens: int) -> None:
+def _write_rest(session: Session, tmp: Path, table: pd.DataFrame, *, seconds: float, calib_tokens: int,
+                rounds_info: dict[str, Any]) -> None:
     import yaml
-    import torch
 
     cfg = session.config
     atomic_write_text(tmp / INDEX, table.to_csv(index=False))
@@ -139,7 +170,7 @@ def _write_rest(session: Session, tmp: Path, table: pd.DataFrame, *, seconds: fl
                    "fingerprint": parent_fingerprint(session.source)},
         "config": cfg.to_dict(), "config_sha256": cfg.sha256(),
         "build": {"seconds": round(seconds, 2), "calibration_tokens": calib_tokens, "world_size": session.shard.world,
-                  "device": str(session.shard.device), "torch": torch.__version__},
+                  "device": str(session.shard.device), "torch": torch.__version__, "rounds": rounds_info},
         "bld": None,
     })
 

@@ -24,7 +24,7 @@ from block_library.distributed import Shard, init_shard
 from block_library.space import LayerVariants
 from block_library.teacher import Teacher, batches_of, run_pass
 from block_library.variant import Variant, build_module
-from puzzle.loading import Source, load_model, resolve_source
+from puzzle.loading import Source, load_config, load_layers, resolve_source
 from puzzle.model import PuzzleConfig
 from puzzle.summary import attention_params, ffn_params
 
@@ -94,21 +94,25 @@ def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def open_session(source: str | Source, config: LibraryConfig) -> Session:
-    """Load the parent, resolve the space, join the process group and keep this rank's layers."""
+    """Resolve the space from the parent's config, join the process group and read this rank's layers.
+
+    Each rank reads only the parent tensors it runs (:func:`puzzle.loading.load_layers`): its
+    layers, plus on rank 0 the embedding, final norm and LM head (the library's ``shared`` file).
+    """
     src = resolve_source(source)
-    model = load_model(src)
-    pc = model.config
+    pc = load_config(src)
     lvs = config.space.layer_variants(pc.blocks, num_attention_heads=pc.num_attention_heads)
     # Balance ranks by the parameters each layer runs per step: the parent layer plus trainable variants.
     costs = [sum(variant_params(v, pc) * (3 if v.trainable else 1) for v in variants_of(lv)) for lv in lvs]
     shard = init_shard(costs, device=config.bld.device)
     dtype = _compute_dtype(config.bld.dtype, shard.device)
+    model = load_layers(src, shard.layers, embed=shard.first, head=shard.first)
     shared = {}
-    if shard.first:
-        shared = {"model.embed_tokens.weight": model.model.embed_tokens.weight.detach().clone(),
-                  "model.norm.weight": model.model.norm.weight.detach().clone()}
+    if shard.first:  # frozen and never written in place, so the teacher's CPU embedding may share it
+        shared = {"model.embed_tokens.weight": model.model.embed_tokens.weight.detach(),
+                  "model.norm.weight": model.model.norm.weight.detach()}
         if not pc.tie_word_embeddings:
-            shared["lm_head.weight"] = model.lm_head.weight.detach().clone()
+            shared["lm_head.weight"] = model.lm_head.weight.detach()
     teacher = Teacher(model, shard, dtype=dtype)
     del model
     return Session(source=src, config=config, parent_config=pc, shard=shard, teacher=teacher,

@@ -29,11 +29,13 @@ class Teacher:
     """The parent's embedding and the layers one process owns, frozen, on its device."""
 
     def __init__(self, model: PuzzleForCausalLM, shard: Shard, *, dtype: torch.dtype) -> None:
+        """Take the shard's layers (and the embedding on rank 0) from ``model``; only those need to be
+        loaded (see :func:`puzzle.loading.load_layers`), the rest may be on the meta device."""
         self.config = model.config
         self.shard, self.dtype = shard, dtype
         body = model.model
-        self.embed = body.embed_tokens.to(shard.device, dtype) if shard.first else None
-        self.blocks: dict[int, nn.Module] = {l: body.layers[l].to(shard.device, dtype) for l in shard.layers}
+        self.embed = _on(body.embed_tokens, "the embedding", shard, dtype) if shard.first else None
+        self.blocks: dict[int, nn.Module] = {l: _on(body.layers[l], f"layer {l}", shard, dtype) for l in shard.layers}
         self.rotary = body.rotary_emb
         frozen = list(self.blocks.values()) + ([self.embed] if self.embed is not None else [])
         for module in frozen:
@@ -52,6 +54,13 @@ class Teacher:
         h = x + block.self_attn(block.input_layernorm(x), ctx) if block.spec["attention"] != "no_op" else x
         y = h + block.mlp(block.post_attention_layernorm(h)) if block.spec["ffn"] != "no_op" else h
         return h, y
+
+
+def _on(module: nn.Module, what: str, shard: Shard, dtype: torch.dtype) -> nn.Module:
+    """``module`` on the shard's device in ``dtype``; one left on the meta device (not loaded) is an error."""
+    if any(p.is_meta for p in module.parameters()):
+        raise ValueError(f"rank {shard.rank}: {what} of the parent was not loaded (it is on the meta device)")
+    return module.to(shard.device, dtype)
 
 
 def run_pass(teacher: Teacher, batches: Iterable[torch.Tensor | tuple[int, int]], visit: Visit,

@@ -67,6 +67,10 @@ class UnknownTargetError(PuzzleError, ValueError):
     """A hardware target (``8xH100``, ``cpu``) or its dtype is not known; the message lists the known ones."""
 
 
+class ResourceError(PuzzleError, ValueError):
+    """A stage does not fit the memory of the machines that run the search, even in rounds."""
+
+
 class StaleArtifactError(PuzzleError, ValueError):
     """An output directory holds results computed from other inputs (rerun with --force to redo them)."""
 

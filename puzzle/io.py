@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,27 +149,126 @@ def save_safetensors(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, Any]] = [{}]
+    state = {name: t.contiguous() for name, t in state.items()}
+    sizes = {name: t.numel() * t.element_size() for name, t in state.items()}
+    plan = plan_shards(sizes, max_shard_bytes=max_shard_bytes)
+    for fname, shard in plan.items():
+        save_file({k: state[k] for k in shard}, str(directory / fname), metadata={"format": "pt"})
+    _write_shard_index(directory, plan, sizes)
+    return list(plan)
+
+
+def plan_shards(sizes: dict[str, int], *, max_shard_bytes: int) -> dict[str, list[str]]:
+    """File name -> tensor names: names in sorted order, a new shard whenever the next tensor would
+    push the current one past ``max_shard_bytes`` (one file ``model.safetensors`` when all fit)."""
+    shards: list[list[str]] = [[]]
     size = 0
-    for name in sorted(state):
-        t = state[name].contiguous()
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
+    for name in sorted(sizes):
+        if shards[-1] and size + sizes[name] > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = t
-        size += n
+        shards[-1].append(name)
+        size += sizes[name]
     if len(shards) == 1:
-        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for fname, shard in zip(names, shards):
-        save_file(shard, str(directory / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    atomic_write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return names
+        return {"model.safetensors": shards[0]}
+    return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": s for i, s in enumerate(shards)}
+
+
+def _write_shard_index(directory: Path, plan: dict[str, list[str]], sizes: dict[str, int]) -> None:
+    if len(plan) == 1:
+        return
+    weight_map = {k: fname for fname, shard in plan.items() for k in shard}
+    atomic_write_json(directory / "model.safetensors.index.json",
+                      {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+
+
+# safetensors' dtype names, in the order of its Rust ``Dtype`` enum: a file lays out its tensors by
+# dtype in reverse enum order (widest first), then by name.
+_SAFETENSORS_DTYPES = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+                       "F64", "I64", "U64")
+
+
+def _dtype_codes() -> dict[Any, str]:
+    """torch dtype -> safetensors dtype name."""
+    import torch
+
+    return {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+            torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+            torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+            torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
+
+
+def _safetensors_dtype(dtype: Any) -> str:
+    codes = _dtype_codes()
+    if dtype not in codes:
+        raise ValueError(f"safetensors cannot store {dtype}")
+    return codes[dtype]
+
+
+def safetensors_header(path: str | Path) -> dict[str, Any]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets; ``__metadata__``), no data read."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 2**30:
+                raise ValueError(f"header length {n}")
+            return json.loads(f.read(n))
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise CorruptArtifactError(f"cannot read the header of {path}: {e} (truncated or not a safetensors file?)") from None
+
+
+def stored_dtype(path: str | Path, name: str) -> Any:
+    """The torch dtype of the tensor ``name`` as stored in the safetensors file ``path``."""
+    header = safetensors_header(path)
+    if name not in header:
+        raise CorruptArtifactError(f"{path} has no tensor {name}")
+    code = header[name]["dtype"]
+    by_code = {c: d for d, c in _dtype_codes().items()}
+    if code not in by_code:
+        raise CorruptArtifactError(f"{path}: {name} has dtype {code}, which puzzle does not read")
+    return by_code[code]
+
+
+def save_safetensors_streamed(specs: dict[str, tuple[tuple[int, ...], Any]], read: Callable[[str], Any],
+                              directory: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Write tensors that are produced one at a time: the same files :func:`save_safetensors` writes
+    for the same state dict, byte for byte, holding one tensor at a time instead of them all.
+
+    ``specs``: name -> (shape, torch dtype) of every tensor, known before any is read (it fixes the
+    file headers). ``read(name)`` returns that tensor (CPU); it is written and dropped at once. A
+    tensor whose shape or dtype differs from its spec raises :class:`CorruptArtifactError`.
+    """
+    import torch
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sizes = {k: math.prod(shape) * dtype.itemsize for k, (shape, dtype) in specs.items()}
+    plan = plan_shards(sizes, max_shard_bytes=max_shard_bytes)
+    for fname, shard in plan.items():
+        # safetensors' layout: widest dtype first, then by name; offsets contiguous from 0
+        order = sorted(shard, key=lambda k: (-_SAFETENSORS_DTYPES.index(_safetensors_dtype(specs[k][1])), k))
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for k in order:
+            shape, dtype = specs[k]
+            header[k] = {"dtype": _safetensors_dtype(dtype), "shape": list(shape),
+                         "data_offsets": [offset, offset + sizes[k]]}
+            offset += sizes[k]
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        with open(directory / fname, "wb") as f:
+            f.write(len(text).to_bytes(8, "little"))
+            f.write(text)
+            for k in order:
+                t = read(k)
+                if tuple(t.shape) != tuple(specs[k][0]) or t.dtype != specs[k][1]:
+                    raise CorruptArtifactError(f"{k}: got {tuple(t.shape)} {t.dtype}, expected "
+                                               f"{tuple(specs[k][0])} {specs[k][1]}")
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del t
+    _write_shard_index(directory, plan, sizes)
+    return list(plan)
 
 
 def copy_tokenizer_files(source_dir: str | Path, dest_dir: str | Path) -> list[str]:

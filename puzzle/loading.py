@@ -3,6 +3,7 @@
     resolve_source("smollm2-135m")  -> Source(kind="embedded", directory=<cache dir>)
     load_config(source)             -> PuzzleConfig (no weights read)
     load_model(source)              -> PuzzleForCausalLM
+    load_layers(source, [3, 4])     -> PuzzleForCausalLM with layers 3 and 4 read, the rest on meta
     load_tokenizer(source)          -> a transformers tokenizer
 
 Nothing here contacts a model hub or executes code from a checkpoint directory: DeciLM
@@ -13,18 +14,20 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from puzzle.errors import ModelFilesError, UnknownModelError
-from puzzle.io import load_safetensors
+from puzzle.errors import CorruptArtifactError, ModelFilesError, UnknownModelError
+from puzzle.io import load_safetensors, read_json_file, safetensors_files
 from puzzle.model import PuzzleConfig, PuzzleForCausalLM
-from puzzle.model.weights import model_from_state_dict
+from puzzle.model.weights import adopt, meta_model, model_from_state_dict, runtime_weight_names
 from puzzle.parents import embedded
-from puzzle.parents.hf import hf_state_dict_to_runtime, puzzle_config_from_hf, read_config_json
+from puzzle.parents.hf import (WeightSource, hf_state_dict_to_runtime, hf_weight_source, puzzle_config_from_hf,
+                               read_config_json)
 from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig
 
 log = logging.getLogger(__name__)
@@ -134,6 +137,101 @@ def load_model(source: str | Path | Source, *, dtype: torch.dtype | None = torch
     return model
 
 
+def weight_source(src: Source, name: str, config: PuzzleConfig) -> WeightSource:
+    """The stored tensor(s) behind the runtime tensor ``name``: HF parents go through the HF map
+    (the one :func:`load_model` uses); runtime and DeciLM directories store runtime names."""
+    if src.kind in ("hf", "embedded"):
+        return hf_weight_source(name, config)
+    return WeightSource((name,))
+
+
+def tensor_files(directory: str | Path) -> dict[str, Path]:
+    """Which safetensors file holds each stored tensor: from the shard index, else from each file's header."""
+    import safetensors
+
+    directory = Path(directory)
+    files = safetensors_files(directory)  # checks that the index's files exist; refuses pickles
+    index = read_json_file(directory / "model.safetensors.index.json")
+    if index is not None:
+        return {name: directory / file for name, file in index["weight_map"].items()}
+    where: dict[str, Path] = {}
+    for f in files:
+        try:
+            with safetensors.safe_open(str(f), framework="pt") as handle:
+                names = list(handle.keys())
+        except (safetensors.SafetensorError, OSError) as e:
+            raise CorruptArtifactError(f"cannot read {f}: {e} (truncated or not a safetensors file?)") from None
+        repeated = sorted(where.keys() & set(names))
+        if repeated:
+            raise CorruptArtifactError(f"{f} repeats tensors already read: {repeated[:5]}")
+        where.update(dict.fromkeys(names, f))
+    return where
+
+
+def read_tensor(path: Path, name: str, *, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """One stored tensor as a CPU tensor of its own (``dtype``; None keeps the stored one).
+
+    The file is memory-mapped only while this tensor is copied out, so only its pages are ever read.
+    """
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            t = handle.get_tensor(name)  # a view of the mapped file
+            return t.to(dtype or t.dtype, copy=True)  # its own memory: closing unmaps the file
+    except (safetensors.SafetensorError, OSError) as e:
+        raise CorruptArtifactError(f"cannot read {name} from {path}: {e} (truncated or not a safetensors file?)") from None
+
+
+def load_layers(source: str | Path | Source, layers: Sequence[int], *, embed: bool = False, head: bool = False,
+                dtype: torch.dtype | None = torch.float32) -> PuzzleForCausalLM:
+    """The runtime model with only some parts read from disk, one tensor at a time; the rest on meta.
+
+    Reads the decoder ``layers``, the token embedding when ``embed``, and the final norm and LM
+    head when ``head`` (a tied head is the embedding, read then too). Every other parameter stays
+    on the meta device (0 bytes); the RoPE table is real. Peak memory is the tensors read plus
+    one in flight. Sharded checkpoints are read through their index. Eval mode, ``dtype``.
+    """
+    src = resolve_source(source)
+    config = load_config(src)
+    n = config.num_hidden_layers
+    outside = sorted({l for l in layers if not 0 <= l < n})
+    if outside:
+        raise ValueError(f"layers {outside} are outside 0..{n - 1} of {src.directory}")
+    model = meta_model(config)
+    prefixes = tuple(f"model.layers.{l}." for l in layers)
+    extra = {"model.embed_tokens.weight"} if embed or (head and config.tie_word_embeddings) else set()
+    extra |= {"model.norm.weight", "lm_head.weight"} if head else set()
+    wanted = [k for k in runtime_weight_names(model) if k.startswith(prefixes) or k in extra]
+    where = tensor_files(src.directory)
+    state = {}
+    for name in wanted:
+        ws = weight_source(src, name, config)
+        absent = [k for k in ws.names if k not in where]
+        if absent:
+            raise CorruptArtifactError(f"{src.directory}: the checkpoint has no {absent[0]} (for {name})")
+        state[name] = ws.read(lambda k: read_tensor(where[k], k, dtype=dtype))
+    adopt(model, state, dtype=dtype)
+    model.name_or_path = str(src.directory)
+    log.info("read %d tensors (layers %s%s%s) of %s", len(state), list(layers), ", embedding" if embed else "",
+             ", head" if head else "", src.directory)
+    return model
+
+
+def stored_tensors(source: str | Path | Source, *, dtype: torch.dtype | None = torch.float32) -> dict[str, Any]:
+    """Every runtime tensor of a stored model, read from disk only when asked for: a mapping of
+    runtime name -> a function returning that tensor (one read each; nothing is kept)."""
+    src = resolve_source(source)
+    config = load_config(src)
+    where = tensor_files(src.directory)
+
+    def reader(name: str) -> Any:
+        ws = weight_source(src, name, config)
+        return lambda: ws.read(lambda k: read_tensor(where[k], k, dtype=dtype))
+
+    return {name: reader(name) for name in runtime_weight_names(meta_model(config))}
+
+
 def load_tokenizer(source: str | Path | Source) -> Any:
     """The tokenizer stored with a model (local files only)."""
     from transformers import AutoTokenizer
@@ -142,6 +240,13 @@ def load_tokenizer(source: str | Path | Source) -> Any:
     if not any((src.directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise ModelFilesError(f"{src.directory} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     return AutoTokenizer.from_pretrained(str(src.directory), trust_remote_code=False)
+
+
+def runtime_config_dict(config: PuzzleConfig) -> dict[str, Any]:
+    """The ``config.json`` of a runtime directory (``model_type: puzzle``)."""
+    data = {k: v for k, v in config.to_dict().items() if k not in _GENERIC_CONFIG_KEYS}
+    data["architectures"] = ["PuzzleForCausalLM"]
+    return data
 
 
 def save_runtime(model: PuzzleForCausalLM, out_dir: str | Path, *, source: Source | None = None, overwrite: bool = False) -> Path:
@@ -154,9 +259,7 @@ def save_runtime(model: PuzzleForCausalLM, out_dir: str | Path, *, source: Sourc
         state.pop("lm_head.weight", None)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         save_safetensors(state, tmp)
-        data = {k: v for k, v in config.to_dict().items() if k not in _GENERIC_CONFIG_KEYS}
-        data["architectures"] = ["PuzzleForCausalLM"]
-        atomic_write_json(tmp / "config.json", data)
+        atomic_write_json(tmp / "config.json", runtime_config_dict(config))
         if source is not None:
             copy_tokenizer_files(source.directory, tmp)
     return Path(out_dir)

@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("profiler/scoring/block_library", ("puzzle.profiler", "puzzle.scoring", "block_library")),
     ("model/schema", ("puzzle.loading", "puzzle.parents", "puzzle.data", "puzzle.model", "puzzle.schema",
                       "puzzle.summary")),
-    ("io/errors", ("puzzle.io", "puzzle.errors", "puzzle")),
+    ("io/errors", ("puzzle.io", "puzzle.errors", "puzzle.peak", "puzzle")),
 )
 # Listed prefixes that stand for the package's __init__ alone, so that a new subpackage is in no layer
 # until someone places it.

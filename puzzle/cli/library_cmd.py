@@ -5,6 +5,7 @@
     puzzle library show runs/lib                                   # the index table
     puzzle library assemble runs/lib --arch solution.json --out runs/child   # a runtime checkpoint
     torchrun --nproc-per-node 2 -m puzzle.cli.main library train runs/lib   # layers sharded over ranks
+    puzzle library train runs/lib --max-memory-per-rank 80GB       # variants in rounds that fit
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--data", nargs="+", help="corpus sources (stdlib, text files, directories, .jsonl, .parquet)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out directory once the new one is complete")
     _bld_flags(b)
+    _memory_flag(b)
     b.add_argument("--train", action="store_true", help="run BLD right after building")
     b.set_defaults(func=run_build)
 
@@ -37,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(normalized MSE). Checkpoints every --checkpoint-every steps; rerun to resume.")
     t.add_argument("library", help="a directory written by `puzzle library build`")
     _bld_flags(t)
+    _memory_flag(t)
     t.set_defaults(func=run_train)
 
     a = lsub.add_parser("assemble", help="build a runtime model from a library and an architecture",
@@ -67,6 +70,18 @@ def _bld_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _memory_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory-per-rank", metavar="SIZE",
+                   help="memory limit of each process (80GB, 6GiB, 512MiB): variants that do not fit at once are "
+                   "initialized / trained in rounds, each replaying the parent passes (same results, more time)")
+
+
+def _max_memory(args: argparse.Namespace) -> int | None:
+    from block_library.rounds import parse_size
+
+    return None if args.max_memory_per_rank is None else parse_size(args.max_memory_per_rank)
+
+
 def _overrides(args: argparse.Namespace) -> dict:
     return {"tokens": args.tokens, "batch_size": args.batch_size, "lr": args.lr,
             "checkpoint_every": args.checkpoint_every, "dtype": args.dtype, "device": args.device}
@@ -82,9 +97,11 @@ def run_build(args: argparse.Namespace) -> int:
     if args.data:
         cfg = replace(cfg, data=DataConfig(**{**cfg.data.to_dict(), "sources": tuple(args.data)}))
     cfg = cfg.with_bld(**_overrides(args))
-    out = build_library(args.source, args.out, cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    limit = _max_memory(args)
+    out = build_library(args.source, args.out, cfg, overwrite=args.overwrite, progress=not args.no_progress,
+                        max_memory_bytes=limit)
     if args.train:
-        train_library(out, progress=not args.no_progress)
+        train_library(out, progress=not args.no_progress, max_memory_bytes=limit)
     _print_summary(out)
     return 0
 
@@ -92,8 +109,9 @@ def run_build(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from block_library import open_library, train_library
 
+    limit = _max_memory(args)
     cfg = open_library(args.library).config.with_bld(**_overrides(args))
-    train_library(args.library, config=cfg, progress=not args.no_progress)
+    train_library(args.library, config=cfg, progress=not args.no_progress, max_memory_bytes=limit)
     _print_summary(args.library)
     return 0
 

@@ -31,12 +31,51 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def stage_rows(plan: Any, stages: list[dict[str, str]] | None) -> list[dict[str, Any]]:
+    """One item per stage: what a search in --out would do (run / skip) and its planned resources
+    (``peak_device_gib`` and ``peak_host_gib`` of the largest rank, ``disk_gib``, ``predicted_s``, ``rounds``)."""
+    actions = {r["stage"]: r for r in stages or []}
+    rows = []
+    names = [s.stage for s in plan.resources.stages] + [k for k in actions if k not in plan.resources.stage_names]
+    for name in names:
+        row: dict[str, Any] = {"stage": name}
+        row.update(actions.get(name, {"action": "run", "reason": "planned"}))
+        if name in plan.resources.stage_names:
+            use = plan.resources.stage(name).to_dict()
+            row.update({k: v for k, v in use.items() if k != "stage"})
+        rows.append(row)
+    return rows
+
+
 def plan_document(plan: Any, stages: list[dict[str, str]] | None, problem: str | None = None) -> dict[str, Any]:
     """The plan as ``puzzle plan --json`` prints it: ``plan.json`` plus the stages and any refusal."""
     doc = plan.to_dict()
-    doc["stages"] = stages or []
+    doc["stages"] = stage_rows(plan, stages)
     doc["problem"] = problem
     return doc
+
+
+def print_resources(plan: Any) -> None:
+    """The resource plan: one line per stage, the largest rank's figures (predictions, not measurements)."""
+    r, c = plan.resources, plan.cluster
+    print(f"  cluster: {c.name}, {c.count} rank{'s' if c.count != 1 else ''}, {c.memory_per_rank / 2**30:.1f} GiB "
+          f"per rank{' (--max-memory-per-rank)' if c.given_memory else ''}; predicted, per stage, largest rank:")
+    print(f"    {'stage':<9} {'device GiB':>10} {'host GiB':>9} {'disk GiB':>9} {'rounds':>6} {'predicted':>10}  how")
+    for s in r.stages:
+        flag = "" if s.fits else "  DOES NOT FIT"
+        print(f"    {s.stage:<9} {s.peak_device_bytes / 2**30:>10.2f} {s.peak_host_bytes / 2**30:>9.2f} "
+              f"{s.disk_bytes / 2**30:>9.2f} {s.rounds:>6} {_duration(s.seconds):>10}  {s.how}{flag}")
+    print(f"    {'total':<9} {'':>10} {'':>9} {'':>9} {'':>6} {_duration(r.seconds):>10}")
+    if r.problem:
+        print(f"  DOES NOT FIT: {r.problem}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def print_plan(plan: Any, stages: list[dict[str, str]] | None, *, brief: bool = False) -> None:
@@ -53,6 +92,10 @@ def print_plan(plan: Any, stages: list[dict[str, str]] | None, *, brief: bool = 
           f"memory down to {f.min_memory_gib:.3g} GiB/device (parent {f.parent_memory_gib:.3g})")
     for problem in f.problems:
         print(f"  INFEASIBLE: {problem}")
+    if not plan.parent.get("weights", True):
+        print("  weights: none yet (a plan from the config alone; `puzzle search` needs the model's safetensors)")
+    if not brief or not plan.resources.fits:
+        print_resources(plan)
     if not brief:
         print("  settings:")
         width = max(len(k) for k in plan.settings)
@@ -72,13 +115,16 @@ def print_plan(plan: Any, stages: list[dict[str, str]] | None, *, brief: bool = 
 def run(args: argparse.Namespace) -> int:
     from puzzle.cli.search_cmd import config_from_args
     from puzzle.search import planned_stages, resolve
-    from puzzle.search.preflight import preflight
+    from puzzle.search.preflight import check_plan, preflight
 
     plan = resolve(config_from_args(args))
     stages, problem = None, None
     try:
-        preflight(plan, args.out, force=args.force)
-        stages = planned_stages(plan, args.out, verify=args.verify)
+        if plan.parent.get("weights"):  # without weights (a shape, a config.json alone) there is only the plan
+            preflight(plan, args.out, force=args.force)
+            stages = planned_stages(plan, args.out, verify=args.verify)
+        else:
+            check_plan(plan)
     except PuzzleError as e:
         problem = str(e)
     if args.json:

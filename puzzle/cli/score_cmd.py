@@ -39,12 +39,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from puzzle.scoring import ScoreConfig, score_library
     from puzzle.scoring.tables import cost_line, format_subblocks
 
     cfg = ScoreConfig(sources=tuple(args.data), seq_len=args.seq_len, num_sequences=args.sequences,
                       pairs=args.pairs, initial=args.initial, variant_batch=args.variant_batch)
     result = score_library(args.library, args.out, cfg, force=args.force, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 prints the tables
+        return 0
     m = result.manifest
     print(format_subblocks(result.subblocks, layer=args.layer))
     t = m["tokens"]

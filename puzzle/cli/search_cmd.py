@@ -37,6 +37,12 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
                    "(default: stdlib)")
     p.add_argument("--budget", help="deployment hardware COUNTxGPU, one node: 8xH100, 1xH200, 4xB200; or cpu, this "
                    "machine (default: 8xH100)")
+    p.add_argument("--cluster", help="the machines that run the search, one rank per device: 8xH100 (one node), "
+                   "64xH100, 2xcpu (ranks on this machine); not the deployment --budget (default: torchrun's world "
+                   "size on this machine's device)")
+    p.add_argument("--max-memory-per-rank", help="memory a rank may fill, e.g. 6GiB, 72GB (default: the device's "
+                   "memory less 10%%; on the CPU the RAM less 10%%, split between the ranks); BLD trains in rounds "
+                   "that fit it")
     p.add_argument("--tp", type=int, help="tensor-parallel degree on the target (default: the smallest one serving "
                    "engines accept for the parent that fits; the other GPUs serve replicas)")
     p.add_argument("--dtype", choices=("bf16", "fp8", "fp32"), help="serving dtype on the target "
@@ -60,9 +66,14 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baselines", nargs="+", choices=BASELINE_NAMES, metavar="NAME",
                    help=f"also build these baselines at the same budget, with the same GKD: "
                    f"{', '.join(BASELINE_NAMES)} (default: none)")
+    p.add_argument("--space", type=_space_file, metavar="YAML", help="search space: a YAML file holding a library "
+                   "config's space: section, e.g. {ffn: {sizes: [0.5, 0.25]}, attention: {kv_heads: [2]}} (default: "
+                   "fewer KV heads, linear and no-op attention; FFN widths 7/8..1/8, linear and no-op FFNs)")
     p.add_argument("--preset", choices=("quick", "full"), help="stage sizes: quick (minutes on a laptop CPU) or full "
                    "(default: quick)")
     p.add_argument("--bld-tokens", type=int, help="BLD tokens (preset)")
+    p.add_argument("--bld-eval-sequences", type=int, help="sequences of 256 tokens that calibrate the variants' "
+                   "initialization and validate them in BLD, each (preset)")
     p.add_argument("--score-sequences", type=int, help="held-out sequences for scoring (preset)")
     p.add_argument("--score-seq-len", type=int, help="tokens per scoring sequence (preset)")
     p.add_argument("--fuse-threshold", type=float, help="max pairwise FFN dependency of a fused segment; 0: no fusion "
@@ -80,11 +91,22 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="allow --out to be a directory that holds other files")
 
 
-FLAG_SETTINGS = ("model", "data", "budget", "tp", "dtype", "speedup", "throughput", "memory", "scenario", "batch",
-                 "context", "solver", "constraints", "calibrate", "baselines", "preset", "bld_tokens",
+FLAG_SETTINGS = ("model", "data", "budget", "cluster", "max_memory_per_rank", "tp", "dtype", "speedup", "throughput",
+                 "memory", "scenario", "batch", "context", "solver", "constraints", "calibrate", "baselines", "space", "preset", "bld_tokens", "bld_eval_sequences",
                  "score_sequences", "score_seq_len", "fuse_threshold", "fuse_sequences", "fuse_distill_steps",
                  "gkd_steps", "gkd_batch", "eval_sequences", "measure_speed", "seed")
 """Flags that set the :class:`SearchConfig` field of the same name (``--speed/--no-speed``: ``measure_speed``)."""
+
+
+def _space_file(path: str) -> dict:
+    """The ``--space`` YAML file's mapping (``space:`` at the top, or the section itself)."""
+    from puzzle.errors import ConfigError
+    from puzzle.io import read_yaml_config
+
+    data = read_yaml_config(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"--space {path}: expected a mapping such as {{ffn: {{sizes: [0.5]}}}}")
+    return data
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
@@ -100,10 +122,19 @@ def run(args: argparse.Namespace) -> int:
     from puzzle.search import planned_stages, resolve, search
     from puzzle.search.preflight import preflight
 
+    import logging
+    import os
+
+    first = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the run
+    if not first:
+        logging.getLogger().setLevel(logging.WARNING)
     plan = resolve(config_from_args(args))
     preflight(plan, args.out, force=args.force)  # nothing is printed as a plan that cannot run
-    print_plan(plan, planned_stages(plan, args.out, verify=args.verify), brief=True)
+    if first:
+        print_plan(plan, planned_stages(plan, args.out, verify=args.verify), brief=True)
     run = search(plan, args.out, progress=not args.no_progress, echo=print, verify=args.verify, force=args.force)
+    if not first:
+        return 0
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         print(run.report.set_index("model").T.to_string())
         if "baselines" in run.stages:

@@ -4,7 +4,8 @@
     result = distill_child(child, parent, tokenizer, "runs/gkd", GKDConfig(steps=32, lr=1e-4))
 
 Modules: ``config`` (``GKDConfig``), ``losses`` (the objective and the validation metrics),
-``artifact`` (the run directory, checkpoints, resume), ``gkd`` (the training loop).
+``artifact`` (the run directory, checkpoints, resume), ``gkd`` (the training loop), ``sharding``
+(FSDP2 over the processes of ``torchrun``), ``memory`` (bytes per process, in closed form).
 """
 
 from puzzle.distill.config import GKDConfig

@@ -4,7 +4,8 @@
       manifest.json                 stage "gkd", status (running | complete), inputs (config, child and
                                     parent fingerprints, layer map, token hashes), initial/final metrics
       curve.csv                     one row per step (see CURVE_COLUMNS); step 0 is the child as given
-      checkpoint/state.safetensors  child weights + AdamW moments and step counts, by parameter name
+      checkpoint/state.safetensors  child weights + AdamW moments and step counts, by parameter name (whole
+                                    tensors, also of a sharded run: rank 0 writes them, every rank reads them)
       checkpoint/state.json         step, data position, the curve rows so far (removed once complete)
       child/                        the distilled child: a runtime directory (``load_model`` reads it)
 
@@ -26,6 +27,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from puzzle.distill import sharding
 from puzzle.errors import ConfigError, CorruptArtifactError, StaleArtifactError
 from puzzle.io import atomic_directory, atomic_write_json, atomic_write_text, read_json_file
 from puzzle.model import PuzzleForCausalLM
@@ -120,8 +122,12 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
+def curve_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS).astype({"step": int})
+
+
 def write_curve(out: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
-    curve = pd.DataFrame(rows, columns=CURVE_COLUMNS).astype({"step": int})
+    curve = curve_frame(rows)
     atomic_write_text(out / CURVE, curve.to_csv(index=False))
     return curve
 
@@ -133,55 +139,115 @@ def read_curve(out: Path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def save_checkpoint(out: Path, *, step: int, model: PuzzleForCausalLM, optimizer: torch.optim.Optimizer,
-                    rows: list[dict[str, Any]], inputs_key: str, data_position: int) -> None:
-    """Child weights, AdamW state and the curve so far, as one atomically replaced directory."""
-    from safetensors.torch import save_file
-
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                   keep: bool = True) -> dict[str, torch.Tensor]:
+    """Child weights and AdamW state, whole, on the CPU, as a checkpoint holds them (``param/NAME``,
+    ``exp_avg/NAME``, ``exp_avg_sq/NAME``, ``step/NAME``). Sharded tensors are gathered one at a time, a
+    collective: every rank calls this, and only the one that writes keeps them (``keep``; else ``{}``)."""
     tensors: dict[str, torch.Tensor] = {}
+
+    def add(key: str, t: torch.Tensor) -> None:
+        t = sharding.gather(t)
+        if keep:
+            tensors[key] = t
+
     for name, p in model.named_parameters():  # tied weights appear once
-        tensors[f"param/{name}"] = p.detach().cpu().contiguous()
+        add(f"param/{name}", p)
         st = optimizer.state.get(p, {})
         for field in ("exp_avg", "exp_avg_sq"):
             if field in st:
-                tensors[f"{field}/{name}"] = st[field].detach().cpu().contiguous()
+                add(f"{field}/{name}", st[field])
         if "step" in st:
-            tensors[f"step/{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
+            add(f"step/{name}", torch.as_tensor(st["step"], dtype=torch.float32).reshape(1))
+    return tensors
+
+
+def save_checkpoint(out: Path, *, step: int, tensors: dict[str, torch.Tensor], rows: list[dict[str, Any]],
+                    inputs_key: str, data_position: int) -> None:
+    """:func:`training_state` and the curve so far, as one atomically replaced directory."""
+    from safetensors.torch import save_file
+
     state = {"step": step, "inputs_sha256": inputs_key, "data_position": data_position,
              "rows": [_clean(r) for r in rows]}
     with atomic_directory(out / CHECKPOINT, overwrite=True) as tmp:
-        save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"),
+                  metadata={"format": "pt"})
         atomic_write_json(tmp / "state.json", state)
 
 
-def load_checkpoint(out: Path, *, model: PuzzleForCausalLM, optimizer: torch.optim.Optimizer,
+def load_checkpoint(out: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     inputs_key: str) -> tuple[int, list[dict[str, Any]]]:
-    """Restore the checkpoint into ``model`` and ``optimizer``: (step, curve rows), or (0, []) when none."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Restore the checkpoint into ``model`` and ``optimizer`` (sharded ones take their shards): (step, curve
+    rows), or (0, []) when none. Tensors are read one at a time."""
+    from safetensors import SafetensorError, safe_open
 
     root = out / CHECKPOINT
     if not (root / "state.json").is_file():
         return 0, []
     try:
         state = json.loads((root / "state.json").read_text())
-        tensors = load_file(str(root / "state.safetensors"), device="cpu")
+        if state.get("inputs_sha256") != inputs_key:
+            raise StaleArtifactError(f"the checkpoint {root} was written for other inputs; pass --force to start over")
+        with safe_open(str(root / "state.safetensors"), framework="pt", device="cpu") as f, torch.no_grad():
+            names = set(f.keys())
+            for name, p in model.named_parameters():
+                if f"param/{name}" not in names:
+                    raise CorruptArtifactError(f"{root} lacks {name}; delete it to restart GKD")
+                p.copy_(sharding.place(f.get_tensor(f"param/{name}"), p))
+                if f"exp_avg/{name}" in names:
+                    optimizer.state[p] = {
+                        "step": f.get_tensor(f"step/{name}").reshape(()).clone(),
+                        "exp_avg": sharding.place(f.get_tensor(f"exp_avg/{name}"), p),
+                        "exp_avg_sq": sharding.place(f.get_tensor(f"exp_avg_sq/{name}"), p),
+                    }
     except (json.JSONDecodeError, SafetensorError, OSError) as e:
         raise CorruptArtifactError(f"cannot read the checkpoint {root}: {e}; delete it to restart GKD") from None
-    if state.get("inputs_sha256") != inputs_key:
-        raise StaleArtifactError(f"the checkpoint {root} was written for other inputs; pass --force to start over")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if f"param/{name}" not in tensors:
-                raise CorruptArtifactError(f"{root} lacks {name}; delete it to restart GKD")
-            p.copy_(tensors[f"param/{name}"])
-            if f"exp_avg/{name}" in tensors:
-                optimizer.state[p] = {
-                    "step": tensors[f"step/{name}"].reshape(()).clone(),
-                    "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
-                    "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device),
-                }
     return int(state["step"]), list(state["rows"])
+
+
+def files_fingerprint(model: PuzzleForCausalLM) -> str:
+    """sha256 of a stored model's config and its weight files' names, sizes and modification times (a
+    rewritten file changes it), without reading the weights (``model`` is on the meta device)."""
+    from puzzle.io import safetensors_files
+
+    h = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _GENERIC}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for f in safetensors_files(model.name_or_path):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def save_child_sharded(out: Path, model: PuzzleForCausalLM, tokenizer: Any, shard: Any) -> Path:
+    """Write an FSDP2-sharded child as a runtime directory, one tensor at a time: rank 0 names the tensor
+    it writes next, every rank all-gathers it (a collective), rank 0 writes it and drops it. Call on every rank."""
+    from puzzle.distill.sharding import gather, is_writer
+    from puzzle.io import save_safetensors_streamed
+    from puzzle.loading import runtime_config_dict
+
+    params = dict(model.named_parameters())
+    if model.config.tie_word_embeddings:
+        params.pop("lm_head.weight", None)
+
+    def fetch(name: str | None) -> torch.Tensor | None:
+        box = [name]
+        if shard is not None and shard.world > 1:
+            torch.distributed.broadcast_object_list(box, src=0)
+        return None if box[0] is None else gather(params[box[0]]).float()
+
+    if is_writer(shard):
+        specs = {k: (tuple(p.shape), torch.float32) for k, p in params.items()}
+        with atomic_directory(out / CHILD, overwrite=True) as tmp:
+            save_safetensors_streamed(specs, fetch, tmp)
+            fetch(None)  # the other ranks stop following
+            atomic_write_json(tmp / "config.json", runtime_config_dict(model.config))
+            if hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(str(tmp))
+    else:
+        while fetch(None) is not None:  # follow rank 0's names until it says None
+            pass
+    return out / CHILD
 
 
 def save_child(out: Path, model: PuzzleForCausalLM, tokenizer: Any) -> Path:

@@ -35,11 +35,12 @@ class GKDConfig:
     seq_len: int = 256
     """Tokens per packed sequence."""
     batch: int = 4
-    """Sequences per optimizer step."""
+    """Sequences per optimizer step (over all processes: under ``torchrun`` each of ``world`` processes takes
+    ``batch / world`` of them, so batch must be a multiple of the number of processes)."""
     micro_batch: int = 0
-    """Sequences per forward/backward pass, gradients accumulated over the batch (0: the whole batch
-    at once). Bounds activation memory (the logits are batch x seq_len x vocab floats); the trained
-    weights equal those of micro_batch 0 up to float rounding."""
+    """Sequences per forward/backward pass of one process, gradients accumulated over its share of the
+    batch (0: the whole share at once). Bounds activation memory (the logits are micro_batch x seq_len x
+    vocab floats); the trained weights equal those of micro_batch 0 up to float rounding."""
     steps: int = 32
     """Optimizer steps; ``steps * batch`` training sequences are read once (cycled when the corpus is short)."""
     lr: float = 1e-4
@@ -67,6 +68,14 @@ class GKDConfig:
     """Steps between resumable checkpoints (0: none). Not part of the run's identity: changing it resumes."""
     seed: int = 0
     """Seed of the order in which training sequences are visited."""
+    activation_checkpointing: bool = False
+    """Keep only each decoder layer's input for the backward pass and recompute the layer then: activation
+    memory drops from every layer's internals to one layer's, for about one more forward pass of compute.
+    The trained weights are the same. Not part of the run's identity."""
+    offload: bool = False
+    """Under torchrun on GPUs: keep the student's fp32 shards, gradients and AdamW moments in host RAM
+    (FSDP2's ``CPUOffloadPolicy``; the optimizer steps on the CPU), so a device holds only the layers being
+    computed. For children whose training state does not fit the GPUs. Not part of the run's identity."""
 
     def __post_init__(self) -> None:
         sources = (self.sources,) if isinstance(self.sources, str) else tuple(self.sources or ())
@@ -91,6 +100,10 @@ class GKDConfig:
             object.__setattr__(self, name, float(v))
         if self.kl_weight + self.cosine_weight + self.lm_weight == 0:
             raise ConfigError("kl_weight, cosine_weight and lm_weight are all 0: nothing to train on")
+        if not isinstance(self.offload, bool):
+            raise ConfigError(f"offload must be true or false, got {self.offload!r}")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ConfigError(f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         if self.hidden not in HIDDEN:
             raise ConfigError(f"hidden must be one of {HIDDEN}, got {self.hidden!r}")
 
@@ -127,5 +140,6 @@ class GKDConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that decide the trained weights and the curve (what a resume must match)."""
         out = self.to_dict()
-        out.pop("checkpoint_every")
+        for how in ("checkpoint_every", "activation_checkpointing", "offload"):  # how it runs, not what it computes
+            out.pop(how)
         return out

@@ -11,6 +11,11 @@ weight is trained on the KL of next-token distributions plus the cosine distance
 (:mod:`puzzle.distill.losses`). The child passed in is copied, never modified; the parent runs
 without gradients and is never modified either. Checkpoints every ``checkpoint_every`` steps
 (:mod:`puzzle.distill.artifact`) make an interrupted run resume where it stopped, bit for bit.
+
+Under ``torchrun`` with more than one process, both models are sharded with FSDP2 and every process
+trains on its share of each batch (:mod:`puzzle.distill.sharding`; memory per process:
+:func:`puzzle.distill.memory.gkd_rank_bytes`): same losses and weights as one process, up to float
+rounding. Every process returns the same result; rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,15 +32,19 @@ from typing import Any
 
 import pandas as pd
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 from tqdm.auto import tqdm
 
 from block_library.bld import lr_at
 from puzzle.data.packing import load_sequences
-from puzzle.distill import artifact
+from block_library.distributed import Shard
+from puzzle.distill import artifact, sharding
 from puzzle.distill.config import GKDConfig
-from puzzle.distill.losses import LayerMap, batch_losses, check_compatible, resolve_layer_map, validate
-from puzzle.errors import NumericalError
+from puzzle.distill.losses import (LayerMap, batch_losses, check_compatible, resolve_layer_map, validation_metrics,
+                                   validation_sums)
+from puzzle.errors import ConfigError, NumericalError
 from puzzle.model import PuzzleForCausalLM
+from puzzle.model.weights import model_from_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -70,71 +80,132 @@ def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer
     differ. ``on_step(step)`` is called after every optimizer step. Raises :class:`StaleArtifactError`
     when ``out_dir`` holds a run of other inputs (unless ``force``) and :class:`NumericalError` on a
     non-finite loss.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every process calls this with the same arguments (the models may
+    stay on the CPU: the shards go to the process's GPU, or stay on the CPU without CUDA); ``out_dir`` must
+    be a directory every process sees. ``cfg.batch`` must be a multiple of the number of processes.
     """
     cfg = cfg or GKDConfig()
     out = Path(out_dir).expanduser().resolve()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    on_disk = on_meta(child) or on_meta(parent)
+    if on_disk and not (on_meta(child) and on_meta(parent) and world > 1):
+        raise ConfigError("stored (meta-device) child and parent are for GKD under torchrun; in one process pass "
+                          "loaded models (puzzle.loading.load_model)")
     check_compatible(child, parent)
     pairs = resolve_layer_map(cfg, child.config.num_hidden_layers, parent.config.num_hidden_layers, layer_map)
+    if cfg.batch % world:
+        raise ConfigError(f"batch {cfg.batch} does not split over {world} processes: use a multiple of {world}")
     train_ids = load_sequences(cfg.sources, tokenizer, seq_len=cfg.seq_len, num_sequences=cfg.train_sequences,
                                split="train")
     val_ids = load_sequences(cfg.sources, tokenizer, seq_len=cfg.seq_len, num_sequences=cfg.val_sequences,
                              split="validation")
-    inputs = {"config": cfg.identity(), "child_sha256": artifact.model_fingerprint(child),
-              "parent_sha256": artifact.model_fingerprint(parent), "layer_map": [list(p) for p in pairs],
+    fingerprint = artifact.files_fingerprint if on_disk else artifact.model_fingerprint
+    inputs = {"config": cfg.identity(), "child_sha256": fingerprint(child),
+              "parent_sha256": fingerprint(parent), "layer_map": [list(p) for p in pairs],
               "train_ids_sha256": artifact.ids_sha256(train_ids), "val_ids_sha256": artifact.ids_sha256(val_ids)}
-    done = artifact.prepare(out, inputs, force=force)
+    joined = sharding.join()
+    shard, mesh = joined if joined is not None else (None, None)
+    done = sharding.on_rank0(lambda: artifact.prepare(out, inputs, force=force), shard)
     if done is not None:
         log.info("%s already holds this GKD run (complete); nothing to do", out)
-        return _stored_result(out, done)
+        return _stored_result(out, done, load=not on_disk)
 
-    student = copy.deepcopy(child).float().train().requires_grad_(True)  # fp32 master weights; `child` untouched
+    student, teacher, plain = _models(child, parent, cfg, mesh)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     key = artifact.inputs_sha256(inputs)
     start, rows = artifact.load_checkpoint(out, model=student, optimizer=optimizer, inputs_key=key)
     if start:
         log.info("resuming GKD at step %d of %d", start, cfg.steps)
     else:
-        rows = [_val_row(student, parent, val_ids, pairs, cfg, step=0)]
+        rows = [_val_row(student, teacher, val_ids, pairs, cfg, step=0, shard=shard)]
     t0 = time.perf_counter()
-    rows = _train(student, parent, optimizer, cfg, pairs, train_ids=train_ids, val_ids=val_ids, rows=rows, start=start,
-                  out=out, key=key, progress=progress, on_step=on_step)
+    rows = _train(student, teacher, optimizer, cfg, pairs, train_ids=train_ids, val_ids=val_ids, rows=rows,
+                  start=start, out=out, key=key, shard=shard, progress=progress, on_step=on_step)
     seconds = time.perf_counter() - t0
 
-    student.eval().requires_grad_(False)
-    curve = artifact.write_curve(out, rows)
-    artifact.save_child(out, student, tokenizer)
+    model = plain(student)
+    curve = artifact.curve_frame(rows)
     initial, final = _metrics_at(curve, 0), _metrics_at(curve, cfg.steps)
-    manifest = artifact.finish(out, {
+    manifest = {
         "stage": artifact.STAGE, "status": "complete", "inputs": inputs, "config": cfg.to_dict(),
         "initial": initial, "final": final, "parent_val_lm": rows[0]["val_parent_lm"], "child": artifact.CHILD,
         "tokens": {"train": cfg.steps * cfg.batch * cfg.seq_len, "validation": int(val_ids.numel())},
-        "seconds_this_run": round(seconds, 2), "resumed_at_step": start})
+        "seconds_this_run": round(seconds, 2), "resumed_at_step": start, "processes": world}
+    if on_disk:  # every rank gathers tensor by tensor; rank 0 writes each one and drops it
+        artifact.save_child_sharded(out, model, tokenizer, shard)
+        model = None
+    if sharding.is_writer(shard):
+        artifact.write_curve(out, rows)
+        if not on_disk:
+            artifact.save_child(out, model, tokenizer)
+        artifact.finish(out, manifest)
+    sharding.barrier(shard)  # the child is on disk before any process returns
     log.info("GKD: validation KL %.4f -> %.4f, top-1 %.3f -> %.3f; child saved to %s",
              initial["kl"], final["kl"], initial["top1"], final["top1"], out / artifact.CHILD)
-    return GKDResult(model=student, curve=curve, initial=initial, final=final, directory=out, manifest=manifest)
+    return GKDResult(model=model, curve=curve, initial=initial, final=final, directory=out, manifest=manifest)
+
+
+def _models(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, cfg: GKDConfig, mesh: DeviceMesh | None
+            ) -> tuple[PuzzleForCausalLM, PuzzleForCausalLM, Callable[[PuzzleForCausalLM], PuzzleForCausalLM]]:
+    """The student (fp32 master weights), the teacher, and what turns the trained student into the plain result."""
+    if mesh is None:
+        student = copy.deepcopy(child).float().train().requires_grad_(True)  # `child` untouched
+        undo = sharding.checkpoint_layers(student) if cfg.activation_checkpointing else (lambda: None)
+
+        def plain(trained: PuzzleForCausalLM) -> PuzzleForCausalLM:
+            undo()
+            return trained.eval().requires_grad_(False)
+
+        return student, parent, plain
+    log.info("GKD over %d processes: both models sharded (FSDP2)", mesh.size())
+    from puzzle.loading import stored_tensors
+
+    on_disk = on_meta(child) and on_meta(parent)  # stored models: each rank reads only its shards from the files
+    student = sharding.shard_model(child, mesh, dtype=torch.float32, trainable=True,
+                                   activation_checkpointing=cfg.activation_checkpointing, offload=cfg.offload,
+                                   stored=stored_tensors(child.name_or_path) if on_disk else None)
+    teacher = sharding.shard_model(parent, mesh, dtype=next(parent.parameters()).dtype, trainable=False,
+                                   stored=stored_tensors(parent.name_or_path) if on_disk else None)
+    if on_disk:
+        return student, teacher, lambda trained: trained  # written tensor by tensor: see artifact.save_child_sharded
+
+    def gathered(trained: PuzzleForCausalLM) -> PuzzleForCausalLM:  # every process: a whole CPU copy
+        state = sharding.full_state(trained)
+        return model_from_state_dict(copy.deepcopy(child.config), state, dtype=torch.float32).requires_grad_(False)
+
+    return student, teacher, gathered
 
 
 def _train(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, optimizer: torch.optim.Optimizer, cfg: GKDConfig,
            pairs: LayerMap, *, train_ids: torch.Tensor, val_ids: torch.Tensor, rows: list[dict[str, Any]], start: int,
-           out: Path, key: str, progress: bool, on_step: Callable[[int], None] | None) -> list[dict[str, Any]]:
+           out: Path, key: str, shard: Shard | None, progress: bool,
+           on_step: Callable[[int], None] | None) -> list[dict[str, Any]]:
     """Steps ``start`` .. ``cfg.steps``: one curve row each, validations and checkpoints on schedule."""
     device = next(student.parameters()).device
+    writer = sharding.is_writer(shard)
+    rank, world = (shard.rank, shard.world) if shard is not None else (0, 1)
+    local = cfg.batch // world  # this process's rows of each batch
     # The visiting order is a function of the seed alone, so the data position of step s is s * batch.
     n = train_ids.shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
-    bar = tqdm(total=cfg.steps, initial=start, desc="GKD", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=start, desc="GKD", unit="step", disable=not (progress and writer))
     for step in range(start, cfg.steps):
         done = step + 1
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_fraction, cfg.min_lr_ratio)
-        batch = train_ids[order[[(step * cfg.batch + j) % n for j in range(cfg.batch)]]].to(device)  # (batch, T)
-        row = {"step": done, "lr": lr, **_train_step(student, parent, batch, optimizer, lr, cfg, pairs, step)}
+        rows_of_step = [(step * cfg.batch + j) % n for j in range(rank * local, (rank + 1) * local)]
+        batch = train_ids[order[rows_of_step]].to(device)  # (local, T)
+        row = {"step": done, "lr": lr,
+               **_train_step(student, parent, batch, optimizer, lr, cfg, pairs, step, shard=shard)}
         if done == cfg.steps or (cfg.val_every and done % cfg.val_every == 0):
-            row.update(_val_row(student, parent, val_ids, pairs, cfg, step=done))
+            row.update(_val_row(student, parent, val_ids, pairs, cfg, step=done, shard=shard))
         rows.append(row)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            artifact.save_checkpoint(out, step=done, model=student, optimizer=optimizer, rows=rows, inputs_key=key,
-                                     data_position=done * cfg.batch)
-            artifact.write_curve(out, rows)
+            tensors = artifact.training_state(student, optimizer, keep=writer)  # every process: a collective
+            if writer:
+                artifact.save_checkpoint(out, step=done, tensors=tensors, rows=rows, inputs_key=key,
+                                         data_position=done * cfg.batch)
+                artifact.write_curve(out, rows)
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", kl=f"{row['train_kl']:.4f}", cos=f"{row['train_cos']:.4f}")
         bar.update(1)
         if on_step is not None:
@@ -145,9 +216,10 @@ def _train(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, optimizer: tor
 
 def _train_step(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, batch: torch.Tensor,
                 optimizer: torch.optim.Optimizer, lr: float, cfg: GKDConfig, pairs: LayerMap,
-                step: int) -> dict[str, float]:
-    """One optimizer step on ``batch`` (B, T), gradients accumulated over micro-batches."""
-    chunk = cfg.micro_batch or cfg.batch
+                step: int, *, shard: Shard | None) -> dict[str, float]:
+    """One optimizer step on this process's ``batch`` (b, T), gradients accumulated over micro-batches (and
+    averaged over the processes by FSDP's reduce-scatter, as the losses are here)."""
+    chunk = cfg.micro_batch or batch.shape[0]
     totals = {"loss": 0.0, "kl": 0.0, "cos": 0.0, "lm": 0.0}
     for c in range(0, batch.shape[0], chunk):
         part = batch[c:c + chunk]
@@ -156,6 +228,8 @@ def _train_step(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, batch: to
         (losses["loss"] * share).backward()
         for k in totals:
             totals[k] += share * float(losses[k].detach())
+    if shard is not None:  # the mean over processes: every one sees the same loss (and raises together below)
+        totals = {k: v / shard.world for k, v in sharding.all_sum(totals, shard).items()}
     if not math.isfinite(totals["loss"]):
         optimizer.zero_grad(set_to_none=True)
         raise NumericalError(f"GKD step {step + 1}: the loss is {totals['loss']} (kl {totals['kl']}, "
@@ -171,9 +245,19 @@ def _train_step(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, batch: to
 
 
 def _val_row(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, val_ids: torch.Tensor, pairs: LayerMap,
-             cfg: GKDConfig, *, step: int) -> dict[str, float]:
-    """The ``val_*`` columns of a curve row; non-finite metrics raise :class:`NumericalError`."""
-    metrics = validate(student, parent, val_ids, pairs, chunk=cfg.micro_batch or cfg.batch)
+             cfg: GKDConfig, *, step: int, shard: Shard | None) -> dict[str, float]:
+    """The ``val_*`` columns of a curve row; non-finite metrics raise :class:`NumericalError`. Processes split the
+    sequences and sum their token sums; each runs as many forward passes as the one with the most sequences."""
+    world = shard.world if shard is not None else 1
+    chunk = cfg.micro_batch or cfg.batch // world
+    if shard is None:
+        sums = validation_sums(student, parent, val_ids, pairs, chunk=chunk)
+    else:
+        parts = torch.tensor_split(val_ids, world)  # the first is the longest
+        sums = validation_sums(student, parent, parts[shard.rank], pairs, chunk=chunk,
+                               passes=-(-parts[0].shape[0] // chunk))
+        sums = sharding.all_sum(sums, shard)
+    metrics = validation_metrics(sums)
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         hint = ("before any training: the child as given produces non-finite outputs; check its weights"
@@ -187,9 +271,14 @@ def _metrics_at(curve: pd.DataFrame, step: int) -> dict[str, float]:
     return {k: float(row[f"val_{k}"]) for k in ("kl", "top1", "lm", "cos")}
 
 
-def _stored_result(out: Path, manifest: dict[str, Any]) -> GKDResult:
+def on_meta(model: PuzzleForCausalLM) -> bool:
+    """A stored model (``puzzle.loading.load_layers(dir, [])``): its weights still on disk."""
+    return all(p.is_meta for p in model.parameters())
+
+
+def _stored_result(out: Path, manifest: dict[str, Any], *, load: bool = True) -> GKDResult:
     from puzzle.loading import load_model
 
-    model = load_model(out / artifact.CHILD).requires_grad_(False)
+    model = load_model(out / artifact.CHILD).requires_grad_(False) if load else None
     return GKDResult(model=model, curve=artifact.read_curve(out), initial=dict(manifest["initial"]),
                      final=dict(manifest["final"]), directory=out, reused=True, manifest=manifest)

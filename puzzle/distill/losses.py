@@ -95,25 +95,51 @@ def batch_losses(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, ids: torch
     return {"loss": loss, "kl": kl.detach(), "cos": cos.detach(), "lm": lm.detach()}
 
 
+SUMS = ("kl", "agree", "child_nll", "parent_nll", "tokens", "cos", "cos_n")
+"""The keys of :func:`validation_sums`: sums over tokens (``cos`` over tokens and layer pairs)."""
+
+
 @torch.no_grad()
-def validate(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, ids: torch.Tensor, pairs: LayerMap, *,
-             chunk: int) -> dict[str, float]:
-    """``kl``, ``top1``, ``lm`` (child) and ``cos`` on ids (N, T), plus the parent's ``parent_lm``."""
+def validation_sums(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, ids: torch.Tensor, pairs: LayerMap, *,
+                    chunk: int, passes: int | None = None) -> dict[str, float]:
+    """Sums over the tokens of ids (N, T), ``chunk`` sequences per forward pass (see :data:`SUMS`).
+
+    ``passes``: run exactly this many forward passes (sharded models: every rank must run as many as the
+    others); passes past the end of ``ids`` run on its first sequence, or on a zero one, and count nothing.
+    """
     device = next(child.parameters()).device
     was_training = child.training
     child.eval()
     sums, cos_sum, cos_n = TokenSums(), 0.0, 0
-    for c in range(0, ids.shape[0], chunk):
-        x = ids[c:c + chunk].to(device)  # (b, T)
+    passes = -(-ids.shape[0] // chunk) if passes is None else passes
+    for k in range(passes):
+        x = ids[k * chunk:(k + 1) * chunk].to(device)  # (b, T)
+        counted = x.shape[0] > 0
+        if not counted:
+            x = ids[:1].to(device) if ids.shape[0] else torch.zeros(1, ids.shape[1], dtype=ids.dtype, device=device)
         with autocast(device):
             p_out = parent(input_ids=x, use_cache=False, output_hidden_states=True)
             c_out = child(input_ids=x, use_cache=False, output_hidden_states=True)
+        if not counted:
+            continue
         sums.add(next_token_logprobs(p_out.logits), next_token_logprobs(c_out.logits), x[:, 1:])
         # float64: identical hidden states give a distance of 0 up to ~1e-16, not float32's ~1e-7
         d = _cos_distance(c_out.hidden_states, p_out.hidden_states, pairs, torch.float64)
         cos_sum += float(d.sum())
         cos_n += d.numel()
     child.train(was_training)
-    m, n = sums.means(), max(sums.tokens, 1)
-    return {"kl": m["kl"], "top1": m["top1_agreement"], "lm": sums.child_nll / n, "cos": cos_sum / cos_n,
-            "parent_lm": sums.parent_nll / n}
+    return {"kl": sums.kl, "agree": sums.agree, "child_nll": sums.child_nll, "parent_nll": sums.parent_nll,
+            "tokens": float(sums.tokens), "cos": cos_sum, "cos_n": float(cos_n)}
+
+
+def validation_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """``kl``, ``top1``, ``lm`` (child), ``cos`` and the parent's ``parent_lm``, means of :func:`validation_sums`."""
+    n = max(sums["tokens"], 1.0)
+    return {"kl": sums["kl"] / n, "top1": sums["agree"] / n, "lm": sums["child_nll"] / n,
+            "cos": sums["cos"] / max(sums["cos_n"], 1.0), "parent_lm": sums["parent_nll"] / n}
+
+
+def validate(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, ids: torch.Tensor, pairs: LayerMap, *,
+             chunk: int) -> dict[str, float]:
+    """``kl``, ``top1``, ``lm`` (child) and ``cos`` on ids (N, T), plus the parent's ``parent_lm``."""
+    return validation_metrics(validation_sums(child, parent, ids, pairs, chunk=chunk))

@@ -18,7 +18,10 @@ import torch
 from puzzle import __version__
 from puzzle.errors import ExportError
 from puzzle.export.remote.configuration_decilm import ffn_mult_to_intermediate_size
-from puzzle.io import atomic_directory, atomic_write_json, atomic_write_text, copy_tokenizer_files, save_safetensors
+from puzzle.export.streaming import streamed_runtime_tensors
+from puzzle.io import (atomic_directory, atomic_write_json, atomic_write_text, copy_tokenizer_files, save_safetensors,
+                       save_safetensors_streamed)
+from puzzle.loading import load_config, resolve_source
 from puzzle.model import PuzzleConfig, PuzzleForCausalLM
 from puzzle.schema import BlockConfig
 
@@ -143,12 +146,28 @@ def export_decilm(
     ``dtype``: cast the weights (default: keep the model's dtype).
     """
     out_dir = Path(out_dir)
-    if source_dir is not None:
-        _check_destination(out_dir, [Path(source_dir)])
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ExportError(f"{out_dir} already exists and is not empty; pass overwrite=True (--force) to replace it")
+    _check_output(out_dir, [Path(source_dir)] if source_dir is not None else [], overwrite=overwrite)
     config = model.config
     dtype = dtype or next(model.parameters()).dtype
+    cfg = _config_json(config, dtype)
+    state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        save_safetensors(state, tmp, max_shard_bytes=max_shard_bytes)
+        _write_extras(tmp, cfg, source_dir)
+    log.info("exported %d layers to %s", len(cfg["block_configs"]), out_dir)
+    return out_dir
+
+
+def _check_output(out_dir: Path, protected: list[Path], *, overwrite: bool) -> None:
+    """Never into or over a source directory; never over a non-empty one unless ``overwrite``."""
+    _check_destination(out_dir, protected)
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ExportError(f"{out_dir} already exists and is not empty; pass overwrite=True (--force) to replace it")
+
+
+def _config_json(config: PuzzleConfig, dtype: torch.dtype) -> dict[str, Any]:
     cfg, inexact = decilm_config_dict(config, dtype=dtype)
     if inexact:
         log.warning(
@@ -156,15 +175,45 @@ def export_decilm(
             "vLLM's rule, so vLLM/TensorRT-LLM will not load those layers' sizes; the exported "
             "intermediate_size keeps the checkpoint exact for transformers and puzzle", inexact,
         )
-    state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    return cfg
+
+
+def _write_extras(tmp: Path, cfg: dict[str, Any], tokenizer_dir: str | Path | None) -> None:
+    """Everything but the weights: config, the two remote-code files, the tokenizer files."""
+    atomic_write_json(tmp / "config.json", cfg)
+    atomic_write_text(tmp / "configuration_decilm.py", configuration_source())
+    atomic_write_text(tmp / "modeling_decilm.py", modeling_source())
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, tmp)
+
+
+def export_decilm_dir(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    source_dir: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """:func:`export_decilm` of the model in ``model_dir`` (runtime, DeciLM or HF), streamed: the
+    tensors are read, cast and written one at a time, never the whole model (peak memory: one tensor
+    in flight, see :mod:`puzzle.export.memory`). The files equal those of ``export_decilm(
+    load_model(model_dir, dtype=None), ...)`` byte for byte (same shards for the same ``max_shard_bytes``).
+
+    ``dtype``: cast the weights (default: the stored dtype of the embedding, as ``load_model(...,
+    dtype=None)`` would hold it). The tokenizer files come from ``source_dir`` when given, else from
+    ``model_dir``; writing into or over either raises :class:`ExportError`.
+    """
+    src = resolve_source(model_dir)
+    out_dir = Path(out_dir)
+    _check_output(out_dir, [src.directory] + ([Path(source_dir)] if source_dir is not None else []),
+                  overwrite=overwrite)
+    config = load_config(src)
+    specs, read, stored = streamed_runtime_tensors(src, config, dtype=dtype)
+    cfg = _config_json(config, dtype or stored)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        save_safetensors(state, tmp, max_shard_bytes=max_shard_bytes)
-        atomic_write_json(tmp / "config.json", cfg)
-        atomic_write_text(tmp / "configuration_decilm.py", configuration_source())
-        atomic_write_text(tmp / "modeling_decilm.py", modeling_source())
-        if source_dir is not None:
-            copy_tokenizer_files(source_dir, tmp)
-    log.info("exported %d layers to %s", len(cfg["block_configs"]), out_dir)
+        save_safetensors_streamed(specs, read, tmp, max_shard_bytes=max_shard_bytes)
+        _write_extras(tmp, cfg, source_dir if source_dir is not None else src.directory)
+    log.info("exported %d layers of %s to %s (streamed)", len(cfg["block_configs"]), src.directory, out_dir)
     return out_dir

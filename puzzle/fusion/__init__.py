@@ -9,7 +9,9 @@ Modules: ``runs`` (detection and choice, no torch), ``fuse`` (exact weight fusio
 ``dependency`` (pairwise dependency on calibration data), ``evaluate`` (KL and latency),
 ``distill`` (optional local distillation of a fused block), ``pipeline`` (the stage),
 ``artifact`` (the output directory), ``derive`` (attention removed by hand), ``candidates``
-(fused segments as span rows of the MIP's tables).
+(fused segments as span rows of the MIP's tables), ``sharded`` (the stage with the child's layers
+split over ``torchrun`` ranks, from model directories: ``puzzle.fusion.sharded.fuse_sharded``), its
+``pipelined`` passes and ``memory`` (its memory per rank in closed form).
 """
 
 from puzzle.fusion.fuse import fuse_model

@@ -1,7 +1,8 @@
 """The fusion stage's output directory, written atomically (complete or absent)::
 
     out/
-      model/            the fused model as a DeciLM checkpoint (one block per fused segment)
+      model/            the fused model as a DeciLM checkpoint (one block per fused segment); the
+                        layer-sharded fusion (puzzle.fusion.sharded) writes a runtime directory instead
       blocks.json       its block configs (what `puzzle solve` / `puzzle profile` read)
       report.csv        one row per fused segment, then the whole fused model ("all")
       latency.csv       unfused vs fused step time per target and scenario, predicted and measured
@@ -17,12 +18,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from puzzle import __version__
 from puzzle.fusion.dependency import RunDependency
 from puzzle.fusion.pipeline import FusionConfig, FusionResult
 from puzzle.fusion.runs import Segment
 from puzzle.io import atomic_directory, atomic_write_json, atomic_write_text
-from puzzle.schema import save_blocks
+from puzzle.schema import BlockConfig, save_blocks
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +74,26 @@ def write_fusion(result: FusionResult, out_dir: str | Path, *, config: FusionCon
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         export_decilm(result.model, tmp / "model", source_dir=source_dir)
-        save_blocks(result.model.config.blocks, tmp / "blocks.json")
-        atomic_write_text(tmp / "report.csv", result.report.to_csv(index=False))
-        atomic_write_text(tmp / "latency.csv", result.latency.to_csv(index=False))
-        atomic_write_json(tmp / "dependency.json", {"runs": [d.to_dict() for d in result.dependencies]})
-        if result.dependencies:
-            plot_dependencies(result.dependencies, result.segments, tmp / "dependency.png")
-        atomic_write_json(tmp / "manifest.json", {
-            "stage": "fuse", "puzzle_version": __version__, "source": source,
-            "config": _config_dict(config), "segments": [s.label for s in result.segments],
-            "distill_losses": result.distill_losses,
-        })
+        write_fusion_files(tmp, blocks=result.model.config.blocks, report=result.report, latency=result.latency,
+                           dependencies=result.dependencies, segments=result.segments, config=config, source=source,
+                           distill_losses=result.distill_losses)
     log.info("wrote %s", out_dir)
     return out_dir
+
+
+def write_fusion_files(directory: Path, *, blocks: list[BlockConfig], report: pd.DataFrame, latency: pd.DataFrame,
+                       dependencies: list[RunDependency], segments: list[Segment], config: FusionConfig, source: str,
+                       distill_losses: dict[str, list[float]], extra: dict[str, Any] | None = None) -> None:
+    """Everything of the output directory but the model: blocks, report, latency, dependencies, manifest
+    (``extra`` joins the manifest)."""
+    save_blocks(blocks, directory / "blocks.json")
+    atomic_write_text(directory / "report.csv", report.to_csv(index=False))
+    atomic_write_text(directory / "latency.csv", latency.to_csv(index=False))
+    atomic_write_json(directory / "dependency.json", {"runs": [d.to_dict() for d in dependencies]})
+    if dependencies:
+        plot_dependencies(dependencies, segments, directory / "dependency.png")
+    atomic_write_json(directory / "manifest.json", {
+        "stage": "fuse", "puzzle_version": __version__, "source": source,
+        "config": _config_dict(config), "segments": [s.label for s in segments],
+        "distill_losses": distill_losses, **(extra or {}),
+    })

@@ -51,6 +51,8 @@ def distill_fused_block(block: torch.nn.Module, x: torch.Tensor, target: torch.T
             loss.backward()
         opt.step()
         losses.append(loss.item())
+    for p in params:  # the last step's gradients would stay with the block as long as it lives
+        p.grad = None
     block.eval()
     log.info("fused-block distillation: NMSE %.4g -> %.4g over %d steps", losses[0], losses[-1], steps)
     return losses

@@ -27,19 +27,26 @@ FFN_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 def fuse_ffn_state(parts: Sequence[dict[str, torch.Tensor]], *, bias: bool) -> dict[str, torch.Tensor]:
     """One wide block's weights from its members' (each: ``post_attention_layernorm.weight`` and
-    ``mlp.{gate,up,down}_proj.{weight,bias}``); folding in float64, stored in the members' dtype."""
+    ``mlp.{gate,up,down}_proj.{weight,bias}``); folding in float64, stored in the members' dtype.
+
+    One projection at a time is in float64 (its members' copies and their concatenation), so the
+    transient memory is about 2 x 8 bytes per parameter of one projection, not of the whole block."""
     dtype = parts[0]["mlp.gate_proj.weight"].dtype
     w = [p["post_attention_layernorm.weight"].double() for p in parts]  # (H,) each
     out = {
         "post_attention_layernorm.weight": torch.ones_like(parts[0]["post_attention_layernorm.weight"]),
-        "mlp.gate_proj.weight": torch.cat([p["mlp.gate_proj.weight"].double() * wk for p, wk in zip(parts, w)]),  # (M, H)
-        "mlp.up_proj.weight": torch.cat([p["mlp.up_proj.weight"].double() * wk for p, wk in zip(parts, w)]),  # (M, H)
-        "mlp.down_proj.weight": torch.cat([p["mlp.down_proj.weight"].double() for p in parts], dim=1),  # (H, M)
+        "mlp.gate_proj.weight": torch.cat([p["mlp.gate_proj.weight"].double() * wk for p, wk in zip(parts, w)]
+                                          ).to(dtype),  # (M, H)
+        "mlp.up_proj.weight": torch.cat([p["mlp.up_proj.weight"].double() * wk for p, wk in zip(parts, w)]
+                                        ).to(dtype),  # (M, H)
+        "mlp.down_proj.weight": torch.cat([p["mlp.down_proj.weight"].double() for p in parts], dim=1
+                                          ).to(dtype),  # (H, M)
     }
     if bias:
-        out["mlp.gate_proj.bias"] = torch.cat([p["mlp.gate_proj.bias"].double() for p in parts])  # (M,)
-        out["mlp.up_proj.bias"] = torch.cat([p["mlp.up_proj.bias"].double() for p in parts])  # (M,)
-        out["mlp.down_proj.bias"] = torch.stack([p["mlp.down_proj.bias"].double() for p in parts]).sum(0)  # (H,)
+        out["mlp.gate_proj.bias"] = torch.cat([p["mlp.gate_proj.bias"].double() for p in parts]).to(dtype)  # (M,)
+        out["mlp.up_proj.bias"] = torch.cat([p["mlp.up_proj.bias"].double() for p in parts]).to(dtype)  # (M,)
+        out["mlp.down_proj.bias"] = torch.stack([p["mlp.down_proj.bias"].double() for p in parts]
+                                                ).sum(0).to(dtype)  # (H,)
     return {k: v.to(dtype) for k, v in out.items()}
 
 

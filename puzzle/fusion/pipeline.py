@@ -116,46 +116,102 @@ def resolved_targets(cfg: FusionConfig) -> list[tuple[str, Target]]:
     return out
 
 
-def _latency_rows(unfused: PuzzleForCausalLM, fused: PuzzleForCausalLM, cfg: FusionConfig) -> list[dict[str, Any]]:
+def predicted_latency_rows(unfused: Any, fused: Any, cfg: FusionConfig) -> list[dict[str, Any]]:
+    """Predicted step ms of the unfused and the fused architecture (configs) per target and scenario."""
     rows = []
     for text, target in resolved_targets(cfg):
-        before = predicted_ms(unfused.config, unfused.config.blocks, cfg.scenarios, target)
-        after = predicted_ms(fused.config, fused.config.blocks, cfg.scenarios, target)
+        before = predicted_ms(unfused, unfused.blocks, cfg.scenarios, target)
+        after = predicted_ms(fused, fused.blocks, cfg.scenarios, target)
         for sc in cfg.scenarios:
             rows.append({"target": f"{text}:{target.dtype}", "scenario": sc.name, "source": "predicted",
-                         "unfused_ms": before[sc.name], "fused_ms": after[sc.name]})
+                         "unfused_ms": before[sc.name], "fused_ms": after[sc.name],
+                         "speedup": before[sc.name] / after[sc.name]})
+    return rows
+
+
+def _latency_rows(unfused: PuzzleForCausalLM, fused: PuzzleForCausalLM, cfg: FusionConfig) -> list[dict[str, Any]]:
+    rows = predicted_latency_rows(unfused.config, fused.config, cfg)
     if cfg.measure:
         device = next(unfused.parameters()).device
         before, after = measured_ms([unfused, fused], cfg.scenarios, repeats=cfg.repeats)
         for sc in cfg.scenarios:
             rows.append({"target": f"this {device.type}:{str(next(unfused.parameters()).dtype).removeprefix('torch.')}",
                          "scenario": sc.name, "source": "measured",
-                         "unfused_ms": before[sc.name], "fused_ms": after[sc.name]})
-    for r in rows:
-        r["speedup"] = r["unfused_ms"] / r["fused_ms"]
+                         "unfused_ms": before[sc.name], "fused_ms": after[sc.name],
+                         "speedup": before[sc.name] / after[sc.name]})
     return rows
 
 
-def _segment_gain(model: PuzzleForCausalLM, seg: Segment, cfg: FusionConfig) -> dict[str, float]:
+def _segment_gain(config: Any, seg: Segment, cfg: FusionConfig) -> dict[str, float]:
     """Predicted ms saved per step by fusing this segment alone, per target and scenario."""
-    blocks = model.config.blocks
+    blocks = config.blocks
     after, _ = fused_blocks(blocks, [seg])
     out = {}
     for text, target in resolved_targets(cfg):
-        b, a = predicted_ms(model.config, blocks, cfg.scenarios, target), predicted_ms(model.config, after, cfg.scenarios, target)
+        b, a = predicted_ms(config, blocks, cfg.scenarios, target), predicted_ms(config, after, cfg.scenarios, target)
         for sc in cfg.scenarios:
             out[f"{text}_{sc.name}_saved_ms"] = b[sc.name] - a[sc.name]
     return out
 
 
-def _choose(model: PuzzleForCausalLM, deps: Sequence[RunDependency], cfg: FusionConfig) -> list[Segment]:
-    blocks = model.config.blocks
+def choose_fused(config: Any, deps: Sequence[RunDependency], cfg: FusionConfig) -> list[Segment]:
+    """The segments to fuse: ``cfg.segments`` (those of two or more layers) or, per run, the fewest
+    segments under the threshold and the width limit (:func:`~puzzle.fusion.runs.choose_segments`)."""
+    blocks = config.blocks
     if cfg.segments is not None:  # one-layer segments are nothing to fuse
         return [s for s in check_segments(blocks, cfg.segments) if len(s) > 1]
-    max_width = None if cfg.max_width_mult is None else int(cfg.max_width_mult * model.config.intermediate_size)
+    max_width = None if cfg.max_width_mult is None else int(cfg.max_width_mult * config.intermediate_size)
     out = []
     for d in deps:
         out += choose_segments(d.run, d.matrix, d.widths, threshold=cfg.threshold, max_width=max_width, how=cfg.score)
+    return out
+
+
+def segment_row(config: Any, seg: Segment, deps: Sequence[RunDependency], cfg: FusionConfig, *,
+                parallel_error: float, quality: dict[str, float]) -> dict[str, Any]:
+    """The report row of one chosen segment: its width, dependencies (from the matrix of the run that
+    holds it), parallel error, the ``quality`` of fusing it alone (kl, loss_delta, top1_agreement
+    against the unfused model), the predicted ms it saves, and whether the KL guard lets it be fused."""
+    blocks = config.blocks
+    dep = next((d for d in deps if d.run.start <= seg.start and seg.stop <= d.run.stop), None)
+    matrix = dep.matrix if dep is not None else None
+    lo = seg.start - dep.run.start if dep is not None else 0
+    pairs = [matrix[i][j] for i in range(lo, lo + len(seg)) for j in range(i + 1, lo + len(seg))] if matrix else []
+    row = {"segment": seg.label, "layers": len(seg), "width": fused_width(blocks, seg),
+           "width_mult": fused_width(blocks, seg) / config.intermediate_size,
+           "dependency": sum(pairs) / len(pairs) if pairs else float("nan"),
+           "max_pair_dependency": max(pairs) if pairs else float("nan"),
+           "parallel_error": parallel_error}
+    row.update(quality)
+    row.update(_segment_gain(config, seg, cfg))
+    guard = cfg.max_segment_kl if cfg.segments is None else None
+    row["fused"] = guard is None or row["kl"] <= guard
+    if not row["fused"]:
+        log.warning("segment %s: fusing it alone costs KL %.3g > max_segment_kl %.3g; left unfused",
+                    seg.label, row["kl"], guard)
+    return row
+
+
+def model_rows(rows: list[dict[str, Any]], segments: Sequence[Segment], cfg: FusionConfig, *,
+               unfused_to_parent: float | None, fused: dict[str, float],
+               distilled: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """``rows`` (one per chosen segment) with the whole-model rows around them: ``unfused`` first (its
+    ``kl_to_parent``, when a parent was given), then ``all`` (the ``fused`` quality of every fused
+    segment together, and the ms they save) and ``all (distilled)`` when ``distilled`` is given."""
+    nan = float("nan")
+    blank = {"width": nan, "width_mult": nan, "dependency": nan, "max_pair_dependency": nan, "parallel_error": nan}
+    out = list(rows)
+    if unfused_to_parent is not None:
+        out.insert(0, {"segment": "unfused", "layers": 0, **blank, "kl": 0.0, "loss_delta": 0.0,
+                       "top1_agreement": 1.0, "kl_to_parent": unfused_to_parent})
+    total = {"segment": "all", "layers": sum(len(s) for s in segments), **blank, **fused}
+    for text, _ in resolved_targets(cfg):
+        for sc in cfg.scenarios:
+            key = f"{text}_{sc.name}_saved_ms"
+            total[key] = sum(r.get(key, 0.0) for r in rows if r.get("fused"))
+    out.append(total)
+    if distilled is not None:
+        out.append({**total, "segment": "all (distilled)", **distilled})
     return out
 
 
@@ -177,7 +233,7 @@ def fuse_and_report(model: PuzzleForCausalLM, tokenizer: Any, cfg: FusionConfig 
     starts = sorted({r.start for r in runs} | {s.start for s in (cfg.segments or ())})
     inputs = run_inputs(model, calib, starts) if starts else {}
     deps = [run_dependency(model, r, inputs[r.start]) for r in tqdm(runs, desc="dependency", disable=not progress)]
-    segments = _choose(model, deps, cfg)
+    segments = choose_fused(model.config, deps, cfg)
     if not runs:
         log.warning("no run of two or more attention-free SwiGLU layers: nothing to fuse")
     extra = sorted({s.start for s in segments} - set(inputs))
@@ -187,25 +243,10 @@ def fuse_and_report(model: PuzzleForCausalLM, tokenizer: Any, cfg: FusionConfig 
     rows, losses = [], {}
     fused_all = model
     for seg in tqdm(segments, desc="fused segments", disable=not progress):
-        x0 = inputs[seg.start]
-        dep = next((d for d in deps if d.run.start <= seg.start and seg.stop <= d.run.stop), None)
-        matrix = dep.matrix if dep is not None else None
-        lo = seg.start - dep.run.start if dep is not None else 0
-        pairs = [matrix[i][j] for i in range(lo, lo + len(seg)) for j in range(i + 1, lo + len(seg))] if matrix else []
+        err = parallel_error(model, seg, inputs[seg.start])
         one = fuse_model(model, [seg])
-        row = {"segment": seg.label, "layers": len(seg), "width": fused_width(blocks, seg),
-               "width_mult": fused_width(blocks, seg) / model.config.intermediate_size,
-               "dependency": sum(pairs) / len(pairs) if pairs else float("nan"),
-               "max_pair_dependency": max(pairs) if pairs else float("nan"),
-               "parallel_error": parallel_error(model, seg, x0)}
-        row.update({f"{k}": v for k, v in kl_to_reference(one, heldout, reference).items()})
-        row.update(_segment_gain(model, seg, cfg))
-        guard = cfg.max_segment_kl if cfg.segments is None else None
-        row["fused"] = guard is None or row["kl"] <= guard
-        if not row["fused"]:
-            log.warning("segment %s: fusing it alone costs KL %.3g > max_segment_kl %.3g; left unfused",
-                        seg.label, row["kl"], guard)
-        rows.append(row)
+        rows.append(segment_row(model.config, seg, deps, cfg, parallel_error=err,
+                                quality=kl_to_reference(one, heldout, reference)))
     segments = [s for s, r in zip(segments, rows) if r["fused"]]
     if segments:
         fused_all = fuse_model(model, segments)
@@ -217,20 +258,13 @@ def fuse_and_report(model: PuzzleForCausalLM, tokenizer: Any, cfg: FusionConfig 
             out["kl_to_parent"] = kl_to_reference(m, heldout, to_parent)["kl"]
         return out
 
-    nan = float("nan")
-    blank = {"width": nan, "width_mult": nan, "dependency": nan, "max_pair_dependency": nan, "parallel_error": nan}
-    if to_parent is not None:
-        rows.insert(0, {"segment": "unfused", "layers": 0, **blank, "kl": 0.0, "loss_delta": 0.0,
-                        "top1_agreement": 1.0, "kl_to_parent": kl_to_reference(model, heldout, to_parent)["kl"]})
-    total = {"segment": "all", "layers": sum(len(s) for s in segments), **blank, **quality(fused_all)}
-    for text, _ in resolved_targets(cfg):
-        for sc in cfg.scenarios:
-            key = f"{text}_{sc.name}_saved_ms"
-            total[key] = sum(r.get(key, 0.0) for r in rows if r.get("fused"))
-    rows.append(total)
+    unfused_to_parent = kl_to_reference(model, heldout, to_parent)["kl"] if to_parent is not None else None
+    fused_quality, distilled = quality(fused_all), None
     if segments and cfg.distill_steps:
         fused_all, losses = _distill(model, fused_all, segments, inputs, cfg, progress=progress)
-        rows.append({**total, "segment": "all (distilled)", **quality(fused_all)})
+        distilled = quality(fused_all)
+    rows = model_rows(rows, segments, cfg, unfused_to_parent=unfused_to_parent, fused=fused_quality,
+                      distilled=distilled)
     report = pd.DataFrame(rows)
     latency = pd.DataFrame(_latency_rows(model, fused_all, cfg))
     return FusionResult(model=fused_all, segments=segments, dependencies=deps, report=report, latency=latency,

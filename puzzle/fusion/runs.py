@@ -160,3 +160,15 @@ def choose_segments(run: Segment, dependency: Sequence[Sequence[float]], widths:
         cuts.append((back[k], k))
         k = back[k]
     return [Segment(run.start + a, run.start + b) for a, b in reversed(cuts) if b - a > 1]
+
+
+def split_at_ranks(segments: Sequence[Segment], ranges: Sequence[range], *, min_length: int = 2) -> list[Segment]:
+    """``segments`` cut where one rank's layers end and the next one's begin (``ranges``: contiguous,
+    as :func:`block_library.distributed.split_layers` gives them); pieces shorter than ``min_length``
+    are dropped. A layer-sharded fusion works on these pieces, so no segment ever spans two ranks."""
+    cuts = sorted({r.start for r in ranges} | {r.stop for r in ranges})
+    out = []
+    for s in segments:
+        edges = [s.start, *(c for c in cuts if s.start < c < s.stop), s.stop]
+        out += [Segment(a, b) for a, b in zip(edges, edges[1:]) if b - a >= min_length]
+    return out

@@ -1,8 +1,11 @@
-"""Build a runtime model from a config and a state dict without a wasted random init."""
+"""Build a runtime model from a config and tensors without a wasted random init.
+
+    model_from_state_dict(config, state)   every weight given: a complete model
+    meta_model(config)                     every weight on the meta device (0 bytes), to fill in part
+    adopt(model, state)                    put some weights into a (meta) model, checking their shapes
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -10,11 +13,45 @@ from puzzle.errors import CorruptArtifactError
 from puzzle.model import PuzzleConfig, PuzzleForCausalLM
 
 
-def _keys_of(model: PuzzleForCausalLM) -> set[str]:
-    keys = set(model.state_dict().keys())
+def meta_model(config: PuzzleConfig) -> PuzzleForCausalLM:
+    """The runtime model with every parameter on the meta device (the RoPE table is real: it is
+    computed on the CPU explicitly), tied head included, in eval mode."""
+    with torch.device("meta"):
+        model = PuzzleForCausalLM(config)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def runtime_weight_names(model: PuzzleForCausalLM) -> list[str]:
+    """The names a checkpoint of ``model`` stores (a tied ``lm_head.weight`` is not one of them)."""
+    names = list(model.state_dict().keys())
     if model.config.tie_word_embeddings:
-        keys.discard("lm_head.weight")
-    return keys
+        names.remove("lm_head.weight")
+    return names
+
+
+def adopt(model: PuzzleForCausalLM, state: dict[str, torch.Tensor], *, dtype: torch.dtype | None = torch.float32) -> None:
+    """Make the tensors in ``state`` (runtime names, cast to ``dtype``) the model's own, in place.
+
+    A name the model lacks, or a tensor whose shape does not match the config, raises
+    :class:`CorruptArtifactError`. Parameters not in ``state`` are left as they are (on meta, say).
+    A tied head follows the embedding.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unknown = sorted(state.keys() - params.keys())
+    if unknown:
+        raise CorruptArtifactError(f"weights do not match the architecture: unexpected {unknown[:6]}"
+                                   f"{'...' if len(unknown) > 6 else ''}")
+    for name in sorted(state):
+        if tuple(state[name].shape) != tuple(params[name].shape):
+            raise CorruptArtifactError(
+                f"{name}: checkpoint shape {tuple(state[name].shape)} != architecture shape {tuple(params[name].shape)}"
+            )
+    cast = {k: (v.to(dtype) if dtype is not None else v) for k, v in state.items()}
+    model.load_state_dict(cast, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
 
 
 def model_from_state_dict(
@@ -25,23 +62,13 @@ def model_from_state_dict(
     Missing or unexpected names raise :class:`CorruptArtifactError` listing a few of them, and so
     does a tensor whose shape does not match the config.
     """
-    with torch.device("meta"):
-        model = PuzzleForCausalLM(config)
-    want = _keys_of(model)
+    model = meta_model(config)
+    want = set(runtime_weight_names(model))
     missing, unexpected = sorted(want - state.keys()), sorted(state.keys() - want)
     if missing or unexpected:
         raise CorruptArtifactError(
             f"weights do not match the architecture: missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
             f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}"
         )
-    params = dict(model.named_parameters())
-    for name in sorted(want):
-        if tuple(state[name].shape) != tuple(params[name].shape):
-            raise CorruptArtifactError(
-                f"{name}: checkpoint shape {tuple(state[name].shape)} != architecture shape {tuple(params[name].shape)}"
-            )
-    cast: dict[str, Any] = {k: (v.to(dtype) if dtype is not None else v) for k, v in state.items()}
-    model.load_state_dict(cast, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+    adopt(model, state, dtype=dtype)
+    return model

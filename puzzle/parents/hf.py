@@ -1,18 +1,24 @@
 """Parents from a local Hugging Face directory: Llama, Mistral and Qwen2 (safetensors only).
 
-The runtime uses the Llama weight names, so the weight map is the identity; this module only
-translates the config and checks that nothing unsupported is silently dropped.
+The runtime uses the Llama weight names, so the weight map (:func:`hf_weight_source`, one runtime
+tensor at a time) is the identity; this module translates the config and checks that nothing
+unsupported is silently dropped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from puzzle.errors import CorruptArtifactError, ModelFilesError, UnsupportedArchitectureError
 from puzzle.model import PuzzleConfig
+from puzzle.model.weights import meta_model, runtime_weight_names
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +108,47 @@ def puzzle_config_from_hf(cfg: dict[str, Any], *, where: str = "config") -> Puzz
     )
 
 
+@dataclass(frozen=True)
+class WeightSource:
+    """Where one runtime tensor comes from in a checkpoint: the stored tensor(s) and how to combine them."""
+
+    names: tuple[str, ...]
+    """Checkpoint names read for this tensor."""
+    transform: Callable[..., torch.Tensor] | None = None
+    """``transform(*tensors)`` gives the runtime tensor; None: the one stored tensor as it is."""
+
+    def read(self, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The runtime tensor, reading each stored tensor with ``get(name)``."""
+        tensors = [get(n) for n in self.names]
+        return self.transform(*tensors) if self.transform is not None else tensors[0]
+
+
+def hf_weight_source(name: str, config: PuzzleConfig) -> WeightSource:
+    """The checkpoint tensor(s) behind the runtime tensor ``name`` in a Llama/Mistral/Qwen2 checkpoint.
+
+    The runtime uses Llama's weight names, so this is the identity (the embedded SmolLM2 cache is
+    such a checkpoint too: transformers' GGUF reader already undoes llama.cpp's Q/K permutation).
+    The one map for both the full load (:func:`hf_state_dict_to_runtime`) and per-tensor reads.
+    """
+    return WeightSource((name,))
+
+
+def hf_ignored(name: str, config: PuzzleConfig) -> bool:
+    """Checkpoint tensors the runtime does not read: rotary caches and a tied ``lm_head.weight``."""
+    return "rotary_emb" in name or (config.tie_word_embeddings and name == "lm_head.weight")
+
+
 def hf_state_dict_to_runtime(state: dict[str, Any], config: PuzzleConfig) -> dict[str, Any]:
-    """Identity map plus clean-up: drop rotary caches and a tied ``lm_head.weight``."""
-    out = {k: v for k, v in state.items() if "rotary_emb" not in k}
-    if config.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
+    """A whole HF state dict in runtime names, through :func:`hf_weight_source`.
+
+    Runtime tensors whose sources are missing are left out, and stored tensors that no runtime
+    tensor reads (other than :func:`hf_ignored` ones) are kept, so the model builder reports both.
+    """
+    out, used = {}, set()
+    for name in runtime_weight_names(meta_model(config)):
+        src = hf_weight_source(name, config)
+        if all(n in state for n in src.names):
+            out[name] = src.read(state.__getitem__)
+            used.update(src.names)
+    out.update({k: v for k, v in state.items() if k not in used and not hf_ignored(k, config)})
     return out

@@ -131,7 +131,7 @@ def measure_cpu_peaks(*, quick: bool = False) -> dict[str, Any]:
     return peaks
 
 
-def _total_ram_gb() -> float:
+def total_ram_gb() -> float:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     except (ValueError, OSError, AttributeError):
@@ -164,6 +164,23 @@ def cpu_peaks(*, refresh: bool = False) -> dict[str, Any]:
         peaks = {"version": PEAKS_VERSION, "fingerprint": fp, **measure_cpu_peaks()}
         atomic_write_json(path, peaks)
     return peaks
+
+
+_FP32_MEMO: dict[str, float] = {}
+
+
+def fp32_flops() -> float:
+    """This CPU's fp32 GEMM FLOP/s at torch's thread count, for planning: the cached peaks when they
+    were measured, else a probe of a fraction of a second (not cached), never the minutes-long full run."""
+    peaks = _load_peaks(hardware_dir() / f"{fingerprint()}.json")
+    if peaks is not None:
+        return float(peaks["fp32_flops"])
+    if "probe" not in _FP32_MEMO:
+        import torch
+
+        with torch.inference_mode():
+            _FP32_MEMO["probe"] = _gemm_flops(torch.float32, 768, 3)
+    return _FP32_MEMO["probe"]
 
 
 def default_cpu_efficiency(peaks: dict[str, Any]) -> Efficiency:
@@ -201,7 +218,7 @@ def cpu_accelerator(*, refresh: bool = False) -> Accelerator:
             bandwidth_tbs = float(cal.peaks.get("bandwidth_tbs") or bandwidth_tbs)
         except CorruptArtifactError as e:
             log.warning("%s; using the uncalibrated CPU efficiencies", e)
-    acc = Accelerator(name="cpu", tflops=tflops, memory_gb=_total_ram_gb(), bandwidth_tbs=bandwidth_tbs,
+    acc = Accelerator(name="cpu", tflops=tflops, memory_gb=total_ram_gb(), bandwidth_tbs=bandwidth_tbs,
                       link_gbs=0.0, efficiency=efficiency)
     _MEMO[key] = acc
     return acc

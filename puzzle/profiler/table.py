@@ -46,13 +46,19 @@ def layer_candidates(source: str | Path, *, space: Any = None) -> tuple[Any, lis
             ffns = [parse_variant(t, "ffn") for t in lib.labels(i, "ffn")]
             per_layer.append(_product(config.blocks[i], atts, ffns))
         return config, per_layer
-    from block_library.space import SearchSpace
     from puzzle.loading import load_config
 
     config = load_config(source)
+    return config, space_candidates(config, space=space)
+
+
+def space_candidates(config: Any, *, space: Any = None) -> list[list[BlockConfig]]:
+    """Per layer of a parent config, every block of the search space (default: the default space)."""
+    from block_library.space import SearchSpace
+
     space = space or SearchSpace()
     layers = space.layer_variants(config.blocks, num_attention_heads=config.num_attention_heads)
-    return config, [_product(config.blocks[lv.layer], lv.attention, lv.ffn) for lv in layers]
+    return [_product(config.blocks[lv.layer], lv.attention, lv.ffn) for lv in layers]
 
 
 def _product(parent: BlockConfig, atts: Sequence[Any], ffns: Sequence[Any]) -> list[BlockConfig]:

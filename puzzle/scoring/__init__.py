@@ -6,6 +6,8 @@
     result.subblocks     # layer, subblock, variant, kl, loss_delta, top1_agreement, final_val_nmse
 
 See :mod:`puzzle.scoring.replace1` for the method and :mod:`puzzle.scoring.artifact` for the directory.
+Under ``torchrun`` the parent's layers are sharded over the ranks (:mod:`puzzle.scoring.sharded`);
+:mod:`puzzle.scoring.memory` gives a rank's memory in closed form.
 """
 
 from puzzle.scoring.config import ScoreConfig

@@ -45,16 +45,16 @@ class ParentRunner:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def context(self, T: int) -> dict[str, Any]:
+    def context(self, T: int, *, device: torch.device | str = "cpu") -> dict[str, Any]:
         """RoPE tables for positions 0..T-1 (batch 1, broadcast over any batch) and a causal mask."""
-        pos = torch.arange(T)[None]  # (1, T)
+        pos = torch.arange(T, device=device)[None]  # (1, T)
         cos, sin = self.rotary(pos, torch.float32)  # (1, T, hd) each
         return {"cos": cos, "sin": sin, "mask": None, "cache": None}
 
     @torch.no_grad()
-    def suffix(self, x: torch.Tensor, start: int, ctx: dict[str, Any]) -> torch.Tensor:
-        """Parent layers ``start``..L-1 on the residual stream x (B, T, H) -> (B, T, H)."""
-        for layer in self.layers[start:]:
+    def suffix(self, x: torch.Tensor, start: int, ctx: dict[str, Any], *, stop: int | None = None) -> torch.Tensor:
+        """Parent layers ``start``..stop-1 (default: to the last) on the residual stream x (B, T, H) -> (B, T, H)."""
+        for layer in self.layers[start:stop]:
             x = layer(x, ctx)
         return x
 
@@ -73,12 +73,12 @@ class ParentCache:
 
     ids: torch.Tensor
     """(N, T) int64 token ids."""
-    inputs: list[torch.Tensor]
-    """L tensors (N, T, H): the residual stream entering each layer."""
-    mids: list[torch.Tensor]
-    """L tensors (N, T, H): the residual stream after each layer's attention sub-block."""
-    logprobs: torch.Tensor
-    """(N, T-1, V) float32: the parent's log-probs of the next token."""
+    inputs: list[torch.Tensor] | dict[int, torch.Tensor]
+    """L tensors (N, T, H): the residual stream entering each layer (a sharded rank: its layers', by index)."""
+    mids: list[torch.Tensor] | dict[int, torch.Tensor]
+    """L tensors (N, T, H): the residual stream after each layer's attention sub-block (likewise)."""
+    logprobs: torch.Tensor | None
+    """(N, T-1, V) float32: the parent's log-probs of the next token (a sharded run: on the last rank only)."""
 
     @property
     def labels(self) -> torch.Tensor:
@@ -86,7 +86,12 @@ class ParentCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.inputs, *self.mids, self.logprobs])
+        tensors = [*_values(self.inputs), *_values(self.mids)] + ([self.logprobs] if self.logprobs is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _values(ts: list[torch.Tensor] | dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    return list(ts.values()) if isinstance(ts, dict) else list(ts)
 
 
 def attention_half(block: torch.nn.Module, x: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:

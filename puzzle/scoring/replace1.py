@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -81,19 +82,35 @@ def replacements(lib: Library, layer: int, pairs: str) -> list[Replacement]:
     return out
 
 
-def layer_modules(lib: Library, layer: int, *, initial: bool) -> dict[tuple[str, str], nn.Module]:
-    """(sub-block, label) -> the variant's module (a DecoderBlock holding only that sub-block), float32."""
-    config, out = lib.parent_config, {}
-    for sub in ("attention", "ffn"):
-        for label in lib.labels(layer, sub):
+class LayerModules:
+    """(sub-block, label) -> the variant's module of one layer (a DecoderBlock holding only that sub-block),
+    float32 on ``device``, read from the library when first asked for. The parent's own halves stay; of
+    the other variants only the last one asked for is kept, so a layer never holds all its variants
+    (for a 405B parent they are 11 B parameters)."""
+
+    def __init__(self, lib: Library, layer: int, *, initial: bool, device: Any = "cpu") -> None:
+        self.lib, self.layer, self.initial, self.device = lib, layer, initial, device
+        self.parent = set(zip(("attention", "ffn"), parent_labels(lib, layer)))
+        self.loaded: dict[tuple[str, str], nn.Module] = {}
+
+    def __getitem__(self, key: tuple[str, str]) -> nn.Module:
+        if key not in self.loaded:
+            for k in [k for k in self.loaded if k not in self.parent]:
+                del self.loaded[k]
+            sub, label = key
             with torch.device("meta"):  # no random init: every tensor comes from the library
-                m = build_module(Variant(layer, sub, parse_variant(label, sub)), config)
-            m.load_state_dict(lib.variant_state(layer, sub, label, initial=initial), assign=True)
-            out[(sub, label)] = m.float().eval().requires_grad_(False)
-    return out
+                m = build_module(Variant(self.layer, sub, parse_variant(label, sub)), self.lib.parent_config)
+            m.load_state_dict(self.lib.variant_state(self.layer, sub, label, initial=self.initial), assign=True)
+            self.loaded[key] = m.float().eval().requires_grad_(False).to(self.device)
+        return self.loaded[key]
 
 
-def _block_output(rep: Replacement, cache: ParentCache, modules: dict[tuple[str, str], nn.Module],
+def layer_modules(lib: Library, layer: int, *, initial: bool, device: Any = "cpu") -> LayerModules:
+    """The variants of ``layer``, loaded one at a time as they are used (see :class:`LayerModules`)."""
+    return LayerModules(lib, layer, initial=initial, device=device)
+
+
+def _block_output(rep: Replacement, cache: ParentCache, modules: LayerModules,
                   ctx: dict[str, Any], attn_out: dict[str, torch.Tensor], parent_attention: str) -> torch.Tensor:
     """The replaced block's output (N, T, H) on the cached input of its layer."""
     l = rep.layer
@@ -106,14 +123,17 @@ def _block_output(rep: Replacement, cache: ParentCache, modules: dict[tuple[str,
     return modules[("ffn", rep.ffn)](h, ctx)
 
 
-@torch.no_grad()
-def score_group(runner: ParentRunner, cache: ParentCache, reps: list[Replacement],
-                modules: dict[tuple[str, str], nn.Module], ctx: dict[str, Any],
-                attn_out: dict[str, torch.Tensor], parent_attention: str) -> list[dict[str, Any]]:
-    """Measure replacements of one layer together, stacked along the batch: (K * N, T, H)."""
-    N, l = cache.ids.shape[0], reps[0].layer
+def block_outputs(reps: list[Replacement], cache: ParentCache, modules: LayerModules,
+                  ctx: dict[str, Any], attn_out: dict[str, torch.Tensor], parent_attention: str) -> torch.Tensor:
+    """The replaced blocks of one layer on its cached input, stacked along the batch: (K * N, T, H)."""
     ys = [_block_output(r, cache, modules, ctx, attn_out, parent_attention) for r in reps]
-    final = runner.suffix(ys[0] if len(ys) == 1 else torch.cat(ys), l + 1, ctx)  # (K * N, T, H)
+    return ys[0] if len(ys) == 1 else torch.cat(ys)
+
+
+def group_metrics(runner: ParentRunner, cache: ParentCache, reps: list[Replacement],
+                  final: torch.Tensor) -> list[dict[str, Any]]:
+    """The rows of a group from its last residual stream (K * N, T, H): head, log-probs, metrics."""
+    N, l = cache.ids.shape[0], reps[0].layer
     rows = []
     for k, rep in enumerate(reps):
         sums = TokenSums()
@@ -128,6 +148,28 @@ def score_group(runner: ParentRunner, cache: ParentCache, reps: list[Replacement
     return rows
 
 
+@torch.no_grad()
+def score_group(runner: ParentRunner, cache: ParentCache, reps: list[Replacement],
+                modules: LayerModules, ctx: dict[str, Any],
+                attn_out: dict[str, torch.Tensor], parent_attention: str) -> list[dict[str, Any]]:
+    """Measure replacements of one layer together, stacked along the batch: (K * N, T, H)."""
+    ys = block_outputs(reps, cache, modules, ctx, attn_out, parent_attention)
+    final = runner.suffix(ys, reps[0].layer + 1, ctx)  # (K * N, T, H)
+    return group_metrics(runner, cache, reps, final)
+
+
+def layer_groups(reps: list[Replacement], variant_batch: int) -> list[list[Replacement]]:
+    """How a layer's replacements run: the parent's own block alone, in the reference pass's shapes (so
+    its KL is exactly 0), then the others ``variant_batch`` at a time."""
+    return [reps[:1]] + [reps[i:i + variant_batch] for i in range(1, len(reps), variant_batch)]
+
+
+def layer_cost(num_replacements: int, layer: int, num_layers: int) -> dict[str, int]:
+    """What a layer's replacements run: each its block and the L - 1 - l layers after it, and one head."""
+    return {"replacements": num_replacements, "layer_forwards": num_replacements * (num_layers - layer),
+            "head_evals": num_replacements}
+
+
 def score_layer(runner: ParentRunner, cache: ParentCache, lib: Library, layer: int, config: ScoreConfig,
                 *, bar: Any = None) -> dict[str, Any]:
     """Every replacement of one layer: its measured rows and what it cost."""
@@ -135,16 +177,13 @@ def score_layer(runner: ParentRunner, cache: ParentCache, lib: Library, layer: i
     reps = replacements(lib, layer, config.pairs)
     modules = layer_modules(lib, layer, initial=config.initial)
     ctx, attn_out, pa = runner.context(cache.ids.shape[1]), {}, parent_labels(lib, layer)[0]
-    # The parent's own block runs alone, in the reference pass's shapes, so its KL is exactly 0.
-    groups = [reps[:1]] + [reps[i:i + config.variant_batch] for i in range(1, len(reps), config.variant_batch)]
     rows = []
-    for g in groups:
+    for g in layer_groups(reps, config.variant_batch):
         rows += score_group(runner, cache, g, modules, ctx, attn_out, pa)
         if bar is not None:
             bar.update(len(g))
-    L = runner.num_layers
     return {"layer": layer, "rows": rows, "seconds": round(time.perf_counter() - t0, 3),
-            "cost": {"replacements": len(reps), "layer_forwards": len(reps) * (L - layer), "head_evals": len(reps)}}
+            "cost": layer_cost(len(reps), layer, runner.num_layers)}
 
 
 def load_ids(lib: Library, config: ScoreConfig) -> torch.Tensor:
@@ -158,15 +197,32 @@ def load_ids(lib: Library, config: ScoreConfig) -> torch.Tensor:
                           split="validation", val_fraction=vf)
 
 
-def score_library(library: str | Path, out_dir: str | Path, config: ScoreConfig | None = None, *,
-                  force: bool = False, progress: bool = True,
-                  on_layer: Callable[[int], None] | None = None) -> ScoreResult:
-    """Score every (layer, block) of a library by replace-1-block; write ``out_dir`` (resumable).
+@dataclass
+class Run:
+    """A scoring run past its checks: what :func:`score_library` computes and where it writes."""
 
-    ``on_layer(layer)`` is called after each layer's results are saved. A finished ``out_dir`` with
-    the same inputs is returned as is; other inputs raise :class:`StaleArtifactError` unless ``force``.
-    """
-    t_start = time.perf_counter()
+    lib: Library
+    config: ScoreConfig
+    """With ``val_fraction`` resolved (the library's when None)."""
+    out: Path
+    ids: torch.Tensor
+    """(N, T) held-out token ids."""
+    key: str
+    """The inputs' key that every partial record carries."""
+    records: dict[int, dict[str, Any]]
+    """The layers finished by an earlier run (layer -> record)."""
+    base: dict[str, Any]
+    """The manifest, status running."""
+
+    @property
+    def todo(self) -> list[int]:
+        return [l for l in range(self.lib.parent_config.num_hidden_layers) if l not in self.records]
+
+
+def start_run(library: str | Path, out_dir: str | Path, config: ScoreConfig | None = None, *,
+              force: bool = False) -> Run | ScoreResult:
+    """Open the library, read the held-out ids and check ``out_dir``: the finished result when it holds
+    these scores already, else a :class:`Run` (manifest written as running, earlier layers read)."""
     config = config or ScoreConfig()
     lib = Library(library)
     if config.val_fraction is None:
@@ -180,19 +236,39 @@ def score_library(library: str | Path, out_dir: str | Path, config: ScoreConfig 
         log.info("%s already holds these scores; nothing to do", out)
         return _read_result(out, done_manifest)
     key = artifact.inputs_key(inputs)
-    L = lib.parent_config.num_hidden_layers
-    records = artifact.read_partials(out, L, key)
+    records = artifact.read_partials(out, lib.parent_config.num_hidden_layers, key)
     base = _manifest(lib, config, inputs, ids, status="running")
     atomic_write_json(out / artifact.MANIFEST, base)
-    todo = [l for l in range(L) if l not in records]
     if records:
-        log.info("resuming: %d of %d layers already scored", len(records), L)
+        log.info("resuming: %d of %d layers already scored", len(records), lib.parent_config.num_hidden_layers)
+    return Run(lib=lib, config=config, out=out, ids=ids, key=key, records=records, base=base)
+
+
+def score_library(library: str | Path, out_dir: str | Path, config: ScoreConfig | None = None, *,
+                  force: bool = False, progress: bool = True,
+                  on_layer: Callable[[int], None] | None = None) -> ScoreResult:
+    """Score every (layer, block) of a library by replace-1-block; write ``out_dir`` (resumable).
+
+    ``on_layer(layer)`` is called after each layer's results are saved. A finished ``out_dir`` with
+    the same inputs is returned as is; other inputs raise :class:`StaleArtifactError` unless ``force``.
+    Under ``torchrun`` (WORLD_SIZE > 1) the layers are sharded over the ranks
+    (:mod:`puzzle.scoring.sharded`); every rank returns the same result.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from puzzle.scoring.sharded import score_library_sharded
+
+        return score_library_sharded(library, out_dir, config, force=force, progress=progress, on_layer=on_layer)
+    t_start = time.perf_counter()
+    run = start_run(library, out_dir, config, force=force)
+    if isinstance(run, ScoreResult):
+        return run
+    todo = run.todo
     parent_seconds = 0.0
     if todo:
-        parent_seconds, fresh = _score_layers(lib, ids, config, todo, out, key, progress=progress, on_layer=on_layer)
-        records.update(fresh)
-    return _finish(lib, out, config, records, base, wall=time.perf_counter() - t_start, parent_seconds=parent_seconds,
-                   computed=len(todo))
+        parent_seconds, fresh = _score_layers(run.lib, run.ids, run.config, todo, run.out, run.key,
+                                              progress=progress, on_layer=on_layer)
+        run.records.update(fresh)
+    return finish(run, wall=time.perf_counter() - t_start, parent_seconds=parent_seconds, computed=len(todo))
 
 
 def _score_layers(lib: Library, ids: torch.Tensor, config: ScoreConfig, todo: list[int], out: Path, key: str, *,
@@ -227,20 +303,25 @@ def _manifest(lib: Library, config: ScoreConfig, inputs: dict[str, Any], ids: to
             "tokens": {"sequences": N, "seq_len": T, "tokens": N * T, "scored_positions": N * (T - 1)}}
 
 
-def _finish(lib: Library, out: Path, config: ScoreConfig, records: dict[int, dict[str, Any]], base: dict[str, Any],
-            *, wall: float, parent_seconds: float, computed: int) -> ScoreResult:
+def finish(run: Run, *, wall: float, parent_seconds: float, computed: int, peak_mib: float | None = None,
+           extra: dict[str, Any] | None = None) -> ScoreResult:
+    """Write the tables and the complete manifest from every layer's record.
+
+    ``peak_mib``: the peak RSS to record (default: this process's); ``extra``: more manifest keys."""
+    lib, out, config, records = run.lib, run.out, run.config, run.records
     scores = block_table(lib, records)
     subs = subblock_table(lib, records, initial=config.initial)
     atomic_write_text(out / artifact.SCORES, scores.to_csv(index=False))
     atomic_write_text(out / artifact.SUBBLOCKS, subs.to_csv(index=False))
     L = lib.parent_config.num_hidden_layers
-    import resource
+    if peak_mib is None:
+        import resource
 
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    manifest = dict(base, status="complete", cost=cost_summary(records, L), peak_rss_mib_this_run=round(peak_mib),
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    manifest = dict(run.base, status="complete", cost=cost_summary(records, L), peak_rss_mib_this_run=round(peak_mib),
                     seconds={"wall_this_run": round(wall, 2), "parent_pass_this_run": round(parent_seconds, 2),
                              "layers_total": round(sum(r["seconds"] for r in records.values()), 2)},
-                    layers_computed_this_run=computed)
+                    layers_computed_this_run=computed, **(extra or {}))
     atomic_write_json(out / artifact.MANIFEST, manifest)
     log.info("scores of %d blocks over %d layers written to %s", len(scores), L, out)
     return ScoreResult(directory=out, scores=scores, subblocks=subs, manifest=manifest)

@@ -73,7 +73,7 @@ def _row(name: str, model: Any, target: Any, scenarios: list[Any], parent_pred: 
          quality: dict[str, Any], feasible: bool, detail: str) -> dict[str, Any]:
     from puzzle.search.report import predicted_costs
 
-    pred = predicted_costs(model, target, scenarios)
+    pred = predicted_costs(model.config, target, scenarios)
     row: dict[str, Any] = {"model": name, "feasible": feasible, "layers": model.config.num_hidden_layers,
                            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     for sc in scenarios:
@@ -94,7 +94,7 @@ def stage_baselines(ctx: Any, d: Path) -> dict[str, Any]:
     cfg, scenarios = ctx.plan, list(ctx.plan.scenarios)
     target = costing_target(cfg, ctx.results["profile"].directory)
     problem, influence = solve_problem(ctx, constraints=False), _influence(ctx, d)
-    parent_pred = predicted_costs(ctx.parent, target, scenarios)
+    parent_pred = predicted_costs(ctx.plan.parent_config, target, scenarios)
     puzzle_child = load_model(ctx.out("export", "model"))
     evaluation = json.loads(Path(ctx.out("evaluate", "evaluation")).read_text())
     q = evaluation["quality"]

@@ -29,9 +29,9 @@ BASELINES = ("uniform_ffn", "shortgpt", "attention_removal")
 """Baseline rules of the ``baselines`` stage (see :mod:`puzzle.search.baselines`)."""
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"bld_tokens": 4096, "score_sequences": 2, "score_seq_len": 128, "fuse_sequences": 4,
+    "quick": {"bld_tokens": 4096, "bld_eval_sequences": 16, "score_sequences": 2, "score_seq_len": 128, "fuse_sequences": 4,
               "gkd_steps": 16, "gkd_batch": 2, "eval_sequences": 4},
-    "full": {"bld_tokens": 65536, "score_sequences": 8, "score_seq_len": 256, "fuse_sequences": 8,
+    "full": {"bld_tokens": 65536, "bld_eval_sequences": 16, "score_sequences": 8, "score_seq_len": 256, "fuse_sequences": 8,
              "gkd_steps": 200, "gkd_batch": 4, "eval_sequences": 16},
 }
 SOURCES = ("default", "preset", "derived", "file", "flag", "keyword")
@@ -48,6 +48,12 @@ class SearchConfig:
     """Corpus for every stage: stdlib, text files, directories, .jsonl, .parquet. Default: stdlib."""
     budget: str | None = None
     """Deployment hardware: COUNTxGPU (one node: ``8xH100``) or cpu (this machine). Default: 8xH100."""
+    cluster: str | None = None
+    """The machines that run the search (not the deployment): ranks x device, ``8xH100``, ``64xH100``, ``2xcpu``.
+    Default: this process group (``torchrun``'s world size) on this machine's device."""
+    max_memory_per_rank: str | None = None
+    """Memory a rank may fill, e.g. ``6GiB`` or ``72GB`` (default: the device's memory less 10%; on the CPU
+    this machine's RAM less 10%, split between the ranks). BLD trains its variants in rounds that fit it."""
     tp: int | None = None
     """Tensor-parallel degree on the target (default: the smallest that engines accept and that fits)."""
     dtype: str | None = None
@@ -72,10 +78,17 @@ class SearchConfig:
     """Time this machine's blocks and fit the roofline before costing (default: on for ``cpu``, which is here)."""
     baselines: tuple[str, ...] | None = None
     """Baselines built at the same budget and given the same GKD: uniform_ffn, shortgpt, attention_removal."""
+    space: Mapping[str, Any] | None = None
+    """The search space, as a library config's ``space:`` section: attention and FFN variants and per-layer
+    overrides (:mod:`block_library.space`). Default: GQA with fewer KV heads, linear and no-op attention;
+    FFN widths 7/8 .. 1/8 of the parent's, linear and no-op FFNs."""
     preset: str | None = None
     """Stage sizes: quick (minutes on a laptop CPU) or full. Default: quick."""
     bld_tokens: int | None = None
     """Tokens of block-wise local distillation (preset)."""
+    bld_eval_sequences: int | None = None
+    """Sequences of 256 tokens that initialize the variants (calibration) and on which BLD reports each
+    variant's normalized MSE (validation), each (preset)."""
     score_sequences: int | None = None
     """Held-out sequences for replace-1-block scoring (preset)."""
     score_seq_len: int | None = None
@@ -171,9 +184,11 @@ def settings_fields() -> list[dataclasses.Field[Any]]:
 
 
 _KINDS: dict[str, str] = {
-    "model": "str", "data": "strs", "budget": "str", "tp": "int", "dtype": "str", "speedup": "float",
+    "model": "str", "data": "strs", "budget": "str", "cluster": "str", "max_memory_per_rank": "size",
+    "tp": "int", "dtype": "str", "speedup": "float",
     "throughput": "float", "memory": "float", "scenario": "str", "batch": "int", "context": "int", "solver": "str",
-    "constraints": "strs", "calibrate": "bool", "baselines": "strs", "preset": "str", "bld_tokens": "int",
+    "constraints": "strs", "calibrate": "bool", "baselines": "strs", "space": "mapping", "preset": "str",
+    "bld_tokens": "int", "bld_eval_sequences": "int",
     "score_sequences": "int", "score_seq_len": "int", "fuse_threshold": "float", "fuse_sequences": "int",
     "fuse_distill_steps": "int", "gkd_steps": "int", "gkd_batch": "int", "eval_sequences": "int",
     "measure_speed": "bool", "seed": "int",
@@ -182,7 +197,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("bf16", "fp8", "fp32"), "scenario": ("decode", "prefill"), "solver": ("ortools-mip", "pulp", "cpsat"),
     "preset": tuple(PRESETS),
 }
-_AT_LEAST = {"tp": 1, "batch": 1, "context": 1, "bld_tokens": 1, "score_sequences": 1, "score_seq_len": 2,
+_AT_LEAST = {"tp": 1, "batch": 1, "context": 1, "bld_tokens": 1, "bld_eval_sequences": 1, "score_sequences": 1, "score_seq_len": 2,
              "fuse_sequences": 1, "eval_sequences": 1, "gkd_batch": 1, "gkd_steps": 0, "fuse_distill_steps": 0,
              "seed": 0}
 
@@ -201,6 +216,19 @@ def _check(name: str, value: Any) -> Any:
         if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) and x.strip() for x in items):
             raise ConfigError(f"{name} must be a list of non-empty strings, got {value!r}")
         return _check_items(name, tuple(items))
+    if kind == "mapping":
+        from block_library.space import SearchSpace
+
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name} must be a mapping (a library config's space: section), got {value!r}")
+        data = dict(value.get("space", value)) if set(value) == {"space"} else dict(value)
+        SearchSpace.from_dict(data)  # unknown keys and bad variants: one line naming them
+        return data
+    if kind == "size":
+        from puzzle.search.cluster import parse_size
+
+        parse_size(value, flag=name)
+        return value if isinstance(value, str) else float(value)
     if kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, got {value!r}")

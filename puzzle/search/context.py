@@ -27,6 +27,8 @@ class StageContext:
         self.results: dict[str, StageResult] = {}
         self._parent: Any = None
         self._tokenizer: Any = None
+        self.group: Any = None
+        """The process group (:class:`puzzle.search.ranks.Group`) the search runs in."""
 
     @property
     def source(self) -> Any:
@@ -61,11 +63,13 @@ class StageContext:
 def library_config(plan: Plan) -> Any:
     """The block library's settings for this plan: the default search space, the plan's data and BLD tokens."""
     from block_library import LibraryConfig
+    from block_library.space import SearchSpace
     from puzzle.data.config import DataConfig
 
     steps = max(1, plan.bld_tokens // (8 * 256))
-    return LibraryConfig(data=DataConfig(sources=plan.data)).with_bld(tokens=plan.bld_tokens,
-                                                                      checkpoint_every=max(1, steps // 4))
+    return LibraryConfig(space=SearchSpace.from_dict(plan.space), data=DataConfig(sources=plan.data)).with_bld(
+        tokens=plan.bld_tokens, checkpoint_every=max(1, steps // 4), calib_sequences=plan.bld_eval_sequences,
+        val_sequences=plan.bld_eval_sequences)
 
 
 def resume_or_restart(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

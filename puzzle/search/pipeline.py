@@ -24,18 +24,24 @@ from typing import Any
 
 import pandas as pd
 
-from puzzle.io import atomic_write_json
+from puzzle.errors import ConfigError
+from puzzle.io import atomic_write_json, atomic_write_text
 from puzzle.search.compare import stage_baselines
 from puzzle.search.config import SearchConfig
 from puzzle.search.context import StageContext, library_config, resume_or_restart, solve_problem
 from puzzle.search.plan import Plan, resolve
 from puzzle.search.preflight import PLAN_FILE, RUN_FILE, preflight
+from puzzle.search.ranks import Group, join
 from puzzle.search.stages import StageResult, clean_temporaries, inspect_stage, run_stage
 
 log = logging.getLogger(__name__)
 
 STAGES = ("library", "bld", "score", "profile", "solve", "fuse", "gkd", "export", "evaluate")
 SHAREABLE = ("library", "bld", "score", "profile")
+SHARDED = ("library", "bld", "score", "fuse", "gkd", "evaluate")
+"""Stages whose work runs on every rank under ``torchrun`` (the others run on rank 0; see :mod:`puzzle.search.ranks`)."""
+USAGE_FILE = "resources.csv"
+"""Per stage and rank: the plan's predicted peak memory and time beside the measured ones."""
 """Stages that do not depend on the speedup / throughput / memory budget: runs may share them (``shared_dir``)."""
 RECORD: dict[str, list[str]] = {
     # BLD trains the library in place: the build owns the rest, BLD the trained weights, the index and its logs
@@ -74,7 +80,8 @@ def stage_library(ctx: StageContext, d: Path) -> dict[str, Any]:
 
     lib = d / "lib"
     # the stage runs only when its manifest is not valid: build anew (atomic), which also drops BLD's files
-    build_library(ctx.plan.model, lib, library_config(ctx.plan), progress=ctx.progress, overwrite=True)
+    build_library(ctx.plan.model, lib, library_config(ctx.plan), progress=ctx.progress, overwrite=True,
+                  max_memory_bytes=ctx.plan.cluster.memory_per_rank)
     return {"library": str(lib)}
 
 
@@ -83,7 +90,8 @@ def stage_bld(ctx: StageContext, d: Path) -> dict[str, Any]:
 
     lib = ctx.out("library", "library")
     # the stage runs only when its manifest is not valid (new key, lost or damaged file): train for real
-    train_library(lib, config=library_config(ctx.plan), progress=ctx.progress, force=True)
+    train_library(lib, config=library_config(ctx.plan), progress=ctx.progress, force=True,
+                  max_memory_bytes=ctx.plan.cluster.memory_per_rank)  # in rounds that fit, as planned
     return {"library": lib, "tokens": ctx.plan.bld_tokens}
 
 
@@ -132,20 +140,34 @@ def stage_solve(ctx: StageContext, d: Path) -> dict[str, Any]:
 
 def stage_fuse(ctx: StageContext, d: Path) -> dict[str, Any]:
     from block_library import open_library
-    from puzzle.fusion import FusionConfig, fuse_and_report
-    from puzzle.fusion.artifact import write_fusion
+    from puzzle.fusion import FusionConfig
     from puzzle.schema import load_blocks
 
     p = ctx.plan
-    child = open_library(ctx.out("bld", "library")).assemble(load_blocks(ctx.out("solve", "blocks")))
-    if p.fuse_threshold == 0:  # fusion off: the MIP's child goes on as it is
-        from puzzle.loading import save_runtime
-
-        save_runtime(child, d / "child", overwrite=True)
-        return {"model": str(d / "child"), "segments": []}
-    fcfg = FusionConfig(threshold=p.fuse_threshold, sources=p.data, calib_sequences=p.fuse_sequences,
+    lib = open_library(ctx.out("bld", "library"))
+    blocks = load_blocks(ctx.out("solve", "blocks"))
+    fcfg = FusionConfig(threshold=max(p.fuse_threshold, 1e-9), sources=p.data, calib_sequences=p.fuse_sequences,
                         eval_sequences=p.fuse_sequences, distill_steps=p.fuse_distill_steps,
                         targets=(p.target,), dtype=p.target.dtype, measure=False)
+    if _world(ctx) > 1:  # every rank: assemble (rank 0, streamed), then fuse sharded from the directory
+        from puzzle.fusion.sharded import fuse_sharded
+
+        if ctx.group.first:
+            lib.assemble_to(blocks, d / "child", overwrite=True)
+        ctx.group.barrier()
+        if p.fuse_threshold == 0:
+            return {"model": str(d / "child"), "segments": []}
+        result = fuse_sharded(d / "child", ctx.tokenizer, fcfg, d / "fusion", parent=ctx.source.directory,
+                              source=p.model, tokenizer_dir=ctx.source.directory, overwrite=True,
+                              progress=ctx.progress)
+        return {"model": str(d / "fusion" / "model"), "segments": [s.label for s in result.segments]}
+    if p.fuse_threshold == 0:  # fusion off: the MIP's child goes on as it is, written tensor by tensor
+        lib.assemble_to(blocks, d / "child", overwrite=True)
+        return {"model": str(d / "child"), "segments": []}
+    from puzzle.fusion import fuse_and_report
+    from puzzle.fusion.artifact import write_fusion
+
+    child = lib.assemble(blocks)
     result = fuse_and_report(child, ctx.tokenizer, fcfg, parent=ctx.parent, progress=ctx.progress)
     write_fusion(result, d / "fusion", config=fcfg, source=p.model, source_dir=ctx.source.directory, overwrite=True)
     return {"model": str(d / "fusion" / "model"), "segments": [s.label for s in result.segments]}
@@ -153,26 +175,38 @@ def stage_fuse(ctx: StageContext, d: Path) -> dict[str, Any]:
 
 def stage_gkd(ctx: StageContext, d: Path) -> dict[str, Any]:
     from puzzle.distill import GKDConfig, distill_child
-    from puzzle.loading import load_model, save_runtime
+    from puzzle.loading import load_layers, load_model, save_runtime
 
     p = ctx.plan
+    if p.gkd_steps == 0:  # the fused (or assembled) child goes on as it is
+        return {"model": ctx.out("fuse", "model"), "steps": 0}
+    from puzzle.search.resources import Work, gkd_memory_options
+
+    checkpointing, offload = gkd_memory_options(p.parent_config, Work.from_plan(p), p.cluster)  # as planned
+    gcfg = GKDConfig(sources=p.data, steps=p.gkd_steps, batch=p.gkd_batch, seed=p.seed,
+                     activation_checkpointing=checkpointing, offload=offload)
+    if _world(ctx) > 1:  # FSDP2: every rank reads its shards of both models from their files
+        import torch
+
+        teacher_dtype = torch.bfloat16 if not p.cluster.is_cpu else torch.float32
+        child, parent = load_layers(ctx.out("fuse", "model"), []), load_layers(ctx.source, [], dtype=teacher_dtype)
+        result = resume_or_restart(distill_child, child, parent, ctx.tokenizer, d / "gkd", gcfg,
+                                   progress=ctx.progress)
+        return {"model": str(d / "gkd" / "child"), "steps": p.gkd_steps, "initial": result.initial,
+                "final": result.final}
     child = load_model(ctx.out("fuse", "model"))
-    if p.gkd_steps == 0:
-        save_runtime(child, d / "child", overwrite=True)
-        return {"model": str(d / "child"), "steps": 0}
-    gcfg = GKDConfig(sources=p.data, steps=p.gkd_steps, batch=p.gkd_batch, seed=p.seed)
     result = resume_or_restart(distill_child, child, ctx.parent, ctx.tokenizer, d / "gkd", gcfg, progress=ctx.progress)
     save_runtime(result.model, d / "child", overwrite=True)
     return {"model": str(d / "child"), "steps": p.gkd_steps, "initial": result.initial, "final": result.final}
 
 
 def stage_export(ctx: StageContext, d: Path) -> dict[str, Any]:
-    from puzzle.export import export_decilm
-    from puzzle.loading import load_model
+    from puzzle.export import export_decilm_dir
+    from puzzle.loading import load_config
 
-    child = load_model(ctx.out("gkd", "model"))
-    export_decilm(child, d / "model", source_dir=ctx.source.directory, overwrite=True)
-    return {"model": str(d / "model"), "layers": child.config.num_hidden_layers}
+    # tensor by tensor: the child is never whole in memory
+    export_decilm_dir(ctx.out("gkd", "model"), d / "model", source_dir=ctx.source.directory, overwrite=True)
+    return {"model": str(d / "model"), "layers": load_config(d / "model").num_hidden_layers}
 
 
 def stage_evaluate(ctx: StageContext, d: Path) -> dict[str, Any]:
@@ -180,11 +214,29 @@ def stage_evaluate(ctx: StageContext, d: Path) -> dict[str, Any]:
     from puzzle.loading import load_model
 
     p = ctx.plan
-    child = load_model(ctx.out("export", "model"))
-    ev = evaluate(child, ctx.tokenizer, parent=ctx.parent, sources=p.data, num_sequences=p.eval_sequences,
-                  speed=p.measure_speed, scenarios=list(p.scenarios))
+    if _world(ctx) > 1:  # every rank holds its layers of one model at a time; rank 0 times them whole if asked
+        from puzzle.evaluation import Evaluation, evaluate_sharded, measure_speed
+
+        quality = evaluate_sharded(ctx.out("export", "model"), ctx.source.directory, ctx.tokenizer, sources=p.data,
+                                   num_sequences=p.eval_sequences, progress=ctx.progress)
+        data = {"sources": list(p.data), "split": "validation", "seq_len": 256, "sequences": p.eval_sequences}
+        if not ctx.group.first:
+            return {}
+        speed = None
+        if p.measure_speed:
+            speed = measure_speed({"parent": ctx.parent, "model": load_model(ctx.out("export", "model"))},
+                                  list(p.scenarios))
+        ev = Evaluation(quality=quality, tasks={}, speed=speed, data=data)
+    else:
+        child = load_model(ctx.out("export", "model"))
+        ev = evaluate(child, ctx.tokenizer, parent=ctx.parent, sources=p.data, num_sequences=p.eval_sequences,
+                      speed=p.measure_speed, scenarios=list(p.scenarios))
     atomic_write_json(d / "evaluation.json", ev.to_dict())
     return {"evaluation": str(d / "evaluation.json"), **{k: v for k, v in ev.to_dict().items() if k != "tasks"}}
+
+
+def _world(ctx: StageContext) -> int:
+    return ctx.group.world if ctx.group is not None else 1
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[StageContext, Path], dict[str, Any]]] = {
@@ -272,14 +324,71 @@ def search(config: SearchConfig | Plan, run_dir: str | Path, *, progress: bool =
     ``force``: allow a run directory that holds other files.
     """
     from block_library.session import parent_fingerprint
-    from puzzle import __version__
+    from puzzle.peak import peak_rss_bytes, pin_mmap_threshold, release_memory, reset_peak
     from puzzle.search.report import write_report
 
+    group = join()
     plan = config if isinstance(config, Plan) else resolve(config)
+    check_group(plan, group)
     run_dir = preflight(plan, run_dir, force=force)
     shared = Path(shared_dir).expanduser().resolve() if shared_dir is not None else run_dir
     if shared != run_dir:
         preflight(plan, shared, force=force)
+    group.barrier()  # every rank has checked the run directory before rank 0 writes into it
+    if group.first:
+        _prepare(plan, run_dir, shared)
+    group.barrier()
+    pin_mmap_threshold()  # freed weights leave RSS: each stage's measured peak is its own
+    ctx = StageContext(plan, run_dir, progress and group.first)
+    ctx.group = group
+    run = SearchRun(directory=run_dir, plan=plan)
+    fp = parent_fingerprint(ctx.source)
+    upstream: dict[str, str] = {}
+    stages = stage_names(plan)
+    usage: list[dict[str, Any]] = []
+    for k, stage in enumerate(stages, start=1):
+        root = shared if stage in SHAREABLE else run_dir
+        key = stage_key(plan, stage, upstream, fp)
+        release_memory()
+        reset_peak()
+        result = _run_on_group(group, ctx, root, stage, key, verify=verify)
+        ctx.results[stage] = run.stages[stage] = result
+        upstream[stage] = result.outputs_sha256
+        usage += _usage(group, plan, stage, result, peak_rss_bytes(), _chosen_child(ctx, stage))
+        if group.first:
+            _write_usage(run_dir / USAGE_FILE, usage)
+        if echo is not None and group.first:
+            if result.skipped:
+                what = "up to date, skipped"
+            else:
+                why = result.reason if result.reason and not result.reason.endswith("never completed") else ""
+                what = f"done in {result.seconds:.0f} s" + (f" ({why})" if why else "")
+            echo(f"[{k}/{len(stages)}] {stage}: {what}")
+    if group.first:
+        write_report(run, ctx)
+    group.barrier()
+    return run
+
+
+def check_group(plan: Plan, group: Group) -> None:
+    """A search under ``torchrun`` runs on exactly the cluster the plan sized, on stages that shard."""
+    if group.world == 1:
+        return
+    if plan.cluster.count != group.world:
+        raise ConfigError(f"--cluster {plan.cluster.name} plans {plan.cluster.count} ranks but torchrun started "
+                          f"{group.world}; pass --cluster {group.world}x{plan.cluster.device}")
+    if plan.baselines:
+        raise ConfigError("--baselines runs in one process; drop it under torchrun (or run the baselines later "
+                          "in one process on the same run directory)")
+    if plan.gkd_steps and plan.gkd_batch % group.world:
+        raise ConfigError(f"--gkd-batch {plan.gkd_batch} does not split over {group.world} ranks; use a multiple "
+                          f"of {group.world}")
+
+
+def _prepare(plan: Plan, run_dir: Path, shared: Path) -> None:
+    """Rank 0: clean leftovers of interrupted writes, write the plan and the run record."""
+    from puzzle import __version__
+
     for root in {run_dir, shared}:
         root.mkdir(parents=True, exist_ok=True)
         # a shared root may be in use by another search right now: only leftovers older than an hour go
@@ -290,24 +399,81 @@ def search(config: SearchConfig | Plan, run_dir: str | Path, *, progress: bool =
     atomic_write_json(run_dir / PLAN_FILE, plan.to_dict())
     atomic_write_json(run_dir / RUN_FILE, {"puzzle": __version__, "config": plan.config.to_dict(),
                                            "settings": plan.values()})
-    ctx = StageContext(plan, run_dir, progress)
-    run = SearchRun(directory=run_dir, plan=plan)
-    fp = parent_fingerprint(ctx.source)
-    upstream: dict[str, str] = {}
-    stages = stage_names(plan)
-    for k, stage in enumerate(stages, start=1):
-        fn = STAGE_FUNCTIONS[stage]
-        root = shared if stage in SHAREABLE else run_dir
-        result = run_stage(root, stage, stage_key(plan, stage, upstream, fp), lambda d, fn=fn: fn(ctx, d),
-                           record=RECORD.get(stage), verify=verify)
-        ctx.results[stage] = run.stages[stage] = result
-        upstream[stage] = result.outputs_sha256
-        if echo is not None:
-            if result.skipped:
-                what = "up to date, skipped"
-            else:
-                why = result.reason if result.reason and not result.reason.endswith("never completed") else ""
-                what = f"done in {result.seconds:.0f} s" + (f" ({why})" if why else "")
-            echo(f"[{k}/{len(stages)}] {stage}: {what}")
-    write_report(run, ctx)
-    return run
+
+
+def _run_on_group(group: Group, ctx: StageContext, root: Path, stage: str, key: dict[str, Any], *,
+                  verify: bool) -> StageResult:
+    """Rank 0 decides and records; a sharded stage's work runs on every rank between two barriers."""
+    fn = STAGE_FUNCTIONS[stage]
+    sharded = group.world > 1 and stage in SHARDED
+    if group.first:
+        def work(d: Path) -> dict[str, Any]:
+            if not sharded:
+                return fn(ctx, d)
+            group.broadcast(("run", str(d)))  # the other ranks start once the stage directory is ready
+            out = fn(ctx, d)
+            group.barrier()  # every rank's files are written before rank 0 records them
+            return out
+
+        result = run_stage(root, stage, key, work, record=RECORD.get(stage), verify=verify)
+        if sharded and result.skipped:
+            group.broadcast(("skip", None))
+    elif sharded:
+        action, d = group.broadcast(None)
+        if action == "run":
+            fn(ctx, Path(d))
+            group.barrier()
+    return group.broadcast(result if group.first else None)
+
+
+def _write_usage(path: Path, usage: list[dict[str, Any]]) -> None:
+    """The run's resources table: this run's rows for the stages it ran, an earlier run's for those it skipped."""
+    old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["stage"])
+    parts = []
+    for stage in dict.fromkeys(u["stage"] for u in usage):
+        now = pd.DataFrame([u for u in usage if u["stage"] == stage])
+        before = old[old.stage == stage]
+        parts.append(before if now.skipped.all() and len(before) else now)
+    atomic_write_text(path, pd.concat(parts).to_csv(index=False))
+
+
+def _chosen_child(ctx: StageContext, stage: str) -> Any:
+    """The child a stage after the MIP works on (its config): the MIP's for fusion, the fused one after."""
+    from puzzle.loading import load_config
+    from puzzle.schema import load_blocks
+
+    if stage == "fuse" and "solve" in ctx.results:
+        return ctx.plan.parent_config.with_blocks(load_blocks(ctx.out("solve", "blocks")))
+    if stage in ("gkd", "export", "evaluate") and "fuse" in ctx.results:
+        return load_config(ctx.out("fuse", "model"))
+    return None
+
+
+def _usage(group: Group, plan: Plan, stage: str, result: StageResult, peak: int, child: Any = None
+           ) -> list[dict[str, Any]]:
+    """Rank 0: every rank's measured peak RSS and wall time of ``stage`` beside the plan's predictions
+    (for the stages after the MIP, the plan redone for the child it chose: the upfront plan assumes the
+    largest child, the parent)."""
+    import dataclasses
+
+    from block_library.space import SearchSpace
+    from puzzle.search.resources import Work, plan_resources
+
+    rows = group.gather((group.rank, peak))
+    if not group.first or rows is None:
+        return []
+    resources = plan.resources
+    if child is not None:
+        work = dataclasses.replace(Work.from_plan(plan), child=child)
+        resources = plan_resources(plan.parent_config, work, plan.cluster, space=SearchSpace.from_dict(plan.space),
+                                   search=False)
+    use = resources.stage(stage) if stage in resources.stage_names else None
+    out = []
+    for rank, measured in rows:
+        r = use.ranks[rank] if use is not None and rank < len(use.ranks) else None
+        out.append({"stage": stage, "rank": rank, "skipped": result.skipped,
+                    "predicted_peak_gib": r.device_bytes / 2**30 if r else float("nan"),
+                    "measured_peak_gib": measured / 2**30,
+                    "predicted_s": r.seconds if r else float("nan"), "measured_s": result.seconds,
+                    "rounds": r.rounds if r else 1})
+    return out

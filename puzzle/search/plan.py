@@ -29,7 +29,7 @@ from puzzle.search.config import PRESETS, SearchConfig, settings_fields
 DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m", "data": ("stdlib",), "budget": "8xH100", "scenario": "decode", "batch": 8,
     "context": 1024, "solver": "ortools-mip", "constraints": (), "baselines": (), "preset": "quick",
-    "fuse_distill_steps": 100, "measure_speed": True, "seed": 0, "throughput": None, "memory": None,
+    "fuse_distill_steps": 100, "seed": 0, "throughput": None, "memory": None, "space": None,
 }
 """Plain defaults; the preset's stage sizes and the target-derived settings are filled in by :func:`resolve`."""
 DEFAULT_SPEEDUP = 1.5
@@ -95,6 +95,12 @@ class Plan:
     feasibility: Feasibility
     parent: Mapping[str, Any] = field(default_factory=dict)
     """The parent's shape: layers, hidden size, heads, parameters."""
+    parent_config: Any = None
+    """The parent's runtime config (:class:`puzzle.model.PuzzleConfig`), read from config.json or a shape name."""
+    cluster: Any = None
+    """The machines that run the search (:class:`puzzle.search.cluster.Cluster`), not the deployment target."""
+    resources: Any = None
+    """Memory, disk and time of every stage on every rank (:class:`puzzle.search.resources.ResourcePlan`)."""
 
     def __getattr__(self, name: str) -> Any:
         settings = self.__dict__.get("settings") or {}
@@ -123,6 +129,7 @@ class Plan:
                        "memory_gib": None if self.limits.memory_bytes is None else self.limits.memory_bytes / 2**30},
             "feasibility": self.feasibility.to_dict(),
             "parent": dict(self.parent),
+            "resources": self.resources.to_dict() if self.resources is not None else None,
         }
 
     def budget_text(self) -> str:
@@ -141,14 +148,16 @@ class Plan:
 def resolve(config: SearchConfig | None = None) -> Plan:
     """Fill in every default of ``config``, parse the target once and check the budget is reachable.
 
-    Reads the parent's ``config.json`` (no weights). Raises a typed error for an unknown model,
+    Reads the parent's ``config.json`` (no weights), or takes a shape name (``llama-3.1-70b``), and
+    plans every stage's memory and time on the cluster (:attr:`Plan.resources`). Raises a typed error for an unknown model,
     target or dtype and for an invalid ``tp``; an unreachable budget is *reported* in
     :attr:`Plan.feasibility` (:func:`check_feasible` raises it).
     """
-    from puzzle.loading import load_config, resolve_source
     from puzzle.profiler.counts import ModelShape
     from puzzle.profiler.deployment import choose_tensor_parallel
     from puzzle.profiler.hardware import parse_target
+    from puzzle.search.cluster import default_cluster, parse_cluster
+    from puzzle.search.resources import Work, plan_resources
     from solvers import Budget, Scenario
 
     config = config or SearchConfig()
@@ -166,8 +175,8 @@ def resolve(config: SearchConfig | None = None) -> Plan:
     v = {k: s.value for k, s in settings.items()}
 
     target = parse_target(v["budget"], dtype=config.dtype)  # a misspelled target fails before the model is read
-    source = resolve_source(v["model"])
-    parent = load_config(source)
+    cluster = parse_cluster(v.get("cluster") or default_cluster(), max_memory=v.get("max_memory_per_rank"))
+    parent, directory = parent_of(v["model"])
     shape = ModelShape.from_config(parent)
     phase = v["scenario"]
     other = "prefill" if phase == "decode" else "decode"
@@ -175,32 +184,73 @@ def resolve(config: SearchConfig | None = None) -> Plan:
     memory_bytes = None if v["memory"] is None else v["memory"] * 2**30
     target = choose_tensor_parallel(target, shape, parent.blocks, batch=budget_sc.batch,
                                     kv_tokens=budget_sc.kv_tokens, memory_bytes=memory_bytes, tp=config.tp)
+    whole = _whole_bytes(parent, cluster.dtype_bytes)
     derived = {"dtype": target.dtype, "tp": target.tp, "calibrate": target.is_cpu,
-               "fuse_threshold": 0.0 if target.is_cpu else 0.2}
+               "fuse_threshold": 0.0 if target.is_cpu else 0.2, "cluster": cluster.name,
+               "max_memory_per_rank": f"{cluster.memory_per_rank / 2**30:.1f}GiB",
+               # timing needs the parent and the child whole on one rank, one after the other
+               "measure_speed": 2 * whole <= cluster.memory_per_rank}
     for name, value in derived.items():
         settings.setdefault(name, Setting(value, "derived"))
+    if settings["gkd_batch"].source in ("preset", "default") and settings["gkd_batch"].value % cluster.count:
+        n = cluster.count  # FSDP2 splits every GKD batch over the ranks
+        settings["gkd_batch"] = Setting(-(-settings["gkd_batch"].value // n) * n, "derived")
     settings = {f.name: settings[f.name] for f in settings_fields()}  # field order
 
     scenarios = (dataclasses.replace(budget_sc, replicas=target.replicas),
                  Scenario(name=other, phase=other, batch=OTHER_PHASE_BATCH[other], length=v["context"],
                           replicas=target.replicas))
     limits = Budget(speedup=settings["speedup"].value, throughput=v["throughput"], memory_bytes=memory_bytes)
-    feasibility = _feasibility(source.directory, shape, target, scenarios[0], limits,
-                               approximate=bool(settings["calibrate"].value))
-    summary = {"model": v["model"], "directory": str(source.directory), "layers": parent.num_hidden_layers,
+    feasibility = _feasibility(parent, shape, target, scenarios[0], limits, approximate=bool(settings["calibrate"].value),
+                               space=v.get("space"))
+    summary = {"model": v["model"], "directory": None if directory is None else str(directory),
+               "weights": directory is not None and _has_weights(directory), "layers": parent.num_hidden_layers,
                "hidden_size": parent.hidden_size, "num_attention_heads": parent.num_attention_heads,
                "num_key_value_heads": sorted({b.attention.num_key_value_heads for b in parent.blocks
                                               if b.attention.kind == "gqa"})}
-    return Plan(config=config, settings=settings, target=target, scenarios=scenarios, limits=limits,
-                feasibility=feasibility, parent=summary)
+    plan = Plan(config=config, settings=settings, target=target, scenarios=scenarios, limits=limits,
+                feasibility=feasibility, parent=summary, parent_config=parent, cluster=cluster)
+    from block_library.space import SearchSpace
+
+    resources = plan_resources(parent, Work.from_plan(plan), cluster, space=SearchSpace.from_dict(plan.space))
+    return dataclasses.replace(plan, resources=resources)
 
 
-def _feasibility(model_dir: Any, shape: Any, target: Any, scenario: Any, limits: Any, *,
-                 approximate: bool) -> Feasibility:
+def parent_of(model: str) -> tuple[Any, Any]:
+    """The parent's runtime config and its directory; a shape name (``llama-3.1-70b``) has no directory."""
+    from pathlib import Path
+
+    from puzzle.loading import load_config, resolve_source
+    from puzzle.parents.embedded import canonical_name
+    from puzzle.parents.hf import puzzle_config_from_hf
+    from puzzle.parents.shapes import canonical_shape, shape_config_json
+
+    if not Path(model).expanduser().exists() and canonical_name(model) is None and canonical_shape(model):
+        return puzzle_config_from_hf(shape_config_json(model), where=model), None
+    source = resolve_source(model)
+    return load_config(source), source.directory
+
+
+def _has_weights(directory: Any) -> bool:
+    from pathlib import Path
+
+    return any(Path(directory).glob("*.safetensors"))
+
+
+def _whole_bytes(config: Any, dtype_bytes: int) -> float:
+    from puzzle.summary import totals
+
+    return float(totals(config).params * dtype_bytes)
+
+
+def _feasibility(config: Any, shape: Any, target: Any, scenario: Any, limits: Any, *, approximate: bool,
+                 space: Any = None) -> Feasibility:
     """The cheapest child of the default search space against the parent, on ``target`` in ``scenario``."""
-    from puzzle.profiler.table import cost_table, layer_candidates
+    from puzzle.profiler.table import cost_table, space_candidates
 
-    config, candidates = layer_candidates(model_dir)
+    from block_library.space import SearchSpace
+
+    candidates = space_candidates(config, space=SearchSpace.from_dict(space))
     table = cost_table(shape, candidates, config.blocks, target=target, scenarios=[scenario])
     col = scenario.column
     fixed = table[table["layer"] == -1].iloc[0]

@@ -1,8 +1,8 @@
 """Preflight: everything a search can check before it does any work or writes any file.
 
 The model's config and the target are read by :func:`puzzle.search.plan.resolve`; here the
-model's weights (present, safetensors), the data sources, the budget's feasibility and the run
-directory are checked. Every refusal is a typed one-line
+model's weights (present, safetensors), the data sources, the budget's feasibility, the resource
+plan (every stage fits the cluster's memory per rank) and the run directory are checked. Every refusal is a typed one-line
 error (the CLI prints it and exits 2). A run directory must be
 
 * named (not ``""``), and not an existing file;
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from puzzle.errors import ConfigError
+from puzzle.errors import ConfigError, ModelFilesError, ResourceError
 from puzzle.search.plan import Plan, check_feasible
 
 RUN_FILE = "run.json"
@@ -53,14 +53,25 @@ def check_run_directory(run_dir: str | Path, *, protected: list[Path], force: bo
     return path
 
 
+def check_plan(plan: Plan) -> None:
+    """The budget is reachable and every stage fits the cluster (:class:`ResourceError` naming the smallest
+    cluster that fits, before any work)."""
+    check_feasible(plan)
+    if plan.resources is not None and plan.resources.problem:
+        raise ResourceError(plan.resources.problem)
+
+
 def preflight(plan: Plan, run_dir: str | Path, *, force: bool = False) -> Path:
     """Check data, budget and run directory; return the run directory's absolute path. Writes nothing."""
     from puzzle.data.sources import check_sources
     from puzzle.io import safetensors_files
     from puzzle.parents.embedded import cache_root
 
+    if plan.parent["directory"] is None:
+        raise ModelFilesError(f"{plan.model} is a shape for planning (`puzzle plan --model {plan.model}`); a search "
+                              "needs a model directory with its safetensors weights")
     safetensors_files(plan.parent["directory"])  # weights exist, and are safetensors (never a pickle)
     check_sources(plan.data)
-    check_feasible(plan)
+    check_plan(plan)
     protected = [Path(plan.parent["directory"]), cache_root()]
     return check_run_directory(run_dir, protected=protected, force=force)

@@ -16,13 +16,13 @@ import pandas as pd
 from puzzle.io import atomic_write_text
 
 
-def predicted_costs(model: Any, target: Any, scenarios: list[Any]) -> dict[str, float]:
-    """Predicted step ms per scenario on ``target`` and weight GiB per device of ``model``."""
+def predicted_costs(config: Any, target: Any, scenarios: list[Any]) -> dict[str, float]:
+    """Predicted step ms per scenario on ``target`` and weight GiB per device of a model's config."""
     from puzzle.profiler.counts import ModelShape, block_weight_bytes, fixed_weight_bytes
     from puzzle.profiler.roofline import model_ms
 
-    shape = ModelShape.from_config(model.config)
-    blocks = model.config.blocks
+    shape = ModelShape.from_config(config)
+    blocks = config.blocks
     out = {f"pred_{sc.name}_ms": model_ms(shape, blocks, sc, target) for sc in scenarios}
     weights = fixed_weight_bytes(shape, dtype=target.dtype, tp=target.tp)
     weights += sum(block_weight_bytes(shape, b, dtype=target.dtype, tp=target.tp) for b in blocks)
@@ -31,11 +31,13 @@ def predicted_costs(model: Any, target: Any, scenarios: list[Any]) -> dict[str, 
 
 
 def report_table(parent: Any, child: Any, target: Any, scenarios: list[Any], evaluation: dict[str, Any]) -> pd.DataFrame:
+    """Parent vs child from their configs (no weights read): sizes, predicted and measured speed, quality."""
+    from puzzle.summary import totals
+
     rows = []
-    for name, model in (("parent", parent), ("child", child)):
-        rows.append({"model": name, "layers": model.config.num_hidden_layers,
-                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-                     **predicted_costs(model, target, scenarios)})
+    for name, config in (("parent", parent), ("child", child)):
+        rows.append({"model": name, "layers": config.num_hidden_layers, "params_m": totals(config).params / 1e6,
+                     **predicted_costs(config, target, scenarios)})
     df = pd.DataFrame(rows).set_index("model")
     for sc in scenarios:
         df[f"pred_{sc.name}_speedup"] = df.loc["parent", f"pred_{sc.name}_ms"] / df[f"pred_{sc.name}_ms"]
@@ -75,13 +77,13 @@ def plot_report(df: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def write_report(run: Any, ctx: Any) -> pd.DataFrame:
-    from puzzle.loading import load_model
+    from puzzle.loading import load_config
     from puzzle.search.context import costing_target
 
-    child = load_model(run.stages["export"].outputs["model"])
+    child = load_config(run.stages["export"].outputs["model"])
     evaluation = json.loads(Path(run.stages["evaluate"].outputs["evaluation"]).read_text())
     target = costing_target(run.plan, run.stages["profile"].directory)
-    df = report_table(ctx.parent, child, target, list(run.plan.scenarios), evaluation)
+    df = report_table(run.plan.parent_config, child, target, list(run.plan.scenarios), evaluation)
     atomic_write_text(run.directory / "report.csv", df.to_csv(index=False))
     plot_report(df, run.directory / "report.png", f"parent vs child on {run.plan.target.name} (predicted) and this "
                 f"machine (measured)")

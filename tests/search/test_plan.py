@@ -129,13 +129,16 @@ def test_an_explicit_value_equal_to_a_default_is_kept_across_a_preset_change(smo
 
 FLAG_VALUES = {  # a value for every setting, different from its default, and how to write it as a flag
     "model": None, "data": (["stdlib", "stdlib"], ["--data", "stdlib", "stdlib"]),
-    "budget": ("4xH200", ["--budget", "4xH200"]), "tp": (3, ["--tp", "3"]), "dtype": ("fp8", ["--dtype", "fp8"]),
+    "budget": ("4xH200", ["--budget", "4xH200"]), "cluster": ("2xH100", ["--cluster", "2xH100"]),
+    "max_memory_per_rank": ("50GiB", ["--max-memory-per-rank", "50GiB"]), "tp": (3, ["--tp", "3"]), "dtype": ("fp8", ["--dtype", "fp8"]),
     "speedup": (1.7, ["--speedup", "1.7"]), "throughput": (50.0, ["--throughput", "50"]),
     "memory": (30.0, ["--memory", "30"]), "scenario": ("prefill", ["--scenario", "prefill"]),
     "batch": (3, ["--batch", "3"]), "context": (333, ["--context", "333"]), "solver": ("pulp", ["--solver", "pulp"]),
     "constraints": (["layer[0] == parent"], ["--constraint", "layer[0] == parent"]),
     "calibrate": (True, ["--calibrate"]), "baselines": (["shortgpt"], ["--baselines", "shortgpt"]),
     "preset": ("full", ["--preset", "full"]), "bld_tokens": (1234, ["--bld-tokens", "1234"]),
+    "bld_eval_sequences": (5, ["--bld-eval-sequences", "5"]),
+    "space": ({"ffn": {"sizes": [0.5]}, "attention": {"kv_heads": [1]}}, ["--space", "{tmp}/space.yaml"]),
     "score_sequences": (5, ["--score-sequences", "5"]), "score_seq_len": (77, ["--score-seq-len", "77"]),
     "fuse_threshold": (0.05, ["--fuse-threshold", "0.05"]), "fuse_sequences": (6, ["--fuse-sequences", "6"]),
     "fuse_distill_steps": (7, ["--fuse-distill-steps", "7"]), "gkd_steps": (9, ["--gkd-steps", "9"]),
@@ -153,6 +156,9 @@ def _plan_json(capsys, argv: list[str]) -> dict:
 def test_yaml_then_flag_equals_keyword_override_for_every_setting(name, tmp_path, smol_shape, capsys):
     assert set(FLAG_VALUES) == {f.name for f in settings_fields()}, "every setting needs a flag"
     value, flag = FLAG_VALUES[name]
+    if name == "space":  # a file holding the section
+        (tmp_path / "space.yaml").write_text(yaml.safe_dump({"space": value}))
+        flag = [f.format(tmp=tmp_path) for f in flag]
     base = {"model": smol_shape, "budget": "8xH100", "speedup": 1.3, "gkd_steps": 4, "batch": 2}
     path = tmp_path / "base.yaml"
     path.write_text(yaml.safe_dump(base))
@@ -189,9 +195,15 @@ def test_plan_json_has_settings_target_and_stages(tmp_path, smol_shape, capsys):
     assert doc["settings"]["model"]["source"] == "flag"
     assert set(doc["target"]) >= {"accelerator", "count", "tensor_parallel", "replicas", "dtype"}
     assert doc["feasibility"]["feasible"] is True and doc["feasibility"]["max_speedup"] > 1.5
-    # only config.json: the plan is printed, the run is refused (no weights), nothing is written
-    assert "no weights" in doc["problem"] and doc["stages"] == []
+    # only config.json: a plan before downloading (resources per stage), nothing written; search refuses
+    assert doc["problem"] is None and doc["parent"]["weights"] is False
+    assert [s["stage"] for s in doc["stages"]] == ["library", "bld", "score", "profile", "solve", "fuse", "gkd",
+                                                   "export", "evaluate"]
+    for s in doc["stages"]:
+        assert s["action"] == "run" and s["peak_device_gib"] > 0 and s["predicted_s"] >= 0 and s["rounds"] >= 1
     assert not (tmp_path / "run").exists()
+    assert main(["search", "--model", smol_shape, "--out", str(tmp_path / "run")]) == 2
+    assert "no weights" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_profile_picks_a_tensor_parallel_degree_the_model_splits_into(smol_shape, tmp_path, capsys):
