@@ -95,10 +95,11 @@ def compare(usage: pd.DataFrame, limit_gib: float, tolerance: float) -> pd.DataF
     """The resources table with the ratio measured / predicted and whether each row is within the plan."""
     df = usage[~usage.skipped.astype(bool)].copy()
     df["ratio"] = df.measured_peak_gib / df.predicted_peak_gib
+    df["idle"] = df.predicted_peak_gib <= df.predicted_peak_gib.min() + 1e-9  # the rank holds only its process
     df["within_plan"] = (df.ratio - 1).abs() <= tolerance
     df["within_limit"] = df.measured_peak_gib <= limit_gib
     return df[["stage", "rank", "predicted_peak_gib", "measured_peak_gib", "ratio", "predicted_s", "measured_s",
-               "rounds", "within_plan", "within_limit"]]
+               "rounds", "idle", "within_plan", "within_limit"]]
 
 
 def main(argv: list[str] | None = None) -> int:

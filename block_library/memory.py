@@ -36,9 +36,10 @@ HELD_ONE_STEP_BYTES_PER_PARAM = 12
 never held together. From the second step on, the backward refills every gradient beside the moments."""
 INIT_BYTES_PER_PARAM = 4
 """An initialized (fp32) variant module, before training."""
-PROCESS_BYTES = 0.37 * 2**30
-"""Resident memory of a rank before it loads anything: Python, torch, transformers, pandas, puzzle, the
-tokenizer and a gloo process group (measured: 0.34-0.48 GiB per torchrun rank on CPU, torch 2.13)."""
+PROCESS_BYTES = 0.42 * 2**30
+"""Resident memory of a rank outside its stage's work: Python, torch, transformers, pandas, puzzle, the
+tokenizer, a gloo process group and what earlier stages leave in the heap. Measured on idle ranks of
+2-rank torchrun searches on CPU (torch 2.13): 0.33-0.48 GiB from one run to the next; 0.42 is the middle."""
 CUDA_CONTEXT_BYTES = 0.6 * 2**30
 """Device memory the CUDA context and cuBLAS workspaces take before any tensor."""
 

@@ -346,6 +346,7 @@ def search(config: SearchConfig | Plan, run_dir: str | Path, *, progress: bool =
     upstream: dict[str, str] = {}
     stages = stage_names(plan)
     usage: list[dict[str, Any]] = []
+    earlier = pd.read_csv(run_dir / USAGE_FILE) if (run_dir / USAGE_FILE).is_file() else pd.DataFrame(columns=["stage"])
     for k, stage in enumerate(stages, start=1):
         root = shared if stage in SHAREABLE else run_dir
         key = stage_key(plan, stage, upstream, fp)
@@ -356,7 +357,7 @@ def search(config: SearchConfig | Plan, run_dir: str | Path, *, progress: bool =
         upstream[stage] = result.outputs_sha256
         usage += _usage(group, plan, stage, result, peak_rss_bytes(), _chosen_child(ctx, stage))
         if group.first:
-            _write_usage(run_dir / USAGE_FILE, usage)
+            _write_usage(run_dir / USAGE_FILE, usage, earlier)
         if echo is not None and group.first:
             if result.skipped:
                 what = "up to date, skipped"
@@ -426,9 +427,9 @@ def _run_on_group(group: Group, ctx: StageContext, root: Path, stage: str, key: 
     return group.broadcast(result if group.first else None)
 
 
-def _write_usage(path: Path, usage: list[dict[str, Any]]) -> None:
-    """The run's resources table: this run's rows for the stages it ran, an earlier run's for those it skipped."""
-    old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["stage"])
+def _write_usage(path: Path, usage: list[dict[str, Any]], old: pd.DataFrame) -> None:
+    """The run's resources table: this run's rows for the stages it ran, an earlier run's (``old``, read
+    when the search started) for those it skipped."""
     parts = []
     for stage in dict.fromkeys(u["stage"] for u in usage):
         now = pd.DataFrame([u for u in usage if u["stage"] == stage])
