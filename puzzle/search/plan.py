@@ -184,7 +184,7 @@ def resolve(config: SearchConfig | None = None) -> Plan:
     memory_bytes = None if v["memory"] is None else v["memory"] * 2**30
     target = choose_tensor_parallel(target, shape, parent.blocks, batch=budget_sc.batch,
                                     kv_tokens=budget_sc.kv_tokens, memory_bytes=memory_bytes, tp=config.tp)
-    whole = _whole_bytes(parent, cluster.dtype_bytes)
+    whole = _whole_bytes(parent, 4)  # timed in fp32, as loaded
     derived = {"dtype": target.dtype, "tp": target.tp, "calibrate": target.is_cpu,
                "fuse_threshold": 0.0 if target.is_cpu else 0.2, "cluster": cluster.name,
                "max_memory_per_rank": f"{cluster.memory_per_rank / 2**30:.1f}GiB",
