@@ -52,7 +52,8 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="puzzle-frontier-"))
         cfg = SearchConfig(model=str(write_tiny_parent(tmp / "parent")), budget="cpu", calibrate=False, batch=2, context=64,
                            bld_tokens=2 * 8 * 256, score_sequences=1, score_seq_len=32, fuse_sequences=1,
-                           gkd_steps=1, gkd_batch=1, eval_sequences=1, baselines=BASELINES)
+                           gkd_steps=1, gkd_batch=1, eval_sequences=1, baselines=BASELINES,
+                           engine="transformers")  # the tiny parent's FFN 96: only transformers loads it
         out = Path(args.out or tmp / "run")
     else:
         cfg = SearchConfig(budget="cpu", preset="quick", baselines=BASELINES)

@@ -8,7 +8,7 @@ cache), then runs
 
     torchrun --nproc-per-node 2 -m puzzle.cli.main search --model DIR --cluster 2xcpu \\
         --max-memory-per-rank 6GiB --budget 8xH100 --fuse-threshold 0 --gkd-steps 0 --no-speed \\
-        --space SPACE.yaml --bld-tokens 2048 --bld-eval-sequences 4 ...
+        --space SPACE.yaml --engine transformers --bld-tokens 2048 --bld-eval-sequences 4 ...
 
 and reads the run's ``resources.csv``: for every stage and rank the plan's predicted peak RSS and
 time beside the measured ones (``puzzle.peak``: the high-water mark of each rank, reset before
@@ -88,7 +88,8 @@ def search_setup(quick: bool, tmp: Path, *, memory: str | None = None) -> tuple[
         flags += ["--gkd-steps", "0"]
     space = tmp / "space.yaml"  # GQA with 2 KV heads, FFN widths 1/2 and 1/4, linear and no-op
     space.write_text(json.dumps({"space": SPACE}))
-    return model, memory or ("2.5GiB" if quick else "6GiB"), flags + ["--space", str(space)]
+    # --engine transformers keeps the linear variants (vLLM's space drops them): memory is what is measured here
+    return model, memory or ("2.5GiB" if quick else "6GiB"), flags + ["--space", str(space), "--engine", "transformers"]
 
 
 def compare(usage: pd.DataFrame, limit_gib: float, tolerance: float) -> pd.DataFrame:

@@ -200,11 +200,20 @@ class SearchSpace:
     """FFN variants of every layer."""
     overrides: tuple[LayerOverride, ...] = ()
     """Layer-specific lists, applied in order (a later one wins)."""
+    engine: str | None = None
+    """Offer only what this serving engine loads (:mod:`puzzle.engines`: ``vllm``, ``sglang``, ``trtllm``,
+    ``llamacpp``, ``transformers``); None: every variant. The parent's own sub-blocks always stay."""
+
+    def __post_init__(self) -> None:
+        if self.engine is not None:
+            from puzzle.engines import engine_rules
+
+            engine_rules(self.engine)  # an unknown name: one line naming the choices
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> SearchSpace:
         data = data or {}
-        _check_keys("space", data, ("attention", "ffn", "overrides"))
+        _check_keys("space", data, ("attention", "ffn", "overrides", "engine"))
         att = dict(data.get("attention") or {})
         _check_keys("space.attention", att, ("kv_heads", "linear", "no_op"))
         if isinstance(att.get("kv_heads"), list):
@@ -218,8 +227,11 @@ class SearchSpace:
         overrides = data.get("overrides") or []
         if not isinstance(overrides, list):
             raise ConfigError("space.overrides must be a list of {layers, attention, ffn} mappings")
+        engine = data.get("engine")
+        if engine is not None and not isinstance(engine, str):
+            raise ConfigError(f"space.engine must be an engine name, got {engine!r}")
         return cls(attention=AttentionSpace(**att), ffn=FFNSpace(**ffn),
-                   overrides=tuple(LayerOverride.from_dict(o) for o in overrides))
+                   overrides=tuple(LayerOverride.from_dict(o) for o in overrides), engine=engine)
 
     def to_dict(self) -> dict[str, Any]:
         kv = self.attention.kv_heads
@@ -234,6 +246,7 @@ class SearchSpace:
                  **({"ffn": list(o.ffn)} if o.ffn is not None else {})}
                 for o in self.overrides
             ],
+            **({"engine": self.engine} if self.engine is not None else {}),
         }
 
     def layer_variants(self, parent_blocks: Sequence[BlockConfig], *, num_attention_heads: int) -> list[LayerVariants]:
@@ -257,7 +270,10 @@ class SearchSpace:
                     divisors = [d for d in range(1, num_attention_heads + 1) if num_attention_heads % d == 0]
                     raise ConfigError(f"layer {i}: gqa:{a.num_key_value_heads} must divide the {num_attention_heads} "
                                       f"query heads; choose one of {divisors}")
-            out.append(LayerVariants(layer=i, attention=att_cfgs, ffn=_with_parent_first(ffn, pb.ffn)))
+            ffn_cfgs = _with_parent_first(ffn, pb.ffn)
+            if self.engine is not None:
+                att_cfgs, ffn_cfgs = _engine_filter(self.engine, i, att_cfgs, ffn_cfgs, pb)
+            out.append(LayerVariants(layer=i, attention=att_cfgs, ffn=ffn_cfgs))
         return out
 
     def _default_attention(self, parent: AttentionConfig, nh: int) -> list[AttentionConfig | str]:
@@ -282,6 +298,17 @@ class SearchSpace:
         if self.ffn.no_op:
             out.append(FFNConfig.no_op())
         return out
+
+
+def _engine_filter(engine: str, layer: int, att: list[AttentionConfig], ffn: list[FFNConfig],
+                   parent: BlockConfig) -> tuple[list[AttentionConfig], list[FFNConfig]]:
+    """Drop the variants ``engine`` cannot load; the parent's own (first) always stays."""
+    from puzzle.engines import allowed_attention, allowed_ffn, engine_rules
+
+    rules = engine_rules(engine)
+    kv = parent.attention.num_key_value_heads
+    return ([att[0]] + [a for a in att[1:] if allowed_attention(rules, layer, a, parent_kv_heads=kv)],
+            [ffn[0]] + [f for f in ffn[1:] if allowed_ffn(rules, f)])
 
 
 def _with_parent_first(items: Sequence[Any], parent: Any) -> list[Any]:

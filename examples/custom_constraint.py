@@ -28,7 +28,8 @@ from puzzle.summary import totals
 
 # Stage sizes of --small: a few hundred tokens per stage, seconds each on a tiny parent.
 SMALL = dict(budget="8xH100", bld_tokens=4 * 8 * 256, score_sequences=1, score_seq_len=32, fuse_sequences=1,
-             fuse_distill_steps=2, gkd_steps=0, gkd_batch=1, eval_sequences=1, measure_speed=False)
+             fuse_distill_steps=2, gkd_steps=0, gkd_batch=1, eval_sequences=1, measure_speed=False,
+             engine="transformers")  # a tiny parent's FFN widths are no multiples of 256: only transformers loads them
 
 
 def pinned_layers(n_layers: int, keep_first: int, keep_last: int) -> list[int]:

@@ -71,6 +71,10 @@ class ResourceError(PuzzleError, ValueError):
     """A stage does not fit the memory of the machines that run the search, even in rounds."""
 
 
+class EngineError(PuzzleError, ValueError):
+    """An architecture holds a sub-block the chosen serving engine cannot load (``--engine``)."""
+
+
 class StaleArtifactError(PuzzleError, ValueError):
     """An output directory holds results computed from other inputs (rerun with --force to redo them)."""
 

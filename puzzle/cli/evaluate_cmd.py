@@ -4,6 +4,7 @@
     puzzle evaluate runs/child --parent smollm2-135m --tasks examples/tasks/python_stdlib_mc.jsonl
     puzzle evaluate runs/child --parent smollm2-135m --speed --out runs/eval   # + speed.csv
     puzzle evaluate smollm2-135m --speed --scenario decode:batch=1,context=512
+    puzzle evaluate runs/search/export/model --parent smollm2-135m --engine vllm  # + speed inside vLLM
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "fastest kept): default scenarios prefill batch 1 x 1024 and decode batch 8, context 1024")
     p.add_argument("--scenario", nargs="+", metavar="SPEC", help="speed scenarios instead of the defaults, e.g. "
                    "'decode:batch=1,context=512' 'prefill:batch=1,prompt=256' (implies --speed)")
+    p.add_argument("--engine", choices=("vllm",), help="also time parent and MODEL inside this serving engine on this "
+                   "device (prefill and decode, interleaved rounds, fastest kept) beside the predicted speedup; needs "
+                   "--parent and exported (DeciLM) or Hugging Face directories; writes engine_speed.csv with --out")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of --engine (default: 3)")
     p.add_argument("--out", help="directory to write evaluation.json (and speed.csv with --speed) into; "
                    "files are replaced atomically")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -52,6 +57,15 @@ def run(args: argparse.Namespace) -> int:
     tasks = load_tasks(args.tasks)
     src = resolve_source(args.model)
     parent_src = resolve_source(args.parent) if args.parent else None
+    if args.engine:
+        from puzzle.engines import vllm
+        from puzzle.errors import ConfigError
+        from puzzle.evaluation.engine_speed import engine_dir
+
+        if parent_src is None or args.rounds < 1:
+            raise ConfigError("--engine times MODEL against its parent: pass --parent (and --rounds >= 1)")
+        engine_dir(src, role="model"), engine_dir(parent_src, role="parent")
+        vllm.require()
 
     model = load_model(src)
     parent = None
@@ -70,6 +84,16 @@ def run(args: argparse.Namespace) -> int:
                   scenarios=scenarios, progress=not args.no_progress)
     print(f"model {args.model}" + (f", parent {args.parent}" if args.parent else ""))
     print(ev.format())
+    engine_table = None
+    if args.engine:
+        from puzzle.evaluation.engine_speed import engine_speed, present_target
+        from puzzle.profiler.scenario import default_scenarios
+
+        target = present_target()
+        engine_table = engine_speed(src.directory, parent_src.directory, scenarios or default_scenarios(), target=target,
+                                    engine=args.engine, rounds=args.rounds, progress=not args.no_progress)
+        print(f"\ninside {args.engine} on this device (predicted on {target.name}):")
+        print(engine_table.drop(columns=["engine", "rounds", "target"]).to_string(index=False, float_format="{:.3f}".format))
     if args.out:
         out = Path(args.out)
         atomic_write_json(out / "evaluation.json", {"model": args.model, "parent": args.parent, **ev.to_dict()})
@@ -77,5 +101,8 @@ def run(args: argparse.Namespace) -> int:
         if ev.speed is not None:
             atomic_write_text(out / "speed.csv", ev.speed.to_csv(index=False))
             written.append("speed.csv")
+        if engine_table is not None:
+            atomic_write_text(out / "engine_speed.csv", engine_table.to_csv(index=False))
+            written.append("engine_speed.csv")
         print(f"wrote {', '.join(str(out / w) for w in written)}")
     return 0

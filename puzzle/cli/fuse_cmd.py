@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from puzzle.engines.rules import DEFAULT_ENGINE, ENGINE_NAMES
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fuse", help="fuse runs of attention-free FFNs into one wide parallel FFN",
@@ -58,6 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-measure", action="store_true", help="do not time the models on this machine")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out (never the source)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default=DEFAULT_ENGINE, help="serving engine that must load the "
+                   "fused model: a model or fused width it cannot load is refused before anything is written "
+                   "(puzzle/engines/rules.py) (default: vllm)")
     p.set_defaults(func=run)
 
 
@@ -94,13 +99,16 @@ def _models(args: argparse.Namespace):  # noqa: ANN202
 def run(args: argparse.Namespace) -> int:
     from puzzle.fusion import FusionConfig, fuse_and_report
     from puzzle.fusion.artifact import write_fusion
-    from puzzle.fusion.runs import find_runs, parse_segments
+    from puzzle.engines import check_loadable, engine_rules
     from puzzle.errors import ConfigError
+    from puzzle.fusion.runs import find_runs, parse_segments
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --force")
     model, parent, src, tokenizer = _models(args)
+    rules = engine_rules(args.engine)
+    check_loadable(rules, model.config.blocks, model.config, what=f"{args.source} (before fusion)")
     for protected in {src.directory.resolve(), Path(args.source).resolve()}:
         if out.resolve() == protected or protected in out.resolve().parents:
             raise ConfigError(f"--out {out} is inside the source {protected}; never write there")
@@ -114,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{model.config.num_hidden_layers} layers; attention-free SwiGLU runs: "
           f"{', '.join(r.label for r in runs) or 'none'}")
     result = fuse_and_report(model, tokenizer, cfg, parent=parent, progress=not args.no_progress)
+    check_loadable(rules, result.model.config.blocks, result.model.config, what="the fused model")
     out = write_fusion(result, args.out, config=cfg, source=args.source, source_dir=src.directory,
                        overwrite=args.force)
     print(format_report(result))

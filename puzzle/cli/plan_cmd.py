@@ -14,6 +14,7 @@ import json
 import sys
 from typing import Any
 
+from puzzle.engines import engine_rules
 from puzzle.errors import PuzzleError
 
 
@@ -86,6 +87,9 @@ def print_plan(plan: Any, stages: list[dict[str, str]] | None, *, brief: bool = 
     print(f"  target: {t.count}x {t.accelerator.name}, tensor parallel {t.tp}, {t.replicas} "
           f"replica{'s' if t.replicas != 1 else ''}, {t.dtype}")
     print(f"  budget: {plan.budget_text()}")
+    rules = engine_rules(plan.engine)
+    removed = rules.removes()
+    print(f"  engine: {rules.title} ({plan.engine}){': the search space leaves out ' + ', '.join(removed) if removed else ''}")
     f = plan.feasibility
     approx = " (uncalibrated estimate)" if f.approximate else ""
     print(f"  reachable{approx}: speedup up to {f.max_speedup:.3g}x, throughput up to {f.max_throughput:.4g} tokens/s, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from puzzle.engines.rules import ENGINE_NAMES
 from puzzle.search.config import BASELINES, SearchConfig
 
 BASELINE_NAMES = BASELINES
@@ -66,6 +67,8 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baselines", nargs="+", choices=BASELINE_NAMES, metavar="NAME",
                    help=f"also build these baselines at the same budget, with the same GKD: "
                    f"{', '.join(BASELINE_NAMES)} (default: none)")
+    p.add_argument("--engine", choices=ENGINE_NAMES, help="serving engine the child must load in; the search space, "
+                   "fusion and export keep to what it loads (puzzle/engines/rules.py) (default: vllm)")
     p.add_argument("--space", type=_space_file, metavar="YAML", help="search space: a YAML file holding a library "
                    "config's space: section, e.g. {ffn: {sizes: [0.5, 0.25]}, attention: {kv_heads: [2]}} (default: "
                    "fewer KV heads, linear and no-op attention; FFN widths 7/8..1/8, linear and no-op FFNs)")
@@ -92,7 +95,7 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
 
 
 FLAG_SETTINGS = ("model", "data", "budget", "cluster", "max_memory_per_rank", "tp", "dtype", "speedup", "throughput",
-                 "memory", "scenario", "batch", "context", "solver", "constraints", "calibrate", "baselines", "space", "preset", "bld_tokens", "bld_eval_sequences",
+                 "memory", "scenario", "batch", "context", "solver", "constraints", "calibrate", "baselines", "engine", "space", "preset", "bld_tokens", "bld_eval_sequences",
                  "score_sequences", "score_seq_len", "fuse_threshold", "fuse_sequences", "fuse_distill_steps",
                  "gkd_steps", "gkd_batch", "eval_sequences", "measure_speed", "seed")
 """Flags that set the :class:`SearchConfig` field of the same name (``--speed/--no-speed``: ``measure_speed``)."""

@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from puzzle.engines.rules import DEFAULT_ENGINE, ENGINE_NAMES
 from puzzle.errors import ConfigError, solver_errors
 from solvers.backends import BACKENDS, DEFAULT_BACKEND  # pure Python; the solver libraries load on use
 
@@ -56,6 +57,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"MIP backend: pulp (CBC), cpsat (OR-tools CP-SAT), ortools-mip (OR-tools SCIP) "
                    f"(default: {DEFAULT_BACKEND})")
     p.add_argument("--time-limit", type=float, default=None, help="seconds per solve before giving up (default: none)")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default=DEFAULT_ENGINE, help="serving engine the solution must "
+                   "load in: candidates it cannot load are left out (puzzle/engines/rules.py) (default: vllm)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -110,11 +113,15 @@ def _problem(args: argparse.Namespace) -> Problem:
     budget = Budget(memory_bytes=None if args.memory_gib is None else args.memory_gib * 2**30,
                     throughput=args.throughput, speedup=args.speedup, latency_ms=args.latency_ms,
                     max_params=args.max_params)
-    return read_problem(args.scores, args.costs, score_column=args.score_column, budget=budget,
-                        scenario=Scenario(name=args.scenario, batch=args.batch, length=args.context,
-                                          phase=args.phase or (args.scenario if args.scenario in PHASES else "decode"),
-                                          replicas=args.replicas),
-                        constraints=tuple(parse_constraint(text) for text in args.constraint))
+    from puzzle.engines import engine_rules
+    from puzzle.engines.problem import engine_problem
+
+    problem = read_problem(args.scores, args.costs, score_column=args.score_column, budget=budget,
+                           scenario=Scenario(name=args.scenario, batch=args.batch, length=args.context,
+                                             phase=args.phase or (args.scenario if args.scenario in PHASES else "decode"),
+                                             replicas=args.replicas),
+                           constraints=tuple(parse_constraint(text) for text in args.constraint))
+    return engine_problem(problem, engine_rules(args.engine))
 
 
 def run_solve(args: argparse.Namespace) -> int:

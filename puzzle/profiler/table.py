@@ -58,7 +58,14 @@ def space_candidates(config: Any, *, space: Any = None) -> list[list[BlockConfig
 
     space = space or SearchSpace()
     layers = space.layer_variants(config.blocks, num_attention_heads=config.num_attention_heads)
-    return [_product(config.blocks[lv.layer], lv.attention, lv.ffn) for lv in layers]
+    out = [_product(config.blocks[lv.layer], lv.attention, lv.ffn) for lv in layers]
+    if space.engine is not None:  # pairs the engine cannot load (llama.cpp: a no-op FFN under real attention)
+        from puzzle.engines import allowed, engine_rules
+
+        rules = engine_rules(space.engine)
+        out = [[b for k, b in enumerate(blocks) if k == 0 or allowed(
+            rules, i, b, parent_kv_heads=config.blocks[i].attention.num_key_value_heads)] for i, blocks in enumerate(out)]
+    return out
 
 
 def _product(parent: BlockConfig, atts: Sequence[Any], ffns: Sequence[Any]) -> list[BlockConfig]:

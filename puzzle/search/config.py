@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from puzzle.engines.rules import ENGINE_NAMES
 from puzzle.errors import ConfigError
 
 BASELINES = ("uniform_ffn", "shortgpt", "attention_removal")
@@ -78,6 +79,9 @@ class SearchConfig:
     """Time this machine's blocks and fit the roofline before costing (default: on for ``cpu``, which is here)."""
     baselines: tuple[str, ...] | None = None
     """Baselines built at the same budget and given the same GKD: uniform_ffn, shortgpt, attention_removal."""
+    engine: str | None = None
+    """The serving engine the child must load in: vllm, sglang, trtllm, llamacpp or transformers
+    (:mod:`puzzle.engines`). The search space, fusion and export keep to what it loads. Default: vllm."""
     space: Mapping[str, Any] | None = None
     """The search space, as a library config's ``space:`` section: attention and FFN variants and per-layer
     overrides (:mod:`block_library.space`). Default: GQA with fewer KV heads, linear and no-op attention;
@@ -187,7 +191,7 @@ _KINDS: dict[str, str] = {
     "model": "str", "data": "strs", "budget": "str", "cluster": "str", "max_memory_per_rank": "size",
     "tp": "int", "dtype": "str", "speedup": "float",
     "throughput": "float", "memory": "float", "scenario": "str", "batch": "int", "context": "int", "solver": "str",
-    "constraints": "strs", "calibrate": "bool", "baselines": "strs", "space": "mapping", "preset": "str",
+    "constraints": "strs", "calibrate": "bool", "baselines": "strs", "engine": "str", "space": "mapping", "preset": "str",
     "bld_tokens": "int", "bld_eval_sequences": "int",
     "score_sequences": "int", "score_seq_len": "int", "fuse_threshold": "float", "fuse_sequences": "int",
     "fuse_distill_steps": "int", "gkd_steps": "int", "gkd_batch": "int", "eval_sequences": "int",
@@ -195,7 +199,7 @@ _KINDS: dict[str, str] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("bf16", "fp8", "fp32"), "scenario": ("decode", "prefill"), "solver": ("ortools-mip", "pulp", "cpsat"),
-    "preset": tuple(PRESETS),
+    "preset": tuple(PRESETS), "engine": ENGINE_NAMES,
 }
 _AT_LEAST = {"tp": 1, "batch": 1, "context": 1, "bld_tokens": 1, "bld_eval_sequences": 1, "score_sequences": 1, "score_seq_len": 2,
              "fuse_sequences": 1, "eval_sequences": 1, "gkd_batch": 1, "gkd_steps": 0, "fuse_distill_steps": 0,
@@ -222,6 +226,8 @@ def _check(name: str, value: Any) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{name} must be a mapping (a library config's space: section), got {value!r}")
         data = dict(value.get("space", value)) if set(value) == {"space"} else dict(value)
+        if "engine" in data:
+            raise ConfigError("space: set the serving engine with the engine setting (--engine), not inside space")
         SearchSpace.from_dict(data)  # unknown keys and bad variants: one line naming them
         return data
     if kind == "size":

@@ -63,11 +63,11 @@ class StageContext:
 def library_config(plan: Plan) -> Any:
     """The block library's settings for this plan: the default search space, the plan's data and BLD tokens."""
     from block_library import LibraryConfig
-    from block_library.space import SearchSpace
     from puzzle.data.config import DataConfig
+    from puzzle.search.plan import plan_space
 
     steps = max(1, plan.bld_tokens // (8 * 256))
-    return LibraryConfig(space=SearchSpace.from_dict(plan.space), data=DataConfig(sources=plan.data)).with_bld(
+    return LibraryConfig(space=plan_space(plan), data=DataConfig(sources=plan.data)).with_bld(
         tokens=plan.bld_tokens, checkpoint_every=max(1, steps // 4), calib_sequences=plan.bld_eval_sequences,
         val_sequences=plan.bld_eval_sequences)
 
@@ -95,15 +95,19 @@ def costing_target(plan: Plan, profile_dir: Path) -> Any:
 
 
 def solve_problem(ctx: StageContext, *, constraints: bool = True) -> Any:
-    """The run's MIP: scores (KL) and costs of every library variant, the plan's limits and constraints."""
+    """The run's MIP: scores (KL) and costs of every library variant the plan's engine loads, the plan's limits
+    and constraints."""
     import pandas as pd
 
+    from puzzle.engines import engine_rules
+    from puzzle.engines.problem import engine_problem
     from puzzle.errors import solver_errors
     from solvers.io import problem_from_tables
     from solvers.parse import parse_constraint
 
     plan = ctx.plan
     with solver_errors():
-        return problem_from_tables(pd.read_csv(ctx.out("score", "scores")), pd.read_csv(ctx.out("profile", "costs")),
-                                   score_column="kl", budget=plan.limits, scenario=plan.budget_scenario,
-                                   constraints=[parse_constraint(c) for c in plan.constraints] if constraints else [])
+        problem = problem_from_tables(pd.read_csv(ctx.out("score", "scores")), pd.read_csv(ctx.out("profile", "costs")),
+                                      score_column="kl", budget=plan.limits, scenario=plan.budget_scenario,
+                                      constraints=[parse_constraint(c) for c in plan.constraints] if constraints else [])
+        return engine_problem(problem, engine_rules(plan.engine))

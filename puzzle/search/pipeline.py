@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from puzzle.errors import ConfigError
+from puzzle.evaluation.engine_speed import ENGINES_TIMED
 from puzzle.io import atomic_write_json, atomic_write_text
 from puzzle.search.compare import stage_baselines
 from puzzle.search.config import SearchConfig
@@ -201,12 +202,15 @@ def stage_gkd(ctx: StageContext, d: Path) -> dict[str, Any]:
 
 
 def stage_export(ctx: StageContext, d: Path) -> dict[str, Any]:
+    from puzzle.engines import check_loadable, engine_rules, loaders
     from puzzle.export import export_decilm_dir
     from puzzle.loading import load_config
 
+    child = load_config(ctx.out("gkd", "model"))
+    check_loadable(engine_rules(ctx.plan.engine), child.blocks, child, what="the child")  # the MIP kept to it
     # tensor by tensor: the child is never whole in memory
     export_decilm_dir(ctx.out("gkd", "model"), d / "model", source_dir=ctx.source.directory, overwrite=True)
-    return {"model": str(d / "model"), "layers": load_config(d / "model").num_hidden_layers}
+    return {"model": str(d / "model"), "layers": child.num_hidden_layers, "engines": loaders(child.blocks, child)}
 
 
 def stage_evaluate(ctx: StageContext, d: Path) -> dict[str, Any]:
@@ -231,8 +235,25 @@ def stage_evaluate(ctx: StageContext, d: Path) -> dict[str, Any]:
         child = load_model(ctx.out("export", "model"))
         ev = evaluate(child, ctx.tokenizer, parent=ctx.parent, sources=p.data, num_sequences=p.eval_sequences,
                       speed=p.measure_speed, scenarios=list(p.scenarios))
-    atomic_write_json(d / "evaluation.json", ev.to_dict())
-    return {"evaluation": str(d / "evaluation.json"), **{k: v for k, v in ev.to_dict().items() if k != "tasks"}}
+    doc = ev.to_dict()
+    if p.measure_speed and p.target.is_cpu and p.engine in ENGINES_TIMED and engine_available(p.engine):
+        # the budget's device is this one: time parent and child inside the engine too, beside the prediction
+        from puzzle.evaluation.engine_speed import engine_speed
+        from puzzle.search.context import costing_target
+
+        table = engine_speed(ctx.out("export", "model"), ctx.source.directory, list(p.scenarios), engine=p.engine,
+                             target=costing_target(p, Path(ctx.out("profile", "costs")).parent), progress=ctx.progress)
+        atomic_write_text(d / "engine_speed.csv", table.to_csv(index=False))
+        doc["engine_speed"] = table.to_dict("records")
+    atomic_write_json(d / "evaluation.json", doc)
+    return {"evaluation": str(d / "evaluation.json"), **{k: v for k, v in doc.items() if k != "tasks"}}
+
+
+def engine_available(engine: str) -> bool:
+    """Whether ``engine`` (one of :data:`ENGINES_TIMED`) can run here."""
+    from puzzle.engines import vllm
+
+    return engine == "vllm" and vllm.available()
 
 
 def _world(ctx: StageContext) -> int:
@@ -457,7 +478,7 @@ def _usage(group: Group, plan: Plan, stage: str, result: StageResult, peak: int,
     largest child, the parent)."""
     import dataclasses
 
-    from block_library.space import SearchSpace
+    from puzzle.search.plan import plan_space
     from puzzle.search.resources import Work, plan_resources
 
     rows = group.gather((group.rank, peak))
@@ -466,8 +487,7 @@ def _usage(group: Group, plan: Plan, stage: str, result: StageResult, peak: int,
     resources = plan.resources
     if child is not None:
         work = dataclasses.replace(Work.from_plan(plan), child=child)
-        resources = plan_resources(plan.parent_config, work, plan.cluster, space=SearchSpace.from_dict(plan.space),
-                                   search=False)
+        resources = plan_resources(plan.parent_config, work, plan.cluster, space=plan_space(plan), search=False)
     use = resources.stage(stage) if stage in resources.stage_names else None
     out = []
     for rank, measured in rows:

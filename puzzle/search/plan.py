@@ -29,7 +29,7 @@ from puzzle.search.config import PRESETS, SearchConfig, settings_fields
 DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m", "data": ("stdlib",), "budget": "8xH100", "scenario": "decode", "batch": 8,
     "context": 1024, "solver": "ortools-mip", "constraints": (), "baselines": (), "preset": "quick",
-    "fuse_distill_steps": 100, "seed": 0, "throughput": None, "memory": None, "space": None,
+    "fuse_distill_steps": 100, "seed": 0, "throughput": None, "memory": None, "space": None, "engine": "vllm",
 }
 """Plain defaults; the preset's stage sizes and the target-derived settings are filled in by :func:`resolve`."""
 DEFAULT_SPEEDUP = 1.5
@@ -202,7 +202,7 @@ def resolve(config: SearchConfig | None = None) -> Plan:
                           replicas=target.replicas))
     limits = Budget(speedup=settings["speedup"].value, throughput=v["throughput"], memory_bytes=memory_bytes)
     feasibility = _feasibility(parent, shape, target, scenarios[0], limits, approximate=bool(settings["calibrate"].value),
-                               space=v.get("space"))
+                               space=search_space(v.get("space"), settings["engine"].value))
     summary = {"model": v["model"], "directory": None if directory is None else str(directory),
                "weights": directory is not None and _has_weights(directory), "layers": parent.num_hidden_layers,
                "hidden_size": parent.hidden_size, "num_attention_heads": parent.num_attention_heads,
@@ -210,10 +210,20 @@ def resolve(config: SearchConfig | None = None) -> Plan:
                                               if b.attention.kind == "gqa"})}
     plan = Plan(config=config, settings=settings, target=target, scenarios=scenarios, limits=limits,
                 feasibility=feasibility, parent=summary, parent_config=parent, cluster=cluster)
+    resources = plan_resources(parent, Work.from_plan(plan), cluster, space=plan_space(plan))
+    return dataclasses.replace(plan, resources=resources)
+
+
+def search_space(space: Mapping[str, Any] | None, engine: str | None) -> Any:
+    """The :class:`block_library.space.SearchSpace` of a ``space`` setting, kept to what ``engine`` loads."""
     from block_library.space import SearchSpace
 
-    resources = plan_resources(parent, Work.from_plan(plan), cluster, space=SearchSpace.from_dict(plan.space))
-    return dataclasses.replace(plan, resources=resources)
+    return dataclasses.replace(SearchSpace.from_dict(space), engine=engine)
+
+
+def plan_space(plan: Plan) -> Any:
+    """The plan's search space: its ``space`` setting, kept to what its ``engine`` loads."""
+    return search_space(plan.space, plan.engine)
 
 
 def parent_of(model: str) -> tuple[Any, Any]:
@@ -248,9 +258,7 @@ def _feasibility(config: Any, shape: Any, target: Any, scenario: Any, limits: An
     """The cheapest child of the default search space against the parent, on ``target`` in ``scenario``."""
     from puzzle.profiler.table import cost_table, space_candidates
 
-    from block_library.space import SearchSpace
-
-    candidates = space_candidates(config, space=SearchSpace.from_dict(space))
+    candidates = space_candidates(config, space=space)
     table = cost_table(shape, candidates, config.blocks, target=target, scenarios=[scenario])
     col = scenario.column
     fixed = table[table["layer"] == -1].iloc[0]

@@ -1,8 +1,10 @@
 """The final report of a search: parent vs child, as ``report.csv``, ``report.png`` and a terminal table.
 
-Rows: parent, child. Columns: layers, parameters, weight memory per device on the target,
-predicted step time (prefill, decode) and speedup on the target, measured step time and speedup
-on this machine, and quality on held-out text (perplexity, KL to the parent, top-1 agreement).
+Rows: parent, child. Columns: layers, parameters, the serving engines that load it, weight memory
+per device on the target, predicted step time (prefill, decode) and speedup on the target, measured
+step time and speedup on this machine (this project's runtime; inside vLLM too when it is installed
+and the target is this machine), and quality on held-out text (perplexity, KL to the parent, top-1
+agreement).
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ def predicted_costs(config: Any, target: Any, scenarios: list[Any]) -> dict[str,
 
 
 def report_table(parent: Any, child: Any, target: Any, scenarios: list[Any], evaluation: dict[str, Any]) -> pd.DataFrame:
-    """Parent vs child from their configs (no weights read): sizes, predicted and measured speed, quality."""
+    """Parent vs child from their configs (no weights read): sizes, the engines that load each (``--engine``
+    names), predicted and measured speed, quality."""
+    from puzzle.engines import loaders
     from puzzle.summary import totals
 
     rows = []
     for name, config in (("parent", parent), ("child", child)):
         rows.append({"model": name, "layers": config.num_hidden_layers, "params_m": totals(config).params / 1e6,
-                     **predicted_costs(config, target, scenarios)})
+                     "engines": " ".join(loaders(config.blocks, config)), **predicted_costs(config, target, scenarios)})
     df = pd.DataFrame(rows).set_index("model")
     for sc in scenarios:
         df[f"pred_{sc.name}_speedup"] = df.loc["parent", f"pred_{sc.name}_ms"] / df[f"pred_{sc.name}_ms"]
@@ -48,6 +52,9 @@ def report_table(parent: Any, child: Any, target: Any, scenarios: list[Any], eva
         col = f"meas_{sc.name}_ms"
         if col in df:
             df[f"meas_{sc.name}_speedup"] = df.loc["parent", col] / df[col]
+    for row in evaluation.get("engine_speed") or []:  # timed inside the serving engine (vLLM) on this device
+        df.loc["parent", f"{row['engine']}_{row['scenario']}_speedup"] = 1.0
+        df.loc["child", f"{row['engine']}_{row['scenario']}_speedup"] = row["engine_speedup"]
     q = evaluation.get("quality", {})
     df.loc["parent", "ppl"] = q.get("parent_ppl", float("nan"))
     df.loc["child", "ppl"] = q.get("ppl", float("nan"))

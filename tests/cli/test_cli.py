@@ -47,12 +47,12 @@ def test_inspect_table_and_json(tiny_llama_dir, capsys):
 
 def test_export_then_inspect_the_export(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "deci"
-    assert main(["export", str(tiny_llama_dir), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    assert main(["export", str(tiny_llama_dir), "--out", str(out), "--dtype", "bfloat16", "--engine", "transformers"]) == 0
     assert "exported 2 layers (torch.bfloat16)" in capsys.readouterr().out
     assert main(["inspect", str(out), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["kind"] == "decilm" and len(data["layers"]) == 2
-    assert main(["export", str(tiny_llama_dir), "--out", str(out)]) == 2  # exists: refused
+    assert main(["export", str(tiny_llama_dir), "--out", str(out), "--engine", "transformers"]) == 2  # exists: refused
     assert "not empty" in capsys.readouterr().err
 
 

@@ -15,7 +15,8 @@ from puzzle.fusion.fuse import parallel_reference
 from puzzle.loading import load_model
 from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig, save_blocks
 
-FAST = ["--sequences", "2", "--seq-len", "32", "--target", "8xH100", "--no-measure", "--no-progress"]
+FAST = ["--sequences", "2", "--seq-len", "32", "--target", "8xH100", "--no-measure", "--no-progress",
+        "--engine", "transformers"]  # the tiny parent's widths are not multiples of 256
 
 
 def _logits(model, ids):

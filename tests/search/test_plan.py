@@ -136,6 +136,7 @@ FLAG_VALUES = {  # a value for every setting, different from its default, and ho
     "batch": (3, ["--batch", "3"]), "context": (333, ["--context", "333"]), "solver": ("pulp", ["--solver", "pulp"]),
     "constraints": (["layer[0] == parent"], ["--constraint", "layer[0] == parent"]),
     "calibrate": (True, ["--calibrate"]), "baselines": (["shortgpt"], ["--baselines", "shortgpt"]),
+    "engine": ("trtllm", ["--engine", "trtllm"]),
     "preset": ("full", ["--preset", "full"]), "bld_tokens": (1234, ["--bld-tokens", "1234"]),
     "bld_eval_sequences": (5, ["--bld-eval-sequences", "5"]),
     "space": ({"ffn": {"sizes": [0.5]}, "attention": {"kv_heads": [1]}}, ["--space", "{tmp}/space.yaml"]),

@@ -40,7 +40,7 @@ def tables(tmp_path):
     (tmp_path / "scores.csv").write_text(SCORES)
     (tmp_path / "costs.csv").write_text(COSTS)
     return ["--scores", str(tmp_path / "scores.csv"), "--costs", str(tmp_path / "costs.csv"),
-            "--score-column", "kl", "--batch", "2", "--context", "10"]
+            "--score-column", "kl", "--batch", "2", "--context", "10", "--engine", "transformers"]  # toy widths
 
 
 def test_tables_build_the_documented_problem(tables, tmp_path):
