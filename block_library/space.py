@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from puzzle.engines import allowed_attention, allowed_ffn, engine_rules
 from puzzle.errors import ConfigError
 from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig
 
@@ -206,8 +207,6 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         if self.engine is not None:
-            from puzzle.engines import engine_rules
-
             engine_rules(self.engine)  # an unknown name: one line naming the choices
 
     @classmethod
@@ -302,9 +301,8 @@ class SearchSpace:
 
 def _engine_filter(engine: str, layer: int, att: list[AttentionConfig], ffn: list[FFNConfig],
                    parent: BlockConfig) -> tuple[list[AttentionConfig], list[FFNConfig]]:
-    """Drop the variants ``engine`` cannot load; the parent's own (first) always stays."""
-    from puzzle.engines import allowed_attention, allowed_ffn, engine_rules
-
+    """Drop the variants ``engine`` cannot load. The parent's own (first) always stays: a parent the engine
+    cannot load is refused where a run is planned (``puzzle.search.preflight.check_engine``) and by the MIP."""
     rules = engine_rules(engine)
     kv = parent.attention.num_key_value_heads
     return ([att[0]] + [a for a in att[1:] if allowed_attention(rules, layer, a, parent_kv_heads=kv)],

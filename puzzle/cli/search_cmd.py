@@ -71,7 +71,8 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
                    "fusion and export keep to what it loads (puzzle/engines/rules.py) (default: vllm)")
     p.add_argument("--space", type=_space_file, metavar="YAML", help="search space: a YAML file holding a library "
                    "config's space: section, e.g. {ffn: {sizes: [0.5, 0.25]}, attention: {kv_heads: [2]}} (default: "
-                   "fewer KV heads, linear and no-op attention; FFN widths 7/8..1/8, linear and no-op FFNs)")
+                   "fewer KV heads, linear and no-op attention; FFN widths 7/8..1/8, linear and no-op FFNs; less what "
+                   "--engine cannot load)")
     p.add_argument("--preset", choices=("quick", "full"), help="stage sizes: quick (minutes on a laptop CPU) or full "
                    "(default: quick)")
     p.add_argument("--bld-tokens", type=int, help="BLD tokens (preset)")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from puzzle.engines.check import (Violation, allowed, allowed_attention, allowed_ffn, check_loadable, loaders,
-                                  violations)
+from puzzle.engines.check import (Violation, allowed, allowed_attention, allowed_ffn, block_problems, check_loadable,
+                                  loaders, violations)
 from puzzle.engines.rules import DEFAULT_ENGINE, ENGINE_NAMES, ENGINES, EngineRules, engine_rules
 
-__all__ = ["DEFAULT_ENGINE", "ENGINE_NAMES", "ENGINES", "EngineRules", "Violation", "allowed", "allowed_attention", "allowed_ffn",
-           "check_loadable",
+__all__ = ["DEFAULT_ENGINE", "ENGINE_NAMES", "ENGINES", "EngineRules", "Violation", "allowed", "allowed_attention",
+           "allowed_ffn", "block_problems", "check_loadable",
            "engine_rules", "loaders", "violations"]

@@ -47,7 +47,8 @@ def _ffn_rules(rules: EngineRules, f: FFNConfig) -> list[str]:
     return []
 
 
-def _block_rules(rules: EngineRules, block: BlockConfig) -> list[str]:
+def block_problems(rules: EngineRules, block: BlockConfig) -> list[str]:
+    """The rules of ``rules`` that one block breaks on its own, in words (empty: it loads)."""
     a, f = block.attention, block.ffn
     out = _attention_rules(rules, a) + _ffn_rules(rules, f)
     if f.kind == "no_op" and a.kind != "no_op" and rules.no_op_ffn_needs_no_op_attention:
@@ -78,7 +79,7 @@ def allowed_ffn(rules: EngineRules, f: FFNConfig) -> bool:
 def allowed(rules: EngineRules, layer: int, block: BlockConfig, *, parent_kv_heads: int | None) -> bool:
     """Whether a search may put ``block`` at ``layer``: both sub-blocks allowed, and the pair too."""
     return (allowed_attention(rules, layer, block.attention, parent_kv_heads=parent_kv_heads)
-            and allowed_ffn(rules, block.ffn) and not _block_rules(rules, block))
+            and allowed_ffn(rules, block.ffn) and not block_problems(rules, block))
 
 
 def violations(rules: EngineRules, blocks: Sequence[BlockConfig], config: Any) -> list[Violation]:
@@ -90,7 +91,7 @@ def violations(rules: EngineRules, blocks: Sequence[BlockConfig], config: Any) -
         out.append(Violation(None, f"head_dim {config.head_dim} != hidden_size / num_attention_heads "
                                    f"({config.hidden_size} / {config.num_attention_heads})"))
     for i, block in enumerate(blocks):
-        out += [Violation(i, r) for r in _block_rules(rules, block)]
+        out += [Violation(i, r) for r in block_problems(rules, block)]
     if rules.first_real_layer_attends:
         first = next((i for i, b in enumerate(blocks) if not (b.attention.kind == "no_op" and b.ffn.kind == "no_op")), None)
         if first is not None and blocks[first].attention.kind == "no_op":
@@ -113,7 +114,7 @@ def check_loadable(rules: EngineRules, blocks: Sequence[BlockConfig], config: An
     found = violations(rules, blocks, config)
     if found:
         shown = "; ".join(str(v) for v in found[:6]) + ("; ..." if len(found) > 6 else "")
-        others = [n for n in loaders(blocks, config)]
+        others = loaders(blocks, config)
         hint = f"--engine {others[0]} loads it" if others else "no engine loads it"
         raise EngineError(f"{rules.title} cannot load {what}: {shown} (rule read from {rules.source}); "
                           f"search again with --engine {rules.name}, or {hint}")

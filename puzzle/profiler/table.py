@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from puzzle.engines import allowed, engine_rules
 from puzzle.profiler.counts import (ModelShape, block_params, block_weight_bytes, fixed_params,
                                     fixed_weight_bytes, kv_bytes_per_token)
 from puzzle.profiler.hardware import Target
@@ -60,8 +61,6 @@ def space_candidates(config: Any, *, space: Any = None) -> list[list[BlockConfig
     layers = space.layer_variants(config.blocks, num_attention_heads=config.num_attention_heads)
     out = [_product(config.blocks[lv.layer], lv.attention, lv.ffn) for lv in layers]
     if space.engine is not None:  # pairs the engine cannot load (llama.cpp: a no-op FFN under real attention)
-        from puzzle.engines import allowed, engine_rules
-
         rules = engine_rules(space.engine)
         out = [[b for k, b in enumerate(blocks) if k == 0 or allowed(
             rules, i, b, parent_kv_heads=config.blocks[i].attention.num_key_value_heads)] for i, blocks in enumerate(out)]

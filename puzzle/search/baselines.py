@@ -148,10 +148,14 @@ def remove_in_order(problem: Any, name: str, order: Sequence[int], remove: Calla
     labels = list(lab.parent)
     if lab.meets_budget(labels):
         return BaselineChoice(name, tuple(labels), True, lab.speedup(labels), "the parent meets the budget")
-    for k, layer in enumerate(order, start=1):
+    removed: list[int] = []
+    for layer in order:
+        if (layer, remove(labels[layer])) not in lab.index:  # not a candidate here (the engine left it out)
+            continue
         labels[layer] = remove(labels[layer])
+        removed.append(layer)
         if lab.meets_budget(labels):
-            removed = sorted(order[:k])
+            removed = sorted(removed)
             return BaselineChoice(name, tuple(labels), True, lab.speedup(labels), f"removed in layers {removed}")
     return BaselineChoice(name, tuple(labels), False, lab.speedup(labels),
                           f"removing all {len(order)} candidates in order does not meet the budget")

@@ -85,7 +85,8 @@ class SearchConfig:
     space: Mapping[str, Any] | None = None
     """The search space, as a library config's ``space:`` section: attention and FFN variants and per-layer
     overrides (:mod:`block_library.space`). Default: GQA with fewer KV heads, linear and no-op attention;
-    FFN widths 7/8 .. 1/8 of the parent's, linear and no-op FFNs."""
+    FFN widths 7/8 .. 1/8 of the parent's, linear and no-op FFNs; less what ``engine`` cannot load (vLLM, the
+    default: no linear sub-blocks, no no-op attention in layer 0)."""
     preset: str | None = None
     """Stage sizes: quick (minutes on a laptop CPU) or full. Default: quick."""
     bld_tokens: int | None = None

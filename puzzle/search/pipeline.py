@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from puzzle.errors import ConfigError
-from puzzle.evaluation.engine_speed import ENGINES_TIMED
+from puzzle.evaluation.engine_speed import ENGINES_TIMED, engine_available
 from puzzle.io import atomic_write_json, atomic_write_text
 from puzzle.search.compare import stage_baselines
 from puzzle.search.config import SearchConfig
@@ -248,12 +248,6 @@ def stage_evaluate(ctx: StageContext, d: Path) -> dict[str, Any]:
     atomic_write_json(d / "evaluation.json", doc)
     return {"evaluation": str(d / "evaluation.json"), **{k: v for k, v in doc.items() if k != "tasks"}}
 
-
-def engine_available(engine: str) -> bool:
-    """Whether ``engine`` (one of :data:`ENGINES_TIMED`) can run here."""
-    from puzzle.engines import vllm
-
-    return engine == "vllm" and vllm.available()
 
 
 def _world(ctx: StageContext) -> int:

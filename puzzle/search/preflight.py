@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from puzzle.errors import ConfigError, ModelFilesError, ResourceError
+from puzzle.errors import ConfigError, EngineError, ModelFilesError, ResourceError
 from puzzle.search.plan import Plan, check_feasible
 
 RUN_FILE = "run.json"
@@ -53,9 +53,22 @@ def check_run_directory(run_dir: str | Path, *, protected: list[Path], force: bo
     return path
 
 
+def check_engine(plan: Plan) -> None:
+    """The parent's own sub-blocks, which the MIP may keep anywhere, load in the plan's engine
+    (:class:`EngineError` naming the layers and the rule, before any work)."""
+    from puzzle.engines import engine_rules, violations
+
+    rules, parent = engine_rules(plan.engine), plan.parent_config
+    found = violations(rules, parent.blocks, parent)
+    if found:
+        raise EngineError(f"{rules.title} cannot load this parent's own blocks ({found[0]}), which any child may keep "
+                          f"(rule read from {rules.source}); choose another --engine (transformers loads any)")
+
+
 def check_plan(plan: Plan) -> None:
-    """The budget is reachable and every stage fits the cluster (:class:`ResourceError` naming the smallest
-    cluster that fits, before any work)."""
+    """The budget is reachable, the engine loads the parent's blocks, and every stage fits the cluster
+    (:class:`ResourceError` naming the smallest cluster that fits, before any work)."""
+    check_engine(plan)
     check_feasible(plan)
     if plan.resources is not None and plan.resources.problem:
         raise ResourceError(plan.resources.problem)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -33,8 +32,8 @@ def test_the_table_is_the_issues_and_names_its_sources():
     assert set(ENGINE_NAMES) == set(ISSUE_TABLE)
     for name, (no_op, lin_att, lin_ffn, any_width) in ISSUE_TABLE.items():
         r = engine_rules(name)
-        assert (r.no_op_attention and r.no_op_ffn, r.linear_attention, r.linear_ffn, r.ffn_multiple is None) == \
-            (no_op, lin_att, lin_ffn, any_width), name
+        assert (r.no_op_attention, r.no_op_ffn, r.linear_attention, r.linear_ffn, r.ffn_multiple is None) == \
+            (no_op, no_op, lin_att, lin_ffn, any_width), name
         assert r.source and r.title
     assert not engine_rules("sglang").variable_kv_heads and engine_rules("vllm").variable_kv_heads
 
@@ -101,7 +100,10 @@ def test_the_mip_chooses_only_what_the_engine_loads(engine, shape_1b):
     rules = engine_rules(engine)
     problem = _problem(shape_1b)
     restricted = engine_problem(problem, rules)
-    assert len(restricted.candidates) < len(problem.candidates) or engine == "transformers"
+    if engine == "transformers":
+        assert restricted is problem  # it loads every block
+    else:
+        assert len(restricted.candidates) < len(problem.candidates)
     blocks = [BlockConfig.from_dict(b) for b in solve(restricted, backend="ortools-mip").block_configs()]
     assert violations(rules, blocks, shape_1b) == []
     if engine in ("vllm", "sglang", "llamacpp"):  # unrestricted, the optimum at 2x takes a linear sub-block
@@ -167,4 +169,89 @@ def test_loaders_names_every_engine_for_the_parent_and_fewer_for_a_linear_child(
     assert loaders(shape_1b.blocks, shape_1b) == list(ENGINE_NAMES)
     child = [BlockConfig(attention=AttentionConfig.linear(), ffn=b.ffn) for b in shape_1b.blocks]
     assert loaders(child, shape_1b) == ["trtllm", "llamacpp", "transformers"]
-    pd.testing.assert_series_equal(pd.Series(loaders(child, shape_1b)), pd.Series(["trtllm", "llamacpp", "transformers"]))
+
+
+def test_a_parent_the_engine_cannot_load_is_refused_before_any_work(tiny_llama_dir, tmp_path, capsys):
+    """A parent block (FFN 96) that the MIP may keep: the space, the MIP and the plan all refuse it up front."""
+    from puzzle.errors import EngineError
+    from puzzle.loading import load_config
+
+    from puzzle.profiler.hardware import parse_target
+    from puzzle.profiler.counts import ModelShape
+    from puzzle.profiler.table import cost_table, space_candidates
+    from solvers import Scenario
+    from solvers.io import problem_from_tables
+
+    assert main(["search", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "vLLM cannot load this parent's own blocks (layer 0: FFN width 96 is not a multiple of 256" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    config = load_config(tiny_llama_dir)  # the MIP over a library built for this engine refuses it too
+    candidates = space_candidates(config, space=SearchSpace(engine="vllm"))
+    sc = Scenario(name="decode", phase="decode", batch=1, length=64)
+    costs = cost_table(ModelShape.from_config(config), candidates, config.blocks, target=parse_target("8xH100"),
+                       scenarios=[sc])
+    scores = costs[costs.layer >= 0][["layer", "variant", "is_parent"]].assign(kl=0.1)
+    problem = problem_from_tables(scores, costs, score_column="kl", scenario=sc)
+    with pytest.raises(EngineError, match="parent's own layer 0: FFN width 96 is not a multiple of 256"):
+        engine_problem(problem, engine_rules("vllm"))
+
+
+def test_the_mip_filter_needs_no_parent_column_and_transformers_keeps_everything(shape_1b):
+    problem = _problem(shape_1b)
+    assert engine_problem(problem, engine_rules("transformers")) is problem
+    bare = problem.replace(candidates=tuple(c.__class__(id=c.id, layers=c.layers, members=c.members, costs=c.costs,
+                                                        scores=c.scores) for c in problem.candidates))
+    kept = engine_problem(bare, engine_rules("vllm"))  # no is_parent anywhere: KV heads are not judged
+    assert not any("linear" in c.variant for c in kept.candidates)
+    assert any(c.variant.startswith("gqa:1|") for c in kept.candidates)
+
+
+def test_the_baselines_keep_to_the_engine(shape_1b):
+    """ShortGPT and attention removal skip a removal the engine's MIP does not offer (no-op attention in layer 0)."""
+    from puzzle.search.baselines import remove_in_order
+
+    problem = engine_problem(_problem(shape_1b), engine_rules("vllm")).with_budget(speedup=1.3)
+    choice = remove_in_order(problem, "attention_removal", list(range(16)), lambda label: "no_op|" + label.split("|")[1])
+    assert choice.feasible and choice.labels[0].startswith("gqa:")
+    assert violations(engine_rules("vllm"), [BlockConfig.from_dict(_dict(label)) for label in choice.labels], shape_1b) == []
+
+
+def _dict(label: str) -> dict:
+    from solvers.labels import block_dict
+
+    return block_dict(label)
+
+
+def test_evaluate_refuses_engine_timing_without_a_parent_before_loading(tiny_llama_dir, capsys, monkeypatch):
+    import puzzle.loading
+
+    monkeypatch.setattr(puzzle.loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    assert main(["evaluate", str(tiny_llama_dir), "--engine", "vllm"]) == 2
+    assert "pass --parent" in capsys.readouterr().err
+
+
+def test_evaluate_engine_prints_and_writes_the_engine_table(tiny_text_parent, tmp_path, capsys, monkeypatch):
+    """The CLI's plumbing around the engine timing (the timing itself runs in vLLM in test_vllm.py)."""
+    import pandas as pd
+
+    import puzzle.evaluation.engine_speed as es
+    from puzzle.engines import vllm
+
+    seen = {}
+
+    def fake(child_dir, parent_dir, scenarios, **kw):
+        seen.update(child=child_dir, parent=parent_dir, scenarios=[s.name for s in scenarios], **kw)
+        return pd.DataFrame([{"engine": "vllm", "scenario": "decode", "phase": "decode", "batch": 2, "length": 64,
+                              "parent_ms": 10.0, "child_ms": 8.0, "engine_speedup": 1.25, "predicted_speedup": 1.3,
+                              "ratio": 1.25 / 1.3, "rounds": 2, "target": "cpu"}])
+
+    monkeypatch.setattr(vllm, "require", lambda: None)
+    monkeypatch.setattr(es, "engine_speed", fake)
+    argv = ["evaluate", str(tiny_text_parent), "--parent", str(tiny_text_parent), "--engine", "vllm", "--rounds", "2",
+            "--scenario", "decode:batch=2,context=64", "--sequences", "1", "--seq-len", "32", "--out", str(tmp_path),
+            "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "inside vllm on this device" in out and "1.250" in out
+    assert seen["scenarios"] == ["decode"] and seen["rounds"] == 2 and seen["engine"] == "vllm"
+    assert pd.read_csv(tmp_path / "engine_speed.csv").engine_speedup.tolist() == [1.25]

@@ -17,8 +17,9 @@ def _tree(path):
 
 
 def _refused(capsys, argv):
-    """Run ``puzzle search ARGV``: exit 2, one stderr line, no traceback; return that line."""
-    assert main(["search", "--no-progress", *argv]) == 2
+    """Run ``puzzle search ARGV``: exit 2, one stderr line, no traceback; return that line (the tiny parents'
+    FFN widths are no multiples of 256, so only --engine transformers takes them)."""
+    assert main(["search", "--no-progress", "--engine", "transformers", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err, err
     return err
@@ -65,7 +66,8 @@ def test_an_unreachable_speedup_is_refused_in_seconds(speedup, tmp_path, tiny_ll
     assert time.perf_counter() - t0 < 30  # not after library, BLD and scoring
     assert f"speedup >= {float(speedup):g}x is infeasible: at most" in err and not (tmp_path / "run").exists()
     with pytest.raises(InfeasibleBudgetError, match="infeasible"):
-        search(SearchConfig(model=str(tiny_llama_dir), speedup=float(speedup)), tmp_path / "run2", progress=False)
+        search(SearchConfig(model=str(tiny_llama_dir), speedup=float(speedup), engine="transformers"), tmp_path / "run2",
+               progress=False)
     assert not (tmp_path / "run2").exists()
 
 
@@ -76,11 +78,14 @@ def test_a_missing_data_source_is_refused_before_any_write(tmp_path, tiny_llama_
 
 
 def test_puzzle_plan_lists_every_stage_and_writes_nothing(tmp_path, tiny_llama_dir, capsys):
-    assert main(["plan", "--json", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "run")]) == 0
+    argv = ["plan", "--json", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "run")]
+    assert main(argv) == 2  # vLLM (the default engine) cannot load the parent's FFN width 96
+    assert "vLLM cannot load this parent's own blocks" in capsys.readouterr().err
+    assert main([*argv, "--engine", "transformers"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [s["stage"] for s in doc["stages"]] == ["library", "bld", "score", "profile", "solve", "fuse", "gkd",
                                                     "export", "evaluate"]
     assert all(s["action"] == "run" for s in doc["stages"]) and doc["problem"] is None
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="inside"):
-        search(SearchConfig(model=str(tiny_llama_dir)), tiny_llama_dir / "x", progress=False)
+        search(SearchConfig(model=str(tiny_llama_dir), engine="transformers"), tiny_llama_dir / "x", progress=False)
