@@ -184,7 +184,9 @@ def stage_gkd(ctx: StageContext, d: Path) -> dict[str, Any]:
     from puzzle.search.resources import Work, gkd_memory_options
 
     checkpointing, offload = gkd_memory_options(p.parent_config, Work.from_plan(p), p.cluster)  # as planned
+    # GKD's own validation (before and after) is a progress check: no larger than the final evaluation
     gcfg = GKDConfig(sources=p.data, steps=p.gkd_steps, batch=p.gkd_batch, seed=p.seed,
+                     val_sequences=min(GKDConfig.val_sequences, p.eval_sequences),
                      activation_checkpointing=checkpointing, offload=offload)
     if _world(ctx) > 1:  # FSDP2: every rank reads its shards of both models from their files
         import torch
