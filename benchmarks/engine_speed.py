@@ -8,7 +8,7 @@ Runs ``puzzle search --budget cpu --engine vllm --speedup S --gkd-steps 0 --no-s
 directory (the library, BLD, scoring and the calibrated profile run once; a new speedup reruns the MIP onward;
 GKD changes quality, not speed), then times parent and child in the budget's decode scenario (batch 8,
 context 1024): inside vLLM (:func:`puzzle.evaluation.engine_speed.engine_speed`: both models loaded,
-interleaved rounds, fastest kept; about 3 min a round on 2 cores, as every call prefills 8 x 1024 tokens)
+interleaved rounds, fastest kept; about 70 s a round on 2 cores, as every call prefills 8 x 1024 tokens)
 and in this project's runtime. Prints each row as it lands and writes ``benchmarks/results/engine_speed.csv``
 (``engine_speed_quick.csv``): predicted speedup (this CPU's calibrated roofline), the speedup measured in
 vLLM and in the runtime, and ``ratio`` = engine / predicted. Needs vLLM (``puzzle.engines.vllm.INSTALL``).
@@ -72,7 +72,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="the 1.5x child only, small stage sizes")
     ap.add_argument("--run", type=Path, help="run directory to keep (default: a temporary one)")
     ap.add_argument("--out", type=Path, help="CSV path (default: benchmarks/results/engine_speed[_quick].csv)")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds, fastest kept (default: 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds, fastest kept (default: 3)")
     ap.add_argument("--speedups", type=float, nargs="+", help="predicted decode speedups to search (default: 1.25 1.5 2; "
                     "--quick: 1.5)")
     args = ap.parse_args()

@@ -130,11 +130,12 @@ def tiny_text_parent(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_trained_library(smollm2_source, tmp_path_factory):
     """SmolLM2-135M's library on the default search space (30 layers x 12 variants), BLD-trained on
-    8192 tokens (4 steps of 8 x 256): build and train take about 3.5 min on 2 cores, once per session."""
+    4096 tokens (2 steps of 8 x 256 at 3x the default learning rate; 8 calibration and 8 validation
+    sequences): build and train take about 2.5 min on 2 cores, once per session."""
     from block_library import LibraryConfig, build_library, open_library, train_library
 
     out = tmp_path_factory.mktemp("smollm2_lib") / "lib"
-    cfg = LibraryConfig().with_bld(tokens=8192, checkpoint_every=0)
+    cfg = LibraryConfig().with_bld(tokens=4096, lr=3e-4, calib_sequences=8, val_sequences=8, checkpoint_every=0)
     build_library("smollm2-135m", out, cfg, progress=False)
     train_library(out, progress=False)
     return open_library(out)
@@ -153,7 +154,7 @@ def smollm2_trained_library(smollm2_source, tmp_path_factory):
 SLOW_FIXTURES = frozenset({
     "smollm2",  # the real parent's weights
     "smollm2_hf_from_gguf",  # transformers reading the GGUF file
-    "smollm2_trained_library",  # build + BLD on the real parent (about 3.5 min)
+    "smollm2_trained_library",  # build + BLD on the real parent (about 2.5 min)
     "smollm2_source",  # the converted cache: on a fresh machine its first use converts the weights (~45 s)
 })
 """Fixtures that load the real SmolLM2-135M: a test using one, directly or through another fixture,

@@ -117,3 +117,16 @@ def test_parent_and_child_timed_inside_vllm_beside_the_prediction(child_dir, chi
     assert list(table.scenario) == ["decode"] and row.parent_ms > 0 and row.child_ms > 0
     assert 1.0 < row.predicted_speedup < 2.0  # a 29-layer child with fewer FFN channels and 3 attentions fewer
     assert 0.5 < row.engine_speedup < 4.0  # measured: a real ratio, not a division by an empty timing
+
+
+def test_a_step_is_read_from_the_engines_own_timestamps(child_llm):
+    """Decode steps are timed within one call (first to last token), so the prompt's cost never enters them: more
+    decode tokens give about the same step time, and a prefill of the same prompts takes longer than a step."""
+    from solvers import Scenario
+
+    decode = Scenario(name="decode", phase="decode", batch=2, length=128)
+    prefill = Scenario(name="prefill", phase="prefill", batch=2, length=128)
+    engine.step_ms(child_llm, decode, decode_tokens=2)  # warm-up
+    few, many = engine.step_ms(child_llm, decode, decode_tokens=4), engine.step_ms(child_llm, decode, decode_tokens=24)
+    assert 0 < few < 2000 and 0 < many < 2000 and 1 / 3 < many / few < 3, (few, many)
+    assert engine.step_ms(child_llm, prefill) > few  # 256 prompt tokens at once against 2 new ones
