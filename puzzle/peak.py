@@ -11,8 +11,11 @@ Linux keeps the high-water mark as ``VmHWM`` in ``/proc/self/status``; writing `
 
 from __future__ import annotations
 
+import gc
 import resource
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
@@ -59,13 +62,37 @@ def release_memory() -> None:
     """Give freed memory back to the OS (garbage collection, then glibc's ``malloc_trim``), so the next
     stage's peak starts from what is really held."""
     import ctypes
-    import gc
 
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+_frozen = 0
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Collect once, then leave every object alive now out of later collections (``gc.freeze``) until the
+    block ends, so that :func:`release_memory` scans only what the block creates.
+
+    With torch, transformers and pandas imported, a full collection walks about 400,000 objects (0.3 s
+    on 2 CPU cores); a search released memory before each of its stages, so small searches spent a
+    sixth of their time there. Nested blocks freeze once.
+    """
+    global _frozen
+    if _frozen == 0:
+        gc.collect()  # garbage from before the block is freed now, not kept frozen through it
+        gc.freeze()
+    _frozen += 1
+    try:
+        yield
+    finally:
+        _frozen -= 1
+        if _frozen == 0:
+            gc.unfreeze()
 
 
 def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:

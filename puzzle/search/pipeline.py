@@ -340,6 +340,15 @@ def search(config: SearchConfig | Plan, run_dir: str | Path, *, progress: bool =
     ``verify``: re-hash every recorded file of a stage before skipping it (sizes are always checked).
     ``force``: allow a run directory that holds other files.
     """
+    from puzzle.peak import frozen_heap
+
+    with frozen_heap():  # each stage's release_memory then scans only what the search itself created
+        return _search(config, run_dir, progress=progress, echo=echo, verify=verify, force=force,
+                       shared_dir=shared_dir)
+
+
+def _search(config: SearchConfig | Plan, run_dir: str | Path, *, progress: bool, echo: Callable[[str], None] | None,
+            verify: bool, force: bool, shared_dir: str | Path | None) -> SearchRun:
     from block_library.session import parent_fingerprint
     from puzzle.peak import peak_rss_bytes, pin_mmap_threshold, release_memory, reset_peak
     from puzzle.search.report import write_report

@@ -1,7 +1,7 @@
 """BLD on the real SmolLM2-135M with the default search space and a small CPU token budget.
 
-Build (calibration, 360 variants initialized and validated) and 2 BLD steps of 8 x 256 tokens:
-about 2.5 minutes on 2 cores, in the session fixture ``smollm2_trained_library`` (tests/conftest.py).
+Build (calibration, 360 variants initialized and validated) and 2 BLD steps of 8 x 128 tokens:
+about 75 s on 2 cores, in the session fixture ``smollm2_trained_library`` (tests/conftest.py).
 """
 
 from __future__ import annotations
