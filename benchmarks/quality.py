@@ -1,0 +1,239 @@
+"""Search quality before global distillation: puzzle against simple pruning at equal decoder FLOPs, and how
+far the MIP's additive score can be trusted.
+
+    python benchmarks/quality.py [--quick] [--preset quick] [--seed 0] [--fractions 0.75,0.5,0.25]
+                                 [--finalists 24] [--run runs/quality-quick-s0]
+
+One ``puzzle search --budget cpu`` on SmolLM2-135M gives the BLD-trained library, its replace-1 scores and
+its per-variant costs (fusion and GKD off: nothing after the MIP is used). Then, for every FFN keep-ratio
+``r`` in ``--fractions``, the budget is the decoder parameters (= decoder FLOPs per token, up to the
+attention scores) of the parent with every FFN pruned to ``r`` of its width: 0.75, 0.5 and 0.25 give 81%,
+62.5% and 44% of SmolLM2's. At that budget (the MIP's ``max_params``) it compares:
+
+- ``uniform_ffn``: every FFN pruned to ``r`` of its width, untrained: the channels our FFN initializer keeps
+  (same calibration tokens, same importance), built in a side library without BLD;
+- ``puzzle``: the MIP's optimum over the library (BLD-trained blocks);
+- ``puzzle_finalists``: of the MIP's ``--finalists`` best solutions that differ in at least a tenth of
+  their layers (:mod:`puzzle.search.finalists`), the one with the lowest KL measured on finalist tokens;
+- ``shortgpt`` and ``attention_removal``: the search's baseline rules at the same budget (infeasible where
+  removing what they remove cannot reach it).
+
+Every child is evaluated on held-out validation text that neither the search (its scoring and evaluation
+tokens come first in the split) nor the finalists' choice read. Score fidelity: Spearman's rank correlation
+between the predicted KL (summed replace-1 scores) and the KL measured on the finalist tokens, over the
+finalists of each budget.
+
+Writes ``benchmarks/results/quality.csv`` (method, preset, seed, budget, flops_pct, gkd, kl, ppl, top1,
+predicted_kl, finalists, spearman, detail), ``quality_fidelity.csv`` (every finalist: predicted and
+measured KL) and ``quality.png``. ``--quick``: a random 3-layer parent with tiny sizes (under a minute; its
+numbers mean nothing), written to ``results/quality_quick.csv`` and ``quality_fidelity_quick.csv`` (plot: in
+the run directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's root: benchmarks.tiny_parent
+
+from benchmarks.tiny_parent import write_tiny_parent  # noqa: E402
+from puzzle.search import SearchConfig  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+COLUMNS = ["method", "preset", "seed", "budget", "flops_pct", "gkd", "kl", "ppl", "top1", "predicted_kl", "finalists",
+           "spearman", "detail"]
+RESERVED = 16
+"""Validation sequences of 256 tokens left to the search (its scoring and evaluation read the split's start)."""
+
+
+def search_config(quick: bool, preset: str, seed: int, parent: str | None) -> SearchConfig:
+    """The search that trains and scores the library; nothing after the MIP is used, so fusion and GKD are off."""
+    tail = dict(fuse_threshold=0.0, gkd_steps=0, eval_sequences=1, measure_speed=False, seed=seed)
+    if quick:
+        return SearchConfig(model=parent, budget="cpu", calibrate=False, batch=2, context=64, bld_tokens=2 * 8 * 256,
+                            score_sequences=1, score_seq_len=32, engine="transformers", **tail)
+    return SearchConfig(budget="cpu", preset=preset, **tail)
+
+
+def uniform_library(run: Any, out: Path, fractions: list[float]) -> Any:
+    """A library without BLD whose FFN widths are ``fractions`` of the parent's (attention: the parent's), built
+    from the search library's calibration settings: its variants are the untrained uniform prunings."""
+    from block_library import build_library, open_library
+    from block_library.space import SearchSpace
+    from puzzle.search.context import library_config
+
+    if not (out / "manifest.json").is_file():
+        space = SearchSpace.from_dict({"attention": {"kv_heads": [], "linear": False, "no_op": False},
+                                       "ffn": {"sizes": fractions, "multiple": 1, "linear": False, "no_op": False}})
+        cfg = library_config(run.plan)
+        build_library(run.plan.model, out, type(cfg)(space=space, data=cfg.data, bld=cfg.bld), progress=False)
+    return open_library(out)
+
+
+def held_out(run: Any, tokenizer: Any, finalists: int, evaluation: int) -> tuple[Any, Any]:
+    """(finalist ids, evaluation ids): validation sequences of 256 after the :data:`RESERVED` ones, disjoint."""
+    from puzzle.search.finalists import finalist_ids
+
+    ids = finalist_ids(run.plan.data, tokenizer, skip=RESERVED, sequences=finalists + evaluation)
+    return ids[:finalists], ids[finalists:]
+
+
+def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: list[float], k: int,
+            finalist_sequences: int, eval_sequences: int, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The comparison table and the finalists' table, from a finished search in ``run_dir``."""
+    import torch
+
+    from block_library import open_library
+    from puzzle.data.packing import load_sequences
+    from puzzle.loading import load_model, load_tokenizer
+    from puzzle.schema import FFNConfig, blocks_from_list
+    from puzzle.search import resolve
+    from puzzle.search.baselines import block_influence, choose_baseline
+    from puzzle.search.context import StageContext
+    from puzzle.search.finalists import measure, measure_finalists, parent_logprobs, score_fidelity
+    from solvers import Budget, solve
+    from solvers.diverse import diverse_solutions
+    from solvers.io import problem_from_tables
+    from solvers.labels import block_dict
+
+    torch.manual_seed(seed)
+    plan = resolve(search_config(quick, preset, seed, str(run_dir.parent / "parent") if quick else None))
+    ctx = StageContext(plan, run_dir, False)
+    lib = open_library(run_dir / "library" / "lib")
+    parent, tok = load_model(plan.model), load_tokenizer(plan.model)
+    fin_ids, eval_ids = held_out(ctx, tok, finalist_sequences, eval_sequences)
+    eval_ref = parent_logprobs(parent, eval_ids)
+    uni = uniform_library(ctx, run_dir / "uniform_library", fractions)
+    scores = pd.read_csv(run_dir / "score" / "scores" / "scores.csv")
+    costs = pd.read_csv(run_dir / "profile" / "costs.csv")
+    fixed = float(costs[costs.variant == "fixed"].params.sum())
+    parent_decoder = float(costs[costs.is_parent.astype(bool)].params.sum())
+    influence = block_influence(parent, load_sequences(list(plan.data), tok, seq_len=256, num_sequences=4))
+    rows: list[dict[str, Any]] = []
+    fidelity: list[pd.DataFrame] = []
+    base = {"preset": "quick-test" if quick else preset, "seed": seed, "gkd": False}
+    for r in fractions:
+        parent_blocks = uni.parent_config.blocks
+        uniform_blocks = [replace(b, ffn=FFNConfig.swiglu(_width(uni, r))) for b in parent_blocks]
+        uniform = uni.assemble(uniform_blocks, initial=True)
+        decoder = sum(p.numel() for layer in uniform.model.layers for p in layer.parameters())
+        pct = 100.0 * decoder / parent_decoder
+        budget = {**base, "budget": f"flops={pct / 100:.3f}", "flops_pct": round(pct, 1)}
+        q = measure(uniform, eval_ids, eval_ref)
+        rows.append({**budget, "method": "uniform_ffn", **_q(q), "detail": f"every FFN {uniform_blocks[0].ffn.label}, "
+                     "untrained (the FFN initializer's channels)"})
+        del uniform
+        problem = problem_from_tables(scores, costs, score_column="kl", budget=Budget(max_params=fixed + decoder))
+        best = solve(problem, backend=plan.solver)
+        child = lib.assemble(blocks_from_list(best.block_configs()))
+        rows.append({**budget, "method": "puzzle", **_q(measure(child, eval_ids, eval_ref)),
+                     "predicted_kl": best.objective, "detail": " ".join(best.layer_labels())})
+        del child
+        t0 = time.perf_counter()
+        sols = diverse_solutions(problem, k, min_fraction=0.1, backend=plan.solver)
+        fin = measure_finalists(lib, parent, sols, fin_ids, progress=progress)
+        rho = score_fidelity(fin)
+        table = pd.DataFrame([f.row() for f in fin]).assign(budget=budget["budget"], seed=seed, preset=base["preset"])
+        fidelity.append(table)
+        chosen = lib.assemble(blocks_from_list(fin[0].solution.block_configs()))
+        rows.append({**budget, "method": "puzzle_finalists", **_q(measure(chosen, eval_ids, eval_ref)),
+                     "predicted_kl": fin[0].solution.objective, "finalists": len(fin), "spearman": rho,
+                     "detail": f"MIP rank {fin[0].mip_rank} of {len(fin)} ({time.perf_counter() - t0:.0f} s): "
+                               + " ".join(fin[0].solution.layer_labels())})
+        del chosen
+        for name in ("shortgpt", "attention_removal"):
+            choice = choose_baseline(name, problem, influence)
+            if not choice.feasible:
+                rows.append({**budget, "method": name, "detail": f"infeasible: {choice.detail}"})
+                continue
+            model = lib.assemble(blocks_from_list([block_dict(lab) for lab in choice.labels]))
+            rows.append({**budget, "method": name, **_q(measure(model, eval_ids, eval_ref)), "detail": choice.detail})
+            del model
+        print(pd.DataFrame(rows)[[c for c in COLUMNS if c != "detail"]].tail(5).round(4).to_string(index=False))
+    return pd.DataFrame(rows).reindex(columns=COLUMNS), pd.concat(fidelity, ignore_index=True)
+
+
+def _width(lib: Any, r: float) -> int:
+    """The side library's FFN width for keep-ratio ``r`` (its space rounds ``r x parent`` to an integer)."""
+    parent = lib.parent_config.blocks[0].ffn.intermediate_size
+    widths = sorted({int(w.split(":")[1]) for w in lib.table.variant if w.startswith("swiglu:")})
+    return min(widths, key=lambda w: abs(w - r * parent))
+
+
+def _q(q: dict[str, float]) -> dict[str, float]:
+    return {"kl": q["kl"], "ppl": q["ppl"], "top1": q["top1_agreement"]}
+
+
+def plot(df: pd.DataFrame, fid: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, d in df.dropna(subset=["kl"]).groupby("method"):
+        d = d.sort_values("flops_pct")
+        a.plot(d.flops_pct, d.kl, marker="*" if method.startswith("puzzle") else "o", label=method)
+    a.set(xlabel="decoder FLOPs (% of the parent's)", ylabel="KL to the parent (held-out, before GKD)", yscale="log")
+    a.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    for budget, d in fid.groupby("budget"):
+        b.scatter(d.predicted_kl, d.kl, s=14, label=budget)
+    b.set(xlabel="MIP's predicted KL (summed replace-1 scores)", ylabel="measured KL (finalist tokens)")
+    b.grid(alpha=0.3)
+    b.legend(fontsize=8)
+    fig.suptitle("puzzle vs pruning at equal decoder FLOPs, before global distillation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    from puzzle.search import search
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny random parent, tiny sizes (under a minute)")
+    ap.add_argument("--preset", default="quick", choices=["quick", "full"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fractions", default="0.75,0.5,0.25", help="FFN keep-ratios of the uniform pruning budgets")
+    ap.add_argument("--finalists", type=int, default=None, help="MIP solutions measured per budget (default 24)")
+    ap.add_argument("--run", default=None, help="run directory (default runs/quality-PRESET-sSEED; quick: a temp dir)")
+    args = ap.parse_args()
+    fractions = [float(x) for x in args.fractions.split(",")]
+    if not fractions or not all(0.0 < f < 1.0 for f in fractions):
+        ap.error(f"--fractions must be keep-ratios strictly between 0 and 1, got {args.fractions!r}")
+    k = args.finalists or (4 if args.quick else 24)
+    if k < 1:
+        ap.error("--finalists must be at least 1")
+    t0 = time.perf_counter()
+    if args.quick:
+        run_dir = Path(args.run or Path(tempfile.mkdtemp(prefix="puzzle-quality-")) / "run")
+        write_tiny_parent(run_dir.parent / "parent") if not (run_dir.parent / "parent").exists() else None
+    else:
+        run_dir = Path(args.run or f"runs/quality-{args.preset}-s{args.seed}")
+    cfg = search_config(args.quick, args.preset, args.seed, str(run_dir.parent / "parent") if args.quick else None)
+    search(cfg, run_dir, progress=not args.quick, echo=print)
+    df, fid = compare(run_dir, quick=args.quick, preset=args.preset, seed=args.seed, fractions=fractions, k=k,
+                      finalist_sequences=2 if args.quick else 4, eval_sequences=2 if args.quick else 8,
+                      progress=not args.quick)
+    from puzzle.io import atomic_write_text
+
+    RESULTS.mkdir(exist_ok=True)
+    suffix = "_quick" if args.quick else ""  # *_quick.csv are not committed; the quick plot stays in the run
+    atomic_write_text(RESULTS / f"quality{suffix}.csv", df.to_csv(index=False))
+    atomic_write_text(RESULTS / f"quality_fidelity{suffix}.csv", fid.to_csv(index=False))
+    plot(df, fid, run_dir / "quality.png" if args.quick else RESULTS / "quality.png")
+    print(df.drop(columns=["detail"]).round(4).to_string(index=False))
+    print(f"wrote {RESULTS / f'quality{suffix}.csv'} in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
