@@ -69,3 +69,20 @@ def test_the_parent_itself_measures_zero(scored_additive, tiny_library, tiny_tex
     fin = measure_finalists(lib, parent, diverse_solutions(problem, 2), finalist_ids(["stdlib"], tok, skip=0,
                                                                                      sequences=1))
     assert fin[0].mip_rank == 0 and fin[0].kl == pytest.approx(0.0, abs=1e-6) and fin[1].kl > 1e-4
+
+
+def test_score_fidelity_is_spearmans_rank_correlation():
+    from types import SimpleNamespace
+
+    from puzzle.search.finalists import Finalist
+
+    def finalists(predicted, measured):  # noqa: ANN001, ANN202
+        sols = [SimpleNamespace(objective=p, totals=SimpleNamespace(params=0.0, speedup=1.0), layer_labels=list)
+                for p in predicted]
+        return [Finalist(mip_rank=k, solution=s, quality={"kl": m, "top1_agreement": 1.0})
+                for k, (s, m) in enumerate(zip(sols, measured))]
+
+    assert score_fidelity(finalists([1, 2, 3, 4], [10, 20, 30, 40])) == pytest.approx(1.0)
+    assert score_fidelity(finalists([1, 2, 3, 4], [40, 30, 20, 10])) == pytest.approx(-1.0)
+    assert score_fidelity(finalists([1, 2, 3, 4], [10, 30, 20, 40])) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+    assert score_fidelity(finalists([1, 1, 1], [1, 2, 3])) is None  # the MIP could not tell them apart at all
