@@ -120,8 +120,8 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
     rows: list[dict[str, Any]] = []
     fidelity: list[pd.DataFrame] = []
     base = {"preset": "quick-test" if quick else preset, "seed": seed, "gkd": False}
+    parent_blocks = uni.parent_config.blocks
     for r in fractions:
-        parent_blocks = uni.parent_config.blocks
         uniform_blocks = [replace(b, ffn=FFNConfig.swiglu(_width(uni, r))) for b in parent_blocks]
         uniform = uni.assemble(uniform_blocks, initial=True)
         decoder = sum(p.numel() for layer in uniform.model.layers for p in layer.parameters())
@@ -207,10 +207,13 @@ def main() -> None:
     ap.add_argument("--finalists", type=int, default=None, help="MIP solutions measured per budget (default 24)")
     ap.add_argument("--run", default=None, help="run directory (default runs/quality-PRESET-sSEED; quick: a temp dir)")
     args = ap.parse_args()
-    fractions = [float(x) for x in args.fractions.split(",")]
+    try:
+        fractions = [float(x) for x in args.fractions.split(",")]
+    except ValueError:
+        fractions = []
     if not fractions or not all(0.0 < f < 1.0 for f in fractions):
-        ap.error(f"--fractions must be keep-ratios strictly between 0 and 1, got {args.fractions!r}")
-    k = args.finalists or (4 if args.quick else 24)
+        ap.error(f"--fractions must be comma-separated keep-ratios strictly between 0 and 1, got {args.fractions!r}")
+    k = args.finalists if args.finalists is not None else (4 if args.quick else 24)
     if k < 1:
         ap.error("--finalists must be at least 1")
     t0 = time.perf_counter()
