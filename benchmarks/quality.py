@@ -2,7 +2,7 @@
 far the MIP's additive score can be trusted.
 
     python benchmarks/quality.py [--quick] [--preset quick] [--seed 0] [--fractions 0.75,0.5,0.25]
-                                 [--finalists 24] [--run runs/quality-quick-s0]
+                                 [--finalists 24] [--child-bld-tokens N] [--run runs/quality-quick-s0]
 
 One ``puzzle search --budget cpu`` on SmolLM2-135M gives the BLD-trained library, its replace-1 scores and
 its per-variant costs (fusion and GKD off: nothing after the MIP is used). Then, for every FFN keep-ratio
@@ -16,7 +16,10 @@ attention scores) of the parent with every FFN pruned to ``r`` of its width: 0.7
 - ``puzzle_finalists``: of the MIP's ``--finalists`` best solutions that differ in at least a tenth of
   their layers (:mod:`puzzle.search.finalists`), the one with the lowest KL measured on finalist tokens;
 - ``shortgpt`` and ``attention_removal``: the search's baseline rules at the same budget (infeasible where
-  removing what they remove cannot reach it).
+  removing what they remove cannot reach it);
+- ``*_child_bld``: child-aware BLD (:mod:`puzzle.distill.child_bld`, the search's ``child_bld`` stage: the
+  replaced sub-blocks retrained on the child's own activations, the preset's tokens) applied to the MIP's optimum,
+  to the best finalist (what the search hands to GKD) and, as a control, to uniform pruning.
 
 Every child is evaluated on held-out validation text that neither the search (its scoring and evaluation
 tokens come first in the split) nor the finalists' choice read. Score fidelity: Spearman's rank correlation
@@ -56,7 +59,7 @@ RESERVED = 16
 
 def search_config(quick: bool, preset: str, seed: int, parent: str | None) -> SearchConfig:
     """The search that trains and scores the library; nothing after the MIP is used, so fusion and GKD are off."""
-    tail = dict(fuse_threshold=0.0, gkd_steps=0, eval_sequences=1, measure_speed=False, seed=seed)
+    tail = dict(child_bld_tokens=0, fuse_threshold=0.0, gkd_steps=0, eval_sequences=1, measure_speed=False, seed=seed)
     if quick:
         return SearchConfig(model=parent, budget="cpu", calibrate=False, batch=2, context=64, bld_tokens=2 * 8 * 256,
                             score_sequences=1, score_seq_len=32, engine="transformers", **tail)
@@ -87,12 +90,14 @@ def held_out(run: Any, tokenizer: Any, finalists: int, evaluation: int) -> tuple
 
 
 def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: list[float], k: int,
-            finalist_sequences: int, eval_sequences: int, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+            finalist_sequences: int, eval_sequences: int, child_bld_tokens: int,
+            progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The comparison table and the finalists' table, from a finished search in ``run_dir``."""
     import torch
 
     from block_library import open_library
     from puzzle.data.packing import load_sequences
+    from puzzle.distill.child_bld import ChildBLDConfig, train_child_blocks, training_ids
     from puzzle.loading import load_model, load_tokenizer
     from puzzle.schema import FFNConfig, blocks_from_list
     from puzzle.search import resolve
@@ -117,6 +122,13 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
     fixed = float(costs[costs.variant == "fixed"].params.sum())
     parent_decoder = float(costs[costs.is_parent.astype(bool)].params.sum())
     influence = block_influence(parent, load_sequences(list(plan.data), tok, seq_len=256, num_sequences=4))
+    cb_cfg = ChildBLDConfig(tokens=child_bld_tokens)
+    cb_ids = training_ids(plan.data, tok, cb_cfg, skip=plan.bld_eval_sequences + plan.bld_tokens // cb_cfg.seq_len)
+
+    def child_bld(method: str, model: Any, budget: dict[str, Any], detail: str) -> dict[str, Any]:
+        r = train_child_blocks(model, parent, cb_ids, cb_cfg)
+        return {**budget, "method": method, **_q(measure(model, eval_ids, eval_ref)),
+                "detail": f"{detail}; child-aware BLD: {len(r.trained)} sub-blocks, {r.tokens} tokens, {r.seconds:.0f} s"}
     rows: list[dict[str, Any]] = []
     fidelity: list[pd.DataFrame] = []
     base = {"preset": "quick-test" if quick else preset, "seed": seed, "gkd": False}
@@ -130,12 +142,14 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
         q = measure(uniform, eval_ids, eval_ref)
         rows.append({**budget, "method": "uniform_ffn", **_q(q), "detail": f"every FFN {uniform_blocks[0].ffn.label}, "
                      "untrained (the FFN initializer's channels)"})
+        rows.append(child_bld("uniform_ffn_child_bld", uniform, budget, f"every FFN {uniform_blocks[0].ffn.label}"))
         del uniform
         problem = problem_from_tables(scores, costs, score_column="kl", budget=Budget(max_params=fixed + decoder))
         best = solve(problem, backend=plan.solver)
         child = lib.assemble(blocks_from_list(best.block_configs()))
         rows.append({**budget, "method": "puzzle", **_q(measure(child, eval_ids, eval_ref)),
                      "predicted_kl": best.objective, "detail": " ".join(best.layer_labels())})
+        rows.append({**child_bld("puzzle_child_bld", child, budget, "the MIP's optimum"), "predicted_kl": best.objective})
         del child
         t0 = time.perf_counter()
         sols = diverse_solutions(problem, k, min_fraction=0.1, backend=plan.solver)
@@ -148,6 +162,8 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
                      "predicted_kl": fin[0].solution.objective, "finalists": len(fin), "spearman": rho,
                      "detail": f"MIP rank {fin[0].mip_rank} of {len(fin)} ({time.perf_counter() - t0:.0f} s): "
                                + " ".join(fin[0].solution.layer_labels())})
+        rows.append({**child_bld("puzzle_finalists_child_bld", chosen, budget, f"MIP rank {fin[0].mip_rank}"),
+                     "predicted_kl": fin[0].solution.objective})
         del chosen
         for name in ("shortgpt", "attention_removal"):
             choice = choose_baseline(name, problem, influence)
@@ -157,7 +173,7 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
             model = lib.assemble(blocks_from_list([block_dict(lab) for lab in choice.labels]))
             rows.append({**budget, "method": name, **_q(measure(model, eval_ids, eval_ref)), "detail": choice.detail})
             del model
-        print(pd.DataFrame(rows)[[c for c in COLUMNS if c != "detail"]].tail(5).round(4).to_string(index=False))
+        print(pd.DataFrame(rows)[[c for c in COLUMNS if c != "detail"]].tail(8).round(4).to_string(index=False))
     return pd.DataFrame(rows).reindex(columns=COLUMNS), pd.concat(fidelity, ignore_index=True)
 
 
@@ -205,6 +221,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fractions", default="0.75,0.5,0.25", help="FFN keep-ratios of the uniform pruning budgets")
     ap.add_argument("--finalists", type=int, default=None, help="MIP solutions measured per budget (default 24)")
+    ap.add_argument("--child-bld-tokens", type=int, default=None,
+                    help="tokens of child-aware BLD (default: the preset's; --quick: 1024)")
     ap.add_argument("--run", default=None, help="run directory (default runs/quality-PRESET-sSEED; quick: a temp dir)")
     args = ap.parse_args()
     try:
@@ -216,6 +234,12 @@ def main() -> None:
     k = args.finalists if args.finalists is not None else (4 if args.quick else 24)
     if k < 1:
         ap.error("--finalists must be at least 1")
+    from puzzle.search.config import PRESETS
+
+    cb_tokens = args.child_bld_tokens if args.child_bld_tokens is not None else (
+        1024 if args.quick else PRESETS[args.preset]["child_bld_tokens"])
+    if cb_tokens < 1:
+        ap.error("--child-bld-tokens must be at least 1")
     t0 = time.perf_counter()
     if args.quick:
         run_dir = Path(args.run or Path(tempfile.mkdtemp(prefix="puzzle-quality-")) / "run")
@@ -226,7 +250,7 @@ def main() -> None:
     search(cfg, run_dir, progress=not args.quick, echo=print)
     df, fid = compare(run_dir, quick=args.quick, preset=args.preset, seed=args.seed, fractions=fractions, k=k,
                       finalist_sequences=2 if args.quick else 4, eval_sequences=2 if args.quick else 8,
-                      progress=not args.quick)
+                      child_bld_tokens=cb_tokens, progress=not args.quick)
     from puzzle.io import atomic_write_text
 
     RESULTS.mkdir(exist_ok=True)

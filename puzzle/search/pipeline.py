@@ -1,4 +1,5 @@
-"""``search``: parent -> block library -> BLD -> scores -> costs -> MIP -> fusion -> GKD -> export -> evaluation.
+"""``search``: parent -> block library -> BLD -> scores -> costs -> MIP -> child-aware BLD -> fusion -> GKD -> export
+-> evaluation.
 
     from puzzle.search import SearchConfig, search
     run = search(SearchConfig(budget="8xH100", speedup=1.5), "runs/smollm2")
@@ -37,7 +38,7 @@ from puzzle.search.stages import StageResult, clean_temporaries, inspect_stage, 
 
 log = logging.getLogger(__name__)
 
-STAGES = ("library", "bld", "score", "profile", "solve", "fuse", "gkd", "export", "evaluate")
+STAGES = ("library", "bld", "score", "profile", "solve", "child_bld", "fuse", "gkd", "export", "evaluate")
 SHAREABLE = ("library", "bld", "score", "profile")
 SHARDED = ("library", "bld", "score", "fuse", "gkd", "evaluate")
 """Stages whose work runs on every rank under ``torchrun`` (the others run on rank 0; see :mod:`puzzle.search.ranks`)."""
@@ -139,36 +140,50 @@ def stage_solve(ctx: StageContext, d: Path) -> dict[str, Any]:
     return {"blocks": str(d / "blocks.json"), "totals": solution.totals.to_dict(), "objective": solution.objective}
 
 
-def stage_fuse(ctx: StageContext, d: Path) -> dict[str, Any]:
+def stage_child_bld(ctx: StageContext, d: Path) -> dict[str, Any]:
     from block_library import open_library
-    from puzzle.fusion import FusionConfig
     from puzzle.schema import load_blocks
 
     p = ctx.plan
     lib = open_library(ctx.out("bld", "library"))
     blocks = load_blocks(ctx.out("solve", "blocks"))
+    if p.child_bld_tokens == 0:  # off: the MIP's child goes on as it is, written tensor by tensor
+        lib.assemble_to(blocks, d / "child", overwrite=True)
+        return {"model": str(d / "child"), "tokens": 0}
+    from puzzle.distill.child_bld import ChildBLDConfig, train_child_blocks, training_ids
+    from puzzle.loading import save_runtime
+
+    cfg = ChildBLDConfig(tokens=p.child_bld_tokens)
+    ids = training_ids(p.data, ctx.tokenizer, cfg, skip=p.bld_eval_sequences + p.bld_tokens // cfg.seq_len)
+    result = train_child_blocks(lib.assemble(blocks), ctx.parent, ids, cfg, directory=d, progress=ctx.progress)
+    save_runtime(result.model, d / "child", overwrite=True)
+    log.info("child-aware BLD: %d sub-blocks, NMSE %.4g -> %.4g, %.0f tokens/s", len(result.trained),
+             result.summary()["first_nmse"], result.summary()["last_nmse"], result.tokens_per_s)
+    return {"model": str(d / "child"), "losses": str(d / "losses.csv"), **result.summary()}
+
+
+def stage_fuse(ctx: StageContext, d: Path) -> dict[str, Any]:
+    from puzzle.fusion import FusionConfig
+
+    p = ctx.plan
+    source = ctx.out("child_bld", "model")
     fcfg = FusionConfig(threshold=max(p.fuse_threshold, 1e-9), sources=p.data, calib_sequences=p.fuse_sequences,
                         eval_sequences=p.fuse_sequences, distill_steps=p.fuse_distill_steps,
                         targets=(p.target,), dtype=p.target.dtype, measure=False)
-    if _world(ctx) > 1:  # every rank: assemble (rank 0, streamed), then fuse sharded from the directory
+    if p.fuse_threshold == 0:  # fusion off: the child goes on as it is
+        return {"model": source, "segments": []}
+    if _world(ctx) > 1:  # every rank fuses its layers, read from the child's directory
         from puzzle.fusion.sharded import fuse_sharded
 
-        if ctx.group.first:
-            lib.assemble_to(blocks, d / "child", overwrite=True)
-        ctx.group.barrier()
-        if p.fuse_threshold == 0:
-            return {"model": str(d / "child"), "segments": []}
-        result = fuse_sharded(d / "child", ctx.tokenizer, fcfg, d / "fusion", parent=ctx.source.directory,
+        result = fuse_sharded(source, ctx.tokenizer, fcfg, d / "fusion", parent=ctx.source.directory,
                               source=p.model, tokenizer_dir=ctx.source.directory, overwrite=True,
                               progress=ctx.progress)
         return {"model": str(d / "fusion" / "model"), "segments": [s.label for s in result.segments]}
-    if p.fuse_threshold == 0:  # fusion off: the MIP's child goes on as it is, written tensor by tensor
-        lib.assemble_to(blocks, d / "child", overwrite=True)
-        return {"model": str(d / "child"), "segments": []}
     from puzzle.fusion import fuse_and_report
     from puzzle.fusion.artifact import write_fusion
+    from puzzle.loading import load_model
 
-    child = lib.assemble(blocks)
+    child = load_model(source)
     result = fuse_and_report(child, ctx.tokenizer, fcfg, parent=ctx.parent, progress=ctx.progress)
     write_fusion(result, d / "fusion", config=fcfg, source=p.model, source_dir=ctx.source.directory, overwrite=True)
     return {"model": str(d / "fusion" / "model"), "segments": [s.label for s in result.segments]}
@@ -258,7 +273,7 @@ def _world(ctx: StageContext) -> int:
 
 STAGE_FUNCTIONS: dict[str, Callable[[StageContext, Path], dict[str, Any]]] = {
     "library": stage_library, "bld": stage_bld, "score": stage_score, "profile": stage_profile,
-    "solve": stage_solve, "fuse": stage_fuse, "gkd": stage_gkd, "export": stage_export, "evaluate": stage_evaluate,
+    "solve": stage_solve, "child_bld": stage_child_bld, "fuse": stage_fuse, "gkd": stage_gkd, "export": stage_export, "evaluate": stage_evaluate,
     "baselines": stage_baselines,
 }
 
@@ -280,8 +295,11 @@ def stage_key(plan: Plan, stage: str, upstream: dict[str, str], parent_fingerpri
     if stage == "solve":
         return {"score": up["score"], "profile": up["profile"], **limits, "solver": p.solver,
                 "constraints": list(p.constraints)}
+    if stage == "child_bld":
+        return {"solve": up["solve"], "bld": up["bld"], "tokens": p.child_bld_tokens, "data": list(p.data),
+                "after": [p.bld_eval_sequences, p.bld_tokens]}
     if stage == "fuse":
-        return {"solve": up["solve"], "bld": up["bld"], "threshold": p.fuse_threshold, "sequences": p.fuse_sequences,
+        return {"child_bld": up["child_bld"], "threshold": p.fuse_threshold, "sequences": p.fuse_sequences,
                 "distill": p.fuse_distill_steps, "target": p.target.to_dict()}
     if stage == "gkd":
         return {"fuse": up["fuse"], "steps": p.gkd_steps, "batch": p.gkd_batch, "seed": p.seed, "data": list(p.data)}
@@ -469,7 +487,7 @@ def _chosen_child(ctx: StageContext, stage: str) -> Any:
     from puzzle.loading import load_config
     from puzzle.schema import load_blocks
 
-    if stage == "fuse" and "solve" in ctx.results:
+    if stage in ("child_bld", "fuse") and "solve" in ctx.results:
         return ctx.plan.parent_config.with_blocks(load_blocks(ctx.out("solve", "blocks")))
     if stage in ("gkd", "export", "evaluate") and "fuse" in ctx.results:
         return load_config(ctx.out("fuse", "model"))

@@ -158,6 +158,7 @@ class Work:
     val_sequences: int = 16
     score_sequences: int = 2
     score_seq_len: int = 128
+    child_bld_tokens: int = 0
     fuse: bool = False
     fuse_sequences: int = 4
     fuse_distill_steps: int = 100
@@ -174,7 +175,7 @@ class Work:
     def from_plan(cls, plan: Any) -> Work:
         return cls(bld_tokens=plan.bld_tokens, calib_sequences=plan.bld_eval_sequences,
                    val_sequences=plan.bld_eval_sequences, score_sequences=plan.score_sequences, score_seq_len=plan.score_seq_len,
-                   fuse=plan.fuse_threshold > 0, fuse_sequences=plan.fuse_sequences,
+                   child_bld_tokens=plan.child_bld_tokens, fuse=plan.fuse_threshold > 0, fuse_sequences=plan.fuse_sequences,
                    fuse_distill_steps=plan.fuse_distill_steps, gkd_steps=plan.gkd_steps, gkd_batch=plan.gkd_batch,
                    eval_sequences=plan.eval_sequences, measure_speed=bool(plan.measure_speed),
                    cpu_calibrate=bool(plan.calibrate))
@@ -363,15 +364,41 @@ def _device(cluster: Cluster) -> str:
     return "cpu" if cluster.is_cpu else "cuda"
 
 
-def fuse_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Cluster) -> StageUse:
+def child_bld_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Cluster) -> StageUse:
+    from puzzle.distill.child_bld import ChildBLDConfig
     from puzzle.export.memory import assembly_peak_bytes
 
+    child, C = _child(config, w)
+    if w.child_bld_tokens == 0 or cluster.count > 1:  # one process only: the plan turns it off on more ranks
+        assembly = assembly_peak_bytes(child)  # rank 0 writes the MIP's child tensor by tensor
+        return _stage("child_bld", "rank 0: the child assembled tensor by tensor (child-aware BLD off)",
+                      [RankUse(0, (0, 0), assembly if cluster.is_cpu else _base(cluster), assembly, C * 4,
+                               2 * C * 4 / DISK_BYTES_PER_S)], cluster)
+    from puzzle.summary import attention_params, ffn_params
+
+    cfg = ChildBLDConfig(tokens=w.child_bld_tokens)
+    P, decoder = _whole(config, sizes), C - embedding_params(config) * (1 if config.tie_word_embeddings else 2)
+    # trained: the sub-blocks that differ from the parent's (before the MIP, every one: an upper bound)
+    trained = sum(attention_params(c.attention, config) * (w.child is None or c.attention != p.attention)
+                  + ffn_params(c.ffn, config) * (w.child is None or c.ffn != p.ffn)
+                  for c, p in zip(child.blocks, config.blocks))
+    H, I = config.hidden_size, max(s.ffn_width for s in sizes)
+    B, T = cfg.step_batch, cfg.seq_len
+    # one layer's activations and its backward (the stream, norms, q/k/v/o, the FFN's three projections), SDPA's scores
+    activations = B * T * (16 * H + 4 * I) * 4 + B * config.num_attention_heads * T * T * 4
+    peak = _base(cluster) + (P + C) * 4 + TRAIN_BYTES_PER_PARAM * trained + activations
+    flops = cfg.steps * B * T * (2 * sum(s.parent_params for s in sizes) + 2 * decoder + 4 * trained)
+    return _stage("child_bld", "one process: parent and child whole, the replaced sub-blocks trained",
+                  [RankUse(0, (0, len(sizes)), peak, _host(cluster, peak), C * 4,
+                           flops / cluster.flops_per_rank + 2 * C * 4 / DISK_BYTES_PER_S)], cluster)
+
+
+def fuse_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Cluster) -> StageUse:
     child, P = _child(config, w)
-    assembly = assembly_peak_bytes(child)  # rank 0 writes the MIP's child tensor by tensor
-    first = RankUse(0, (0, 0), assembly if cluster.is_cpu else _base(cluster), assembly, P * 4,
-                    2 * P * 4 / DISK_BYTES_PER_S)
     if not w.fuse:
-        return _stage("fuse", "rank 0: the child assembled tensor by tensor (fusion off)", [first], cluster)
+        b = _base(cluster)
+        return _stage("fuse", "off (the child goes on as it is)", [RankUse(0, (0, 0), b, _host(cluster, b), 0.0, 0.0)],
+                      cluster)
     tokens = w.fuse_sequences * w.seq_len
     flops = 2 * P * tokens * 6 + w.fuse_distill_steps * 6 * max(s.parent_params for s in sizes) * 2 * w.seq_len
     if cluster.count == 1:
@@ -391,7 +418,6 @@ def fuse_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Cluster
                                calib_sequences=w.fuse_sequences, eval_sequences=w.fuse_sequences, seq_len=w.seq_len,
                                parent=config, parent_layers=parent_ranges[rank], distill=w.fuse_distill_steps > 0,
                                device=_device(cluster))
-        peak = max(peak, first.device_bytes) if rank == 0 else peak
         staged = 4 * sum(sizes[l].parent_params for l in layers)
         out.append(RankUse(rank, _layer_range(layers), peak, _host(cluster, peak, staged), P * 4 / world,
                            flops / world / cluster.flops_per_rank))
@@ -487,5 +513,5 @@ def evaluate_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Clu
     return _stage("evaluate", how, out, cluster)
 
 
-STAGE_MODELS = (library_use, bld_use, score_use, profile_use, solve_use, fuse_use, gkd_use, export_use, evaluate_use)
+STAGE_MODELS = (library_use, bld_use, score_use, profile_use, solve_use, child_bld_use, fuse_use, gkd_use, export_use, evaluate_use)
 """One model per stage of :data:`puzzle.search.pipeline.STAGES`, in order."""

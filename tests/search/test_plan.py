@@ -141,7 +141,7 @@ FLAG_VALUES = {  # a value for every setting, different from its default, and ho
     "bld_eval_sequences": (5, ["--bld-eval-sequences", "5"]),
     "space": ({"ffn": {"sizes": [0.5]}, "attention": {"kv_heads": [1]}}, ["--space", "{tmp}/space.yaml"]),
     "score_sequences": (5, ["--score-sequences", "5"]), "score_seq_len": (77, ["--score-seq-len", "77"]),
-    "fuse_threshold": (0.05, ["--fuse-threshold", "0.05"]), "fuse_sequences": (6, ["--fuse-sequences", "6"]),
+    "child_bld_tokens": (4096, ["--child-bld-tokens", "4096"]), "fuse_threshold": (0.05, ["--fuse-threshold", "0.05"]), "fuse_sequences": (6, ["--fuse-sequences", "6"]),
     "fuse_distill_steps": (7, ["--fuse-distill-steps", "7"]), "gkd_steps": (9, ["--gkd-steps", "9"]),
     "gkd_batch": (3, ["--gkd-batch", "3"]), "eval_sequences": (11, ["--eval-sequences", "11"]),
     "measure_speed": (False, ["--no-speed"]), "seed": (5, ["--seed", "5"]),
@@ -198,7 +198,7 @@ def test_plan_json_has_settings_target_and_stages(tmp_path, smol_shape, capsys):
     assert doc["feasibility"]["feasible"] is True and doc["feasibility"]["max_speedup"] > 1.5
     # only config.json: a plan before downloading (resources per stage), nothing written; search refuses
     assert doc["problem"] is None and doc["parent"]["weights"] is False
-    assert [s["stage"] for s in doc["stages"]] == ["library", "bld", "score", "profile", "solve", "fuse", "gkd",
+    assert [s["stage"] for s in doc["stages"]] == ["library", "bld", "score", "profile", "solve", "child_bld", "fuse", "gkd",
                                                    "export", "evaluate"]
     for s in doc["stages"]:
         assert s["action"] == "run" and s["peak_device_gib"] > 0 and s["predicted_s"] >= 0 and s["rounds"] >= 1

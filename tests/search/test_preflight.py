@@ -83,7 +83,7 @@ def test_puzzle_plan_lists_every_stage_and_writes_nothing(tmp_path, tiny_llama_d
     assert "vLLM cannot load this parent's own blocks" in capsys.readouterr().err
     assert main([*argv, "--engine", "transformers"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert [s["stage"] for s in doc["stages"]] == ["library", "bld", "score", "profile", "solve", "fuse", "gkd",
+    assert [s["stage"] for s in doc["stages"]] == ["library", "bld", "score", "profile", "solve", "child_bld", "fuse", "gkd",
                                                     "export", "evaluate"]
     assert all(s["action"] == "run" for s in doc["stages"]) and doc["problem"] is None
     assert not (tmp_path / "run").exists()

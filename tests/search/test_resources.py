@@ -65,7 +65,7 @@ def test_70b_plans_on_one_node_and_405b_names_the_smallest_cluster(capsys):
     assert main(["plan", "--model", "llama-3.1-70b", "--cluster", "8xH100", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     stages = {s["stage"]: s for s in doc["stages"]}
-    assert list(stages) == ["library", "bld", "score", "profile", "solve", "fuse", "gkd", "export", "evaluate"]
+    assert list(stages) == ["library", "bld", "score", "profile", "solve", "child_bld", "fuse", "gkd", "export", "evaluate"]
     for s in stages.values():
         assert {"stage", "peak_device_gib", "peak_host_gib", "predicted_s", "rounds"} <= set(s)
         assert s["peak_device_gib"] * GIB <= 80e9, s["stage"]

@@ -161,7 +161,7 @@ def test_a_copied_run_reruns_fully_skipped_without_touching_the_original(copied_
 
 
 @pytest.mark.parametrize("damage, expected", [
-    ("score/scores/scores.csv", ["score", "solve", "fuse", "gkd", "export", "evaluate"]),
+    ("score/scores/scores.csv", ["score", "solve", "child_bld", "fuse", "gkd", "export", "evaluate"]),
     ("export/model/model.safetensors", ["export", "evaluate"]),
     ("library/stage.json", list(STAGES)),
 ])

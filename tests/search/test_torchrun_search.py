@@ -25,7 +25,7 @@ def test_two_rank_search_runs_every_stage_within_its_plan(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]  # 1: off the plan (checked below)
     usage = pd.read_csv(run / "resources.csv")
-    stages = ["library", "bld", "score", "profile", "solve", "fuse", "gkd", "export", "evaluate"]
+    stages = ["library", "bld", "score", "profile", "solve", "child_bld", "fuse", "gkd", "export", "evaluate"]
     assert list(dict.fromkeys(usage.stage)) == stages and set(usage["rank"]) == {0, 1}
     assert not usage.skipped.any()
     # no rank ever held more than its limit; where a rank works, the plan tracks it (this shape is small enough

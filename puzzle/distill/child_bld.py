@@ -1,0 +1,240 @@
+"""Child-aware BLD: the child's chosen sub-blocks retrained on the child's own activations, before GKD.
+
+Library BLD (:mod:`block_library.bld`) trains every variant of every layer on the *parent's*
+activations, a few steps each, because it trains hundreds of them. Once the MIP has chosen, the child
+holds only a few dozen replaced sub-blocks, and they see the *child's* stream, which drifts from the
+parent's layer after layer. Here each replaced sub-block learns to compute what the parent's own
+sub-block computes on the input the child actually gives it:
+
+    x  = the child's stream entering layer l           (B, T, H), no gradient into earlier layers
+    h  = x + attn_child(norm(x))     target  x + attn_parent(norm(x))     NMSE trains attn_child
+    y  = h + ffn_child(norm(h))      target  h + ffn_parent(norm(h))      on h detached: trains ffn_child
+
+Sub-blocks equal to the parent's and no-ops are left as they are. Each sub-block has its own gradient
+clip and the losses are local, so one layer's backward frees its activations before the next layer
+runs (memory: the child, the parent, AdamW state of the trained sub-blocks and one layer's activations).
+Every step reads the child's stream once and the parent's sub-blocks once on it; no parent pass of its
+own is needed.
+
+Measured on SmolLM2-135M (``benchmarks/quality.py``, the quick library's MIP child at 62.5% of the
+decoder FLOPs, 16,384 tokens, lr 1e-3): KL 1.256 -> 0.930 on held-out text; the same tokens with the
+parent's stream as input (more library BLD on the chosen blocks) gave 0.953, and the parent's own
+next state as the target (drift correction) 1.006.
+
+Resumable: with ``directory``, the trained sub-blocks and their AdamW state are checkpointed every
+``checkpoint_every`` steps (:mod:`block_library.checkpoint`, safetensors) and a rerun continues there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from puzzle.errors import ConfigError, NumericalError
+
+SUBBLOCKS = {"attention": ("input_layernorm", "self_attn"), "ffn": ("post_attention_layernorm", "mlp")}
+"""Each sub-block's modules in a runtime ``DecoderBlock``: its norm and its body."""
+
+
+@dataclass(frozen=True)
+class ChildBLDConfig:
+    tokens: int
+    """Training tokens: ``tokens // seq_len`` sequences (at least one), ``batch`` a step."""
+    batch: int = 8
+    seq_len: int = 256
+    lr: float = 1e-3
+    warmup_fraction: float = 0.1
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    """Per sub-block, as in library BLD."""
+    checkpoint_every: int = 4
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1 or self.batch < 1 or self.seq_len < 2 or not self.lr > 0:
+            raise ConfigError(f"child-aware BLD needs tokens >= 1, batch >= 1, seq_len >= 2 and lr > 0, got {self}")
+
+    @property
+    def step_batch(self) -> int:
+        """Sequences per step: ``batch``, or all of them when ``tokens`` fill fewer."""
+        return min(self.batch, max(1, self.tokens // self.seq_len))
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.seq_len) // self.step_batch
+
+
+@dataclass
+class ChildBLDResult:
+    model: Any
+    """The child, trained in place."""
+    trained: list[str]
+    """The sub-blocks trained, ``L007.ffn`` ..."""
+    steps: int
+    tokens: int
+    seconds: float
+    first_nmse: dict[str, float] = field(default_factory=dict)
+    """Each trained sub-block's NMSE at the first step (before any update), and at the last."""
+    last_nmse: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        mean = lambda d: sum(d.values()) / len(d) if d else float("nan")  # noqa: E731
+        return {"trained": len(self.trained), "steps": self.steps, "tokens": self.tokens,
+                "seconds": round(self.seconds, 1), "tokens_per_s": round(self.tokens_per_s, 1),
+                "first_nmse": mean(self.first_nmse), "last_nmse": mean(self.last_nmse)}
+
+
+def training_ids(sources: Sequence[str], tokenizer: Any, config: ChildBLDConfig, *, skip: int) -> torch.Tensor:
+    """The training sequences of ``config``: ``(steps * step_batch, seq_len)`` ids of the train split after its
+    first ``skip`` (a search passes the library's calibration and BLD sequences)."""
+    from puzzle.data import load_sequences
+    from puzzle.errors import DataError
+
+    need = config.steps * config.step_batch
+    ids = load_sequences(list(sources), tokenizer, seq_len=config.seq_len, num_sequences=skip + need)
+    if ids.shape[0] < skip + need:
+        raise DataError(f"child-aware BLD needs {need} training sequences of {config.seq_len} tokens after the first "
+                        f"{skip}; {list(sources)} has {ids.shape[0]}: add data or lower --child-bld-tokens")
+    return ids[skip:]
+
+
+def replaced_subblocks(child: Any, parent: Any) -> list[tuple[int, str]]:
+    """``(layer, "attention" | "ffn")`` of every sub-block of ``child`` that is neither the parent's own nor a no-op."""
+    cb, pb = child.config.blocks, parent.config.blocks
+    if len(cb) != len(pb):
+        raise ConfigError(f"child-aware BLD needs the child's layers to be the parent's: {len(cb)} vs {len(pb)} "
+                          "(run it before FFN fusion)")
+    out = []
+    for l, (c, p) in enumerate(zip(cb, pb)):
+        for sub in ("attention", "ffn"):
+            mine, theirs = getattr(c, sub), getattr(p, sub)
+            if mine.kind != "no_op" and mine != theirs:
+                out.append((l, sub))
+    return out
+
+
+def train_child_blocks(child: Any, parent: Any, ids: torch.Tensor, config: ChildBLDConfig, *,
+                       directory: str | Path | None = None, progress: bool = False,
+                       on_step: Callable[[int], None] | None = None) -> ChildBLDResult:
+    """Train ``child``'s replaced sub-blocks in place on ``ids`` (N, seq_len) against ``parent``'s sub-blocks.
+
+    ``directory``: where checkpoints and ``losses.csv`` go (None: neither). ``on_step(step)`` runs after each
+    step (tests interrupt there)."""
+    from block_library import checkpoint
+    from block_library.bld import lr_at
+
+    n_rows = config.steps * config.step_batch
+    if ids.dim() != 2 or ids.shape[0] < n_rows or ids.shape[1] != config.seq_len:
+        raise ConfigError(f"child-aware BLD needs ({n_rows}, {config.seq_len}) token ids, got {tuple(ids.shape)}")
+    parts = replaced_subblocks(child, parent)
+    keys = [f"L{l:03d}.{sub}" for l, sub in parts]
+    modules = {k: nn.ModuleDict({name: getattr(child.model.layers[l], name) for name in SUBBLOCKS[sub]})
+               for k, (l, sub) in zip(keys, parts)}
+    named = dict(zip(keys, parts))
+    child.requires_grad_(False)
+    for m in modules.values():
+        m.requires_grad_(True)
+    parent.requires_grad_(False).eval()
+    groups = [{"params": list(m.parameters())} for m in modules.values()]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0) if groups else None
+    root = Path(directory) / "ckpt" if directory is not None else None
+    tag = hashlib.sha256(json.dumps([asdict(config), keys, _labels(child)]).encode()).hexdigest()
+    rows: list[dict[str, Any]] = []
+    start = checkpoint.latest_step(root, tag) if root is not None and optimizer is not None else 0
+    if start:
+        rows = checkpoint.load_layer(root, start, 0, modules, optimizer).get("losses", [])
+    t0 = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=start, desc="child BLD", unit="step", disable=not progress)
+    child.train()
+    for step in range(start, config.steps if optimizer is not None else 0):
+        lr = lr_at(step, config.steps, config.lr, config.warmup_fraction, config.min_lr_ratio)
+        losses = _step(child, parent, ids[step * config.step_batch:(step + 1) * config.step_batch], named)
+        for m in modules.values():
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), config.grad_clip)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        rows += [{"step": step, "subblock": k, "train_nmse": v, "lr": lr} for k, v in losses.items()]
+        bar.update(1)
+        bar.set_postfix(nmse=f"{sum(losses.values()) / max(1, len(losses)):.4f}")
+        if root is not None and ((step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps):
+            checkpoint.save_layer(root, step + 1, 0, modules, optimizer, {"losses": rows})
+            checkpoint.commit(root, step + 1, tag)
+        if on_step is not None:
+            on_step(step)
+    bar.close()
+    child.eval()
+    child.requires_grad_(False)
+    seconds = time.perf_counter() - t0
+    if directory is not None:
+        import pandas as pd
+
+        from puzzle.io import atomic_write_text
+
+        atomic_write_text(Path(directory) / "losses.csv",
+                          pd.DataFrame(rows, columns=["step", "subblock", "train_nmse", "lr"]).to_csv(index=False))
+        checkpoint.clear(root)
+    first = {r["subblock"]: r["train_nmse"] for r in rows if r["step"] == 0}
+    last = {r["subblock"]: r["train_nmse"] for r in rows if r["step"] == config.steps - 1}
+    done = config.steps - start if optimizer is not None else 0
+    return ChildBLDResult(model=child, trained=keys, steps=config.steps, tokens=done * config.step_batch * config.seq_len,
+                          seconds=seconds, first_nmse=first, last_nmse=last)
+
+
+def _labels(model: Any) -> list[str]:
+    return [f"{b.attention.label}|{b.ffn.label}" for b in model.config.blocks]
+
+
+def _step(child: Any, parent: Any, ids: torch.Tensor, parts: dict[str, tuple[int, str]]) -> dict[str, float]:
+    """One batch through the child, layer by layer, each replaced sub-block's NMSE backpropagated locally."""
+    body, teacher = child.model, parent.model
+    trained = {part: key for key, part in parts.items()}
+    device = next(body.parameters()).device
+    ids = ids.to(device)
+    B, T = ids.shape
+    pos = torch.arange(T, device=device)[None].expand(B, T)
+    cos, sin = body.rotary_emb(pos, torch.float32)  # (B, T, hd) each
+    ctx = {"cos": cos, "sin": sin, "mask": None, "cache": None}
+    losses: dict[str, float] = {}
+    with torch.no_grad():
+        x = body.embed_tokens(ids)  # (B, T, H)
+    for l, (mine, theirs) in enumerate(zip(body.layers, teacher.layers)):
+        for sub, (norm, fn) in SUBBLOCKS.items():
+            if mine.spec[sub] == "no_op":
+                continue
+            x = x.detach()
+            if (l, sub) not in trained:
+                with torch.no_grad():
+                    x = x + getattr(mine, fn)(getattr(mine, norm)(x), *_ctx(sub, ctx))
+                continue
+            with torch.no_grad():  # the parent's sub-block on the child's input
+                target = x if theirs.spec[sub] == "no_op" else x + getattr(theirs, fn)(getattr(theirs, norm)(x),
+                                                                                      *_ctx(sub, ctx))
+            out = x + getattr(mine, fn)(getattr(mine, norm)(x), *_ctx(sub, ctx))
+            loss = (out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+            if not torch.isfinite(loss):
+                raise NumericalError(f"child-aware BLD: the loss of layer {l}'s {sub} is {loss.item()}; "
+                                     "lower the learning rate")
+            loss.backward()
+            losses[trained[(l, sub)]] = loss.item()
+            x = out
+    return losses
+
+
+def _ctx(sub: str, ctx: dict[str, Any]) -> tuple[Any, ...]:
+    """The extra argument of a sub-block's body: attention reads RoPE and the mask, an FFN nothing."""
+    return (ctx,) if sub == "attention" else ()
