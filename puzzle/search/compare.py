@@ -3,6 +3,7 @@
     run/baselines/
       influence.csv              block influence of the parent's layers (ShortGPT / attention BI)
       <name>-<sha>/choice.json   the labels the rule picked and whether they meet the budget
+      <name>-<sha>/child_bld/    the same child-aware BLD as the puzzle child (its losses; resumable)
       <name>-<sha>/gkd/          the same global distillation as the puzzle child (resumable)
       <name>-<sha>/child/        the distilled baseline (runtime checkpoint)
       <name>-<sha>/evaluation.json
@@ -42,13 +43,14 @@ def _influence(ctx: Any, d: Path) -> pd.DataFrame:
 
 
 def _build_baseline(ctx: Any, choice: Any, sub: Path) -> dict[str, Any]:
-    """Assemble, distill (as the puzzle child was) and evaluate one baseline in ``sub``; reuse it if done."""
+    """Assemble, train and distill (as the puzzle child was: child-aware BLD, then GKD) and evaluate one baseline
+    in ``sub``; reuse it if done."""
     from block_library import open_library
     from puzzle.distill import GKDConfig, distill_child
     from puzzle.evaluation import evaluate
     from puzzle.loading import save_runtime
     from puzzle.schema import blocks_from_list
-    from puzzle.search.context import resume_or_restart
+    from puzzle.search.context import child_bld, resume_or_restart
     from solvers.labels import block_dict
 
     done = sub / "evaluation.json"
@@ -56,6 +58,7 @@ def _build_baseline(ctx: Any, choice: Any, sub: Path) -> dict[str, Any]:
         return json.loads(done.read_text())
     cfg = ctx.plan
     child = open_library(ctx.out("bld", "library")).assemble(blocks_from_list([block_dict(x) for x in choice.labels]))
+    trained = child_bld(ctx, child, sub / "child_bld").summary() if cfg.child_bld_tokens > 0 else {"tokens": 0}
     gkd: dict[str, Any] = {"steps": cfg.gkd_steps}
     if cfg.gkd_steps > 0:
         gcfg = GKDConfig(sources=cfg.data, steps=cfg.gkd_steps, batch=cfg.gkd_batch, seed=cfg.seed)
@@ -64,7 +67,7 @@ def _build_baseline(ctx: Any, choice: Any, sub: Path) -> dict[str, Any]:
         child, gkd = result.model, {"steps": cfg.gkd_steps, "initial": result.initial, "final": result.final}
     save_runtime(child, sub / "child", overwrite=True)
     ev = evaluate(child, ctx.tokenizer, parent=ctx.parent, sources=cfg.data, num_sequences=cfg.eval_sequences)
-    out = {"quality": ev.quality, "gkd": gkd}
+    out = {"quality": ev.quality, "child_bld": trained, "gkd": gkd}
     atomic_write_json(done, out)
     return out
 
@@ -105,8 +108,9 @@ def stage_baselines(ctx: Any, d: Path) -> dict[str, Any]:
     models = {"parent": ctx.parent, "puzzle": puzzle_child}
     for name in cfg.baselines:
         choice = choose_baseline(name, problem, influence)
-        sha = key_sha256({"labels": list(choice.labels), "bld": ctx.sha("bld"), "gkd": [cfg.gkd_steps, cfg.gkd_batch,
-                          cfg.seed], "eval": cfg.eval_sequences, "data": list(cfg.data)})
+        sha = key_sha256({"labels": list(choice.labels), "bld": ctx.sha("bld"), "child_bld": cfg.child_bld_tokens,
+                          "gkd": [cfg.gkd_steps, cfg.gkd_batch, cfg.seed], "eval": cfg.eval_sequences,
+                          "data": list(cfg.data)})
         sub = d / f"{name}-{sha[:10]}"
         sub.mkdir(parents=True, exist_ok=True)
         atomic_write_json(sub / "choice.json", choice.to_dict())
@@ -132,7 +136,8 @@ def stage_baselines(ctx: Any, d: Path) -> dict[str, Any]:
     budget = ", ".join(f"{name} {v:g}" for name, v in (("speedup >=", cfg.speedup), ("tokens/s >=", cfg.throughput),
                                                          ("GiB <=", cfg.memory)) if v is not None)
     plot_baselines(df, d / "baselines.png", f"puzzle vs baselines at the same {cfg.scenario} budget ({budget}) on "
-                   f"{cfg.target.name}, same GKD ({cfg.gkd_steps} steps)", cfg.scenario)
+                   f"{cfg.target.name}, same child-aware BLD ({cfg.child_bld_tokens} tokens) and GKD ({cfg.gkd_steps} steps)",
+                   cfg.scenario)
     return {"table": str(d / "baselines.csv"), "plot": str(d / "baselines.png")}
 
 

@@ -72,6 +72,18 @@ def library_config(plan: Plan) -> Any:
         val_sequences=plan.bld_eval_sequences)
 
 
+def child_bld(ctx: StageContext, model: Any, directory: Path) -> Any:
+    """Child-aware BLD of ``model`` as the plan says (:mod:`puzzle.distill.child_bld`), on the train split's
+    sequences after the library's calibration and BLD ones; checkpoints and ``losses.csv`` in ``directory``.
+    The search's child and its baselines get the same."""
+    from puzzle.distill.child_bld import ChildBLDConfig, train_child_blocks, training_ids
+
+    p = ctx.plan
+    cfg = ChildBLDConfig(tokens=p.child_bld_tokens)
+    ids = training_ids(p.data, ctx.tokenizer, cfg, skip=p.bld_eval_sequences + p.bld_tokens // cfg.seq_len)
+    return train_child_blocks(model, ctx.parent, ids, cfg, directory=directory, progress=ctx.progress)
+
+
 def resume_or_restart(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call a resumable stage function; if its directory holds work of other inputs (an earlier key of
     this stage, interrupted), start it over: the stage key, not the old files, decides what is valid."""

@@ -30,7 +30,7 @@ from puzzle.evaluation.engine_speed import ENGINES_TIMED, engine_available
 from puzzle.io import atomic_write_json, atomic_write_text
 from puzzle.search.compare import stage_baselines
 from puzzle.search.config import SearchConfig
-from puzzle.search.context import StageContext, library_config, resume_or_restart, solve_problem
+from puzzle.search.context import StageContext, child_bld, library_config, resume_or_restart, solve_problem
 from puzzle.search.plan import Plan, resolve
 from puzzle.search.preflight import PLAN_FILE, RUN_FILE, preflight
 from puzzle.search.ranks import Group, join
@@ -130,14 +130,32 @@ def stage_solve(ctx: StageContext, d: Path) -> dict[str, Any]:
     from solvers import solve
     from solvers.io import write_json
 
-    problem = solve_problem(ctx)
+    p, problem = ctx.plan, solve_problem(ctx)
     with solver_errors():
-        solution = solve(problem, backend=ctx.plan.solver)
+        solution = solve(problem, backend=p.solver)
+    measured: dict[str, Any] = {}
+    if p.finalists > 1:  # the MIP's best different children, measured; the lowest KL goes on
+        from block_library import open_library
+        from puzzle.search.finalists import finalist_ids, measure_finalists, score_fidelity
+        from solvers.diverse import diverse_solutions
+
+        with solver_errors():
+            solutions = diverse_solutions(problem, p.finalists, min_fraction=0.1, backend=p.solver)
+        ids = finalist_ids(p.data, ctx.tokenizer, skip=p.eval_sequences, sequences=p.eval_sequences)
+        finalists = measure_finalists(open_library(ctx.out("bld", "library")), ctx.parent, solutions, ids,
+                                      progress=ctx.progress)
+        atomic_write_text(d / "finalists.csv", pd.DataFrame([f.row() for f in finalists]).to_csv(index=False))
+        solution = finalists[0].solution
+        measured = {"finalists": len(finalists), "mip_rank": finalists[0].mip_rank, "kl": finalists[0].kl,
+                    "spearman": score_fidelity(finalists)}
+        log.info("finalists: MIP rank %d of %d measures the lowest KL, %.4g", finalists[0].mip_rank, len(finalists),
+                 finalists[0].kl)
     write_json(d / "solution.json", solution.to_dict())
     blocks = blocks_from_list(solution.block_configs())
     save_blocks(blocks, d / "blocks.json")
     log.info("MIP: %s", solution.summary())
-    return {"blocks": str(d / "blocks.json"), "totals": solution.totals.to_dict(), "objective": solution.objective}
+    return {"blocks": str(d / "blocks.json"), "totals": solution.totals.to_dict(), "objective": solution.objective,
+            **measured}
 
 
 def stage_child_bld(ctx: StageContext, d: Path) -> dict[str, Any]:
@@ -150,12 +168,9 @@ def stage_child_bld(ctx: StageContext, d: Path) -> dict[str, Any]:
     if p.child_bld_tokens == 0:  # off: the MIP's child goes on as it is, written tensor by tensor
         lib.assemble_to(blocks, d / "child", overwrite=True)
         return {"model": str(d / "child"), "tokens": 0}
-    from puzzle.distill.child_bld import ChildBLDConfig, train_child_blocks, training_ids
     from puzzle.loading import save_runtime
 
-    cfg = ChildBLDConfig(tokens=p.child_bld_tokens)
-    ids = training_ids(p.data, ctx.tokenizer, cfg, skip=p.bld_eval_sequences + p.bld_tokens // cfg.seq_len)
-    result = train_child_blocks(lib.assemble(blocks), ctx.parent, ids, cfg, directory=d, progress=ctx.progress)
+    result = child_bld(ctx, lib.assemble(blocks), d)
     save_runtime(result.model, d / "child", overwrite=True)
     log.info("child-aware BLD: %d sub-blocks, NMSE %.4g -> %.4g, %.0f tokens/s", len(result.trained),
              result.summary()["first_nmse"], result.summary()["last_nmse"], result.tokens_per_s)
@@ -294,7 +309,8 @@ def stage_key(plan: Plan, stage: str, upstream: dict[str, str], parent_fingerpri
               "scenario": p.budget_scenario.to_dict()}
     if stage == "solve":
         return {"score": up["score"], "profile": up["profile"], **limits, "solver": p.solver,
-                "constraints": list(p.constraints)}
+                "constraints": list(p.constraints), "finalists": p.finalists,
+                **({"bld": up["bld"], "data": list(p.data), "after": p.eval_sequences} if p.finalists > 1 else {})}
     if stage == "child_bld":
         return {"solve": up["solve"], "bld": up["bld"], "tokens": p.child_bld_tokens, "data": list(p.data),
                 "after": [p.bld_eval_sequences, p.bld_tokens]}
@@ -310,7 +326,8 @@ def stage_key(plan: Plan, stage: str, upstream: dict[str, str], parent_fingerpri
                 "scenarios": [sc.to_dict() for sc in p.scenarios]}
     # baselines: the same budget on the same costs, the same GKD and evaluation; the puzzle child to time against
     return {"bld": up["bld"], "score": up["score"], "profile": up["profile"], "evaluate": up["evaluate"],
-            "names": list(p.baselines), **limits, "gkd": [p.gkd_steps, p.gkd_batch, p.seed], "data": list(p.data),
+            "names": list(p.baselines), **limits, "child_bld": p.child_bld_tokens,
+            "gkd": [p.gkd_steps, p.gkd_batch, p.seed], "data": list(p.data),
             "sequences": [p.fuse_sequences, p.eval_sequences], "speed": p.measure_speed}
 
 

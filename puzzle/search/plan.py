@@ -192,11 +192,12 @@ def resolve(config: SearchConfig | None = None) -> Plan:
                "measure_speed": 2 * whole <= cluster.memory_per_rank}
     for name, value in derived.items():
         settings.setdefault(name, Setting(value, "derived"))
-    if cluster.count > 1 and settings["child_bld_tokens"].value:
-        if settings["child_bld_tokens"].source not in ("preset", "default"):
-            raise ConfigError(f"child_bld_tokens {settings['child_bld_tokens'].value}: child-aware BLD runs in one "
-                              f"process and --cluster {cluster.name} has {cluster.count} ranks; set it to 0")
-        settings["child_bld_tokens"] = Setting(0, "derived")  # one process only (puzzle.distill.child_bld)
+    for name, off in (("child_bld_tokens", 0), ("finalists", 1)):  # one process only, parent and child whole
+        if cluster.count > 1 and settings[name].value != off:
+            if settings[name].source not in ("preset", "default"):
+                raise ConfigError(f"{name} {settings[name].value}: it runs in one process and --cluster {cluster.name} "
+                                  f"has {cluster.count} ranks; set it to {off}")
+            settings[name] = Setting(off, "derived")
     if settings["gkd_batch"].source in ("preset", "default") and settings["gkd_batch"].value % cluster.count:
         n = cluster.count  # FSDP2 splits every GKD batch over the ranks
         settings["gkd_batch"] = Setting(-(-settings["gkd_batch"].value // n) * n, "derived")

@@ -158,6 +158,7 @@ class Work:
     val_sequences: int = 16
     score_sequences: int = 2
     score_seq_len: int = 128
+    finalists: int = 1
     child_bld_tokens: int = 0
     fuse: bool = False
     fuse_sequences: int = 4
@@ -175,7 +176,7 @@ class Work:
     def from_plan(cls, plan: Any) -> Work:
         return cls(bld_tokens=plan.bld_tokens, calib_sequences=plan.bld_eval_sequences,
                    val_sequences=plan.bld_eval_sequences, score_sequences=plan.score_sequences, score_seq_len=plan.score_seq_len,
-                   child_bld_tokens=plan.child_bld_tokens, fuse=plan.fuse_threshold > 0, fuse_sequences=plan.fuse_sequences,
+                   finalists=plan.finalists, child_bld_tokens=plan.child_bld_tokens, fuse=plan.fuse_threshold > 0, fuse_sequences=plan.fuse_sequences,
                    fuse_distill_steps=plan.fuse_distill_steps, gkd_steps=plan.gkd_steps, gkd_batch=plan.gkd_batch,
                    eval_sequences=plan.eval_sequences, measure_speed=bool(plan.measure_speed),
                    cpu_calibrate=bool(plan.calibrate))
@@ -342,8 +343,16 @@ def profile_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Clus
 
 def solve_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Cluster) -> StageUse:
     b = _base(cluster)
-    return _stage("solve", "rank 0: the MIP", [RankUse(0, (0, 0), b, _host(cluster, b) + 0.25 * GIB, 0.0, 5.0)],
-                  cluster)
+    if w.finalists <= 1 or cluster.count > 1:  # one process only: the plan measures no finalists on more ranks
+        return _stage("solve", "rank 0: the MIP", [RankUse(0, (0, 0), b, _host(cluster, b) + 0.25 * GIB, 0.0, 5.0)],
+                      cluster)
+    _, C = _child(config, w)
+    P, tokens = _whole(config, sizes), w.eval_sequences * w.seq_len
+    # parent and one finalist whole (fp32), the parent's log-probs, one chunk of 2 sequences' logits in flight
+    peak = b + (P + C) * 4 + tokens * config.vocab_size * 4 + 3 * 2 * w.seq_len * config.vocab_size * 4
+    seconds = 5.0 * w.finalists + 2 * (P + w.finalists * C) * tokens / cluster.flops_per_rank
+    return _stage("solve", f"one process: the MIP's {w.finalists} best different children measured",
+                  [RankUse(0, (0, len(sizes)), peak, _host(cluster, peak), 0.0, seconds)], cluster)
 
 
 def _whole(config: Any, sizes: Sequence[LayerSizes]) -> int:

@@ -89,6 +89,13 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     interrupted = carved(parent)
     with pytest.raises(Stop):
         train_child_blocks(interrupted, parent, ids, cfg, directory=tmp_path / "b", on_step=stop_after_step_4)
+    other = carved(parent)
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight.mul_(0.5)  # other starting weights: the checkpoint is not theirs
+    assert train_child_blocks(other, parent, ids, cfg, directory=tmp_path / "c").tokens == 6 * 4 * 32
+    with pytest.raises(Stop):
+        train_child_blocks(carved(parent), parent, ids, cfg, directory=tmp_path / "c", on_step=stop_after_step_4)
+    assert train_child_blocks(other, parent, ids, cfg, directory=tmp_path / "c").tokens == 6 * 4 * 32
     fresh = carved(parent)  # a new process: the weights come back from the checkpoint
     result = train_child_blocks(fresh, parent, ids, cfg, directory=tmp_path / "b")
     assert result.tokens == 2 * 4 * 32  # only steps 5 and 6 ran
@@ -119,3 +126,24 @@ def test_bad_input_is_a_config_error_before_any_training():
     with pytest.raises(ConfigError, match="before FFN fusion"):
         train_child_blocks(carved(tiny_parent(layers=2)), parent, _ids(16), cfg)
     assert_same(child, before)
+
+
+@pytest.mark.slow  # the real parent and its trained library (shared fixtures); the training itself takes ~10 s
+def test_on_smollm2_a_library_child_gets_closer_to_the_parent(smollm2, smollm2_tokenizer, smollm2_trained_library):
+    from puzzle.data.packing import load_sequences
+
+    lib = smollm2_trained_library
+    blocks = [BlockConfig(attention=AttentionConfig.gqa(1) if i in (4, 10, 16) else b.attention,
+                          ffn=FFNConfig.swiglu(768) if 8 <= i < 22 else b.ffn)
+              for i, b in enumerate(lib.parent_config.blocks)]
+    child = lib.assemble(blocks)
+    assert len(replaced_subblocks(child, smollm2)) == 17
+    tok = smollm2_tokenizer
+    held_out = load_sequences(["stdlib"], tok, seq_len=128, num_sequences=2, split="validation")
+    train = load_sequences(["stdlib"], tok, seq_len=128, num_sequences=24, split="train")[8:]  # after calibration
+    kl_before = evaluate_quality(child, held_out, parent=smollm2)["kl"]
+    result = train_child_blocks(child, smollm2, train, ChildBLDConfig(tokens=2048, batch=8, seq_len=128))
+    kl_after = evaluate_quality(child, held_out, parent=smollm2)["kl"]
+    summary = result.summary()  # two steps on different batches: the mean, not every sub-block, must fall
+    assert result.steps == 2 and summary["last_nmse"] < summary["first_nmse"], summary
+    assert kl_after < 0.95 * kl_before, (kl_before, kl_after)

@@ -92,7 +92,8 @@ def test_the_readme_commands_child_loads_in_vllm_and_matches_our_runtime(tmp_pat
     from puzzle.loading import load_config
     from puzzle.search import SearchConfig
 
-    tiny = dict(bld_tokens=512, bld_eval_sequences=1, score_sequences=1, score_seq_len=16, child_bld_tokens=512, fuse_sequences=1,
+    tiny = dict(bld_tokens=512, bld_eval_sequences=1, score_sequences=1, score_seq_len=16, finalists=2, child_bld_tokens=512,
+                fuse_sequences=1,
                 fuse_distill_steps=0, gkd_steps=0, eval_sequences=1, measure_speed=False)  # GKD keeps the architecture
     run = puzzle.search(SearchConfig(budget="8xH100", **tiny), run_dir=tmp_path / "run", progress=False)
     assert run.plan.engine == "vllm" and "vllm" in run.report.set_index("model").loc["child", "engines"].split()

@@ -141,7 +141,7 @@ FLAG_VALUES = {  # a value for every setting, different from its default, and ho
     "bld_eval_sequences": (5, ["--bld-eval-sequences", "5"]),
     "space": ({"ffn": {"sizes": [0.5]}, "attention": {"kv_heads": [1]}}, ["--space", "{tmp}/space.yaml"]),
     "score_sequences": (5, ["--score-sequences", "5"]), "score_seq_len": (77, ["--score-seq-len", "77"]),
-    "child_bld_tokens": (4096, ["--child-bld-tokens", "4096"]), "fuse_threshold": (0.05, ["--fuse-threshold", "0.05"]), "fuse_sequences": (6, ["--fuse-sequences", "6"]),
+    "finalists": (3, ["--finalists", "3"]), "child_bld_tokens": (4096, ["--child-bld-tokens", "4096"]), "fuse_threshold": (0.05, ["--fuse-threshold", "0.05"]), "fuse_sequences": (6, ["--fuse-sequences", "6"]),
     "fuse_distill_steps": (7, ["--fuse-distill-steps", "7"]), "gkd_steps": (9, ["--gkd-steps", "9"]),
     "gkd_batch": (3, ["--gkd-batch", "3"]), "eval_sequences": (11, ["--eval-sequences", "11"]),
     "measure_speed": (False, ["--no-speed"]), "seed": (5, ["--seed", "5"]),

@@ -44,6 +44,31 @@ def test_every_stage_runs_and_the_export_loads(finished_run, tiny_text_parent):
         assert torch.isfinite(child(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False).logits).all()
 
 
+def test_the_best_measured_finalist_goes_on_and_its_replaced_subblocks_are_retrained(finished_run, tiny_text_parent):
+    from block_library import open_library
+    from puzzle.evaluation.quality import evaluate_quality
+    from puzzle.schema import load_blocks
+    from puzzle.search.finalists import finalist_ids
+    from puzzle.loading import load_tokenizer
+
+    run, _ = finished_run
+    d = run.directory
+    finalists = pd.read_csv(d / "solve" / "finalists.csv")  # the quick preset's 4, best measured first
+    assert len(finalists) == 4 and list(finalists.kl) == sorted(finalists.kl) and finalists.mip_rank.nunique() == 4
+    blocks = load_blocks(d / "solve" / "blocks.json")
+    assert " ".join(f"{b.attention.label}|{b.ffn.label}" for b in blocks) == finalists.blocks[0]
+    lib, parent = open_library(d / "library" / "lib"), load_model(str(tiny_text_parent))
+    ids = finalist_ids(["stdlib"], load_tokenizer(str(tiny_text_parent)), skip=1, sequences=1)  # after the evaluation's
+    assert evaluate_quality(lib.assemble(blocks), ids, parent=parent)["kl"] == pytest.approx(finalists.kl[0], rel=1e-5)
+    # child-aware BLD: the chosen child's replaced sub-blocks only, 16,384 tokens (16 steps of 4 x 256)
+    losses, out = pd.read_csv(d / "child_bld" / "losses.csv"), run.stages["child_bld"].outputs
+    assert out["tokens"] == 16384 and out["steps"] == 16 and out["trained"] == losses.subblock.nunique() > 0
+    assert out["last_nmse"] < out["first_nmse"]
+    trained, assembled = load_model(str(d / "child_bld" / "child")), lib.assemble(blocks)
+    moved = {k.split(".")[2] for k, v in trained.state_dict().items() if not torch.equal(v, assembled.state_dict()[k])}
+    assert moved == {str(int(k[1:4])) for k in losses.subblock}  # the layers of the trained sub-blocks, no other
+
+
 def test_rerun_skips_everything_and_a_new_budget_resolves_only(finished_run, tiny_text_parent):
     run, _ = finished_run
     lines: list[str] = []

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow  # two processes through all nine stages: about 4 min on 2 cores
+@pytest.mark.slow  # two processes through all ten stages: about 4 min on 2 cores
 def test_two_rank_search_runs_every_stage_within_its_plan(tmp_path):
     run, csv = tmp_path / "run", tmp_path / "scale.csv"
     proc = subprocess.run([sys.executable, "benchmarks/scale.py", "--quick", "--keep", str(run), "--out", str(csv)],
