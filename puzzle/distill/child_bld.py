@@ -83,7 +83,8 @@ class ChildBLDResult:
     tokens: int
     seconds: float
     first_nmse: dict[str, float] = field(default_factory=dict)
-    """Each trained sub-block's NMSE at the first step (before any update), and at the last."""
+    """Each trained sub-block's mean training NMSE over the first quarter of the steps (at least the first,
+    before any update), and over the last quarter."""
     last_nmse: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -189,11 +190,20 @@ def train_child_blocks(child: Any, parent: Any, ids: torch.Tensor, config: Child
         atomic_write_text(Path(directory) / "losses.csv",
                           pd.DataFrame(rows, columns=["step", "subblock", "train_nmse", "lr"]).to_csv(index=False))
         checkpoint.clear(root)
-    first = {r["subblock"]: r["train_nmse"] for r in rows if r["step"] == 0}
-    last = {r["subblock"]: r["train_nmse"] for r in rows if r["step"] == config.steps - 1}
+    q = max(1, config.steps // 4)  # one batch is noisy: the means over the first and the last quarter of the steps
+    first, last = _mean_nmse(rows, range(q)), _mean_nmse(rows, range(config.steps - q, config.steps))
     done = config.steps - start if optimizer is not None else 0
     return ChildBLDResult(model=child, trained=keys, steps=config.steps, tokens=done * config.step_batch * config.seq_len,
                           seconds=seconds, first_nmse=first, last_nmse=last)
+
+
+def _mean_nmse(rows: list[dict[str, Any]], steps: range) -> dict[str, float]:
+    """Each sub-block's mean training NMSE over ``steps``."""
+    sums: dict[str, list[float]] = {}
+    for r in rows:
+        if r["step"] in steps:
+            sums.setdefault(r["subblock"], []).append(r["train_nmse"])
+    return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
 def _fingerprint(config: ChildBLDConfig, keys: list[str], modules: dict[str, nn.Module], ids: torch.Tensor) -> str:
