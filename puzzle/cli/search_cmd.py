@@ -81,9 +81,9 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-sequences", type=int, help="held-out sequences for scoring (preset)")
     p.add_argument("--score-seq-len", type=int, help="tokens per scoring sequence (preset)")
     p.add_argument("--finalists", type=int, help="the MIP's best different solutions measured on held-out tokens; "
-                   "the lowest KL goes on (1: the MIP's optimum; preset; 1 under torchrun)")
+                   "the lowest KL goes on (1: the MIP's optimum; preset; 1 on a --cluster of several ranks)")
     p.add_argument("--child-bld-tokens", type=int, help="tokens of child-aware BLD: the child's replaced sub-blocks "
-                   "retrained on its own activations after the MIP; 0 skips it (preset; 0 under torchrun)")
+                   "retrained on its own activations after the MIP; 0 skips it (preset; 0 on a --cluster of several ranks)")
     p.add_argument("--fuse-threshold", type=float, help="max pairwise FFN dependency of a fused segment; 0: no fusion "
                    "(default: 0.2 on GPUs, 0 on cpu, where a wide fused SwiGLU is slower)")
     p.add_argument("--fuse-sequences", type=int, help="calibration and held-out sequences of fusion (preset)")

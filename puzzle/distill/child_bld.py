@@ -23,7 +23,8 @@ next state as the target (drift correction) 1.006. At 4 sequences a step and lr 
 and at 81% 0.438 -> 0.314 (1e-3 / 8: 0.359; 3e-3 / 4: 0.307; 2e-3 / 2: 0.298, 20% slower).
 
 Resumable: with ``directory``, the trained sub-blocks and their AdamW state are checkpointed every
-``checkpoint_every`` steps (:mod:`block_library.checkpoint`, safetensors) and a rerun continues there.
+``checkpoint_every`` steps and after the last (:mod:`block_library.checkpoint`, safetensors); a rerun
+continues there, and a finished one reloads its weights without training.
 """
 
 from __future__ import annotations
@@ -160,27 +161,31 @@ def train_child_blocks(child: Any, parent: Any, ids: torch.Tensor, config: Child
     t0 = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start, desc="child BLD", unit="step", disable=not progress)
     child.train()
-    for step in range(start, config.steps if optimizer is not None else 0):
-        lr = lr_at(step, config.steps, config.lr, config.warmup_fraction, config.min_lr_ratio)
-        losses = _step(child, parent, ids[step * config.step_batch:(step + 1) * config.step_batch], named)
-        for m in modules.values():
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(m.parameters(), config.grad_clip)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        rows += [{"step": step, "subblock": k, "train_nmse": v, "lr": lr} for k, v in losses.items()]
-        bar.update(1)
-        bar.set_postfix(nmse=f"{sum(losses.values()) / max(1, len(losses)):.4f}")
-        if root is not None and ((step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps):
-            checkpoint.save_layer(root, step + 1, 0, modules, optimizer, {"losses": rows})
-            checkpoint.commit(root, step + 1, tag)
-        if on_step is not None:
-            on_step(step)
-    bar.close()
-    child.eval()
-    child.requires_grad_(False)
+    try:
+        for step in range(start, config.steps if optimizer is not None else 0):
+            lr = lr_at(step, config.steps, config.lr, config.warmup_fraction, config.min_lr_ratio)
+            losses = _step(child, parent, ids[step * config.step_batch:(step + 1) * config.step_batch], named)
+            for m in modules.values():
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(m.parameters(), config.grad_clip)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            rows += [{"step": step, "subblock": k, "train_nmse": v, "lr": lr} for k, v in losses.items()]
+            bar.update(1)
+            bar.set_postfix(nmse=f"{sum(losses.values()) / max(1, len(losses)):.4f}")
+            # every checkpoint_every steps, and the last: a finished run that is rerun (its caller killed before
+            # it saved the child) loads its weights instead of training again
+            if root is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+                checkpoint.save_layer(root, step + 1, 0, modules, optimizer, {"losses": rows})
+                checkpoint.commit(root, step + 1, tag)
+            if on_step is not None:
+                on_step(step)
+    finally:
+        bar.close()
+        child.eval()
+        child.requires_grad_(False)
     seconds = time.perf_counter() - t0
     if directory is not None:
         import pandas as pd
@@ -189,11 +194,10 @@ def train_child_blocks(child: Any, parent: Any, ids: torch.Tensor, config: Child
 
         atomic_write_text(Path(directory) / "losses.csv",
                           pd.DataFrame(rows, columns=["step", "subblock", "train_nmse", "lr"]).to_csv(index=False))
-        checkpoint.clear(root)
     q = max(1, config.steps // 4)  # one batch is noisy: the means over the first and the last quarter of the steps
     first, last = _mean_nmse(rows, range(q)), _mean_nmse(rows, range(config.steps - q, config.steps))
     done = config.steps - start if optimizer is not None else 0
-    return ChildBLDResult(model=child, trained=keys, steps=config.steps, tokens=done * config.step_batch * config.seq_len,
+    return ChildBLDResult(model=child, trained=keys, steps=config.steps if keys else 0, tokens=done * config.step_batch * config.seq_len,
                           seconds=seconds, first_nmse=first, last_nmse=last)
 
 

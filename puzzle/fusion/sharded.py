@@ -1,7 +1,7 @@
 """The fusion stage with the child's layers sharded over ``torchrun`` ranks, from model directories.
 
     torchrun --nproc-per-node 8 fuse.py        # every rank runs:
-    result = fuse_sharded("runs/x/fuse/child", tokenizer, FusionConfig(threshold=0.1), "runs/x/fuse/fusion",
+    result = fuse_sharded("runs/x/child_bld/child", tokenizer, FusionConfig(threshold=0.1), "runs/x/fuse/fusion",
                           parent="models/llama-3.1-70b")
     result.segments        # the same segments, report and fused weights as fuse_and_report on one process
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from puzzle.distill.child_bld import ChildBLDResult
 
 from puzzle.search.plan import Plan
 from puzzle.search.stages import StageResult
@@ -72,13 +75,15 @@ def library_config(plan: Plan) -> Any:
         val_sequences=plan.bld_eval_sequences)
 
 
-def child_bld(ctx: StageContext, model: Any, directory: Path) -> Any:
+def child_bld(ctx: StageContext, model: Any, directory: Path) -> ChildBLDResult:
     """Child-aware BLD of ``model`` as the plan says (:mod:`puzzle.distill.child_bld`), on the train split's
     sequences after the library's calibration and BLD ones; checkpoints and ``losses.csv`` in ``directory``.
     The search's child and its baselines get the same."""
-    from puzzle.distill.child_bld import ChildBLDConfig, train_child_blocks, training_ids
+    from puzzle.distill.child_bld import ChildBLDConfig, ChildBLDResult, replaced_subblocks, train_child_blocks, training_ids
 
     p = ctx.plan
+    if not replaced_subblocks(model, ctx.parent):  # the parent's own sub-blocks and no-ops: nothing to train or read
+        return ChildBLDResult(model=model, trained=[], steps=0, tokens=0, seconds=0.0)
     cfg = ChildBLDConfig(tokens=p.child_bld_tokens)
     ids = training_ids(p.data, ctx.tokenizer, cfg, skip=p.bld_eval_sequences + p.bld_tokens // cfg.seq_len)
     return train_child_blocks(model, ctx.parent, ids, cfg, directory=directory, progress=ctx.progress)

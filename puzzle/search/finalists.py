@@ -28,6 +28,11 @@ from puzzle.scoring.metrics import TokenSums, next_token_logprobs
 
 SEQ_LEN = 256
 """Tokens per held-out sequence (the final evaluation's length)."""
+SEQUENCES = 4
+"""Held-out sequences a search measures each finalist on."""
+MIN_SKIP = 16
+"""A search's finalists read validation sequences after the first ``max(eval_sequences, MIN_SKIP)``: changing the
+evaluation's size (up to 16) does not change the finalists' tokens, so it reruns only the evaluation."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,11 @@ class Finalist:
         return {"mip_rank": self.mip_rank, "predicted_kl": self.solution.objective, "kl": self.kl,
                 "top1_agreement": self.quality["top1_agreement"], "params": t.params, "speedup": t.speedup,
                 "blocks": " ".join(self.solution.layer_labels())}
+
+
+def finalist_skip(eval_sequences: int) -> int:
+    """The validation sequences a search's finalists skip: the final evaluation's, at least :data:`MIN_SKIP`."""
+    return max(eval_sequences, MIN_SKIP)
 
 
 def finalist_ids(sources: Sequence[str], tokenizer: Any, *, skip: int, sequences: int) -> torch.Tensor:

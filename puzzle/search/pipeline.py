@@ -31,6 +31,7 @@ from puzzle.io import atomic_write_json, atomic_write_text
 from puzzle.search.compare import stage_baselines
 from puzzle.search.config import SearchConfig
 from puzzle.search.context import StageContext, child_bld, library_config, resume_or_restart, solve_problem
+from puzzle.search.finalists import finalist_skip
 from puzzle.search.plan import Plan, resolve
 from puzzle.search.preflight import PLAN_FILE, RUN_FILE, preflight
 from puzzle.search.ranks import Group, join
@@ -131,17 +132,18 @@ def stage_solve(ctx: StageContext, d: Path) -> dict[str, Any]:
     from solvers.io import write_json
 
     p, problem = ctx.plan, solve_problem(ctx)
-    with solver_errors():
-        solution = solve(problem, backend=p.solver)
     measured: dict[str, Any] = {}
-    if p.finalists > 1:  # the MIP's best different children, measured; the lowest KL goes on
+    if p.finalists == 1:
+        with solver_errors():
+            solution = solve(problem, backend=p.solver)
+    else:  # the MIP's best different children (its optimum first), measured; the lowest KL goes on
         from block_library import open_library
-        from puzzle.search.finalists import finalist_ids, measure_finalists, score_fidelity
+        from puzzle.search.finalists import SEQUENCES, finalist_ids, finalist_skip, measure_finalists, score_fidelity
         from solvers.diverse import diverse_solutions
 
         with solver_errors():
             solutions = diverse_solutions(problem, p.finalists, min_fraction=0.1, backend=p.solver)
-        ids = finalist_ids(p.data, ctx.tokenizer, skip=p.eval_sequences, sequences=p.eval_sequences)
+        ids = finalist_ids(p.data, ctx.tokenizer, skip=finalist_skip(p.eval_sequences), sequences=SEQUENCES)
         finalists = measure_finalists(open_library(ctx.out("bld", "library")), ctx.parent, solutions, ids,
                                       progress=ctx.progress)
         atomic_write_text(d / "finalists.csv", pd.DataFrame([f.row() for f in finalists]).to_csv(index=False))
@@ -310,7 +312,8 @@ def stage_key(plan: Plan, stage: str, upstream: dict[str, str], parent_fingerpri
     if stage == "solve":
         return {"score": up["score"], "profile": up["profile"], **limits, "solver": p.solver,
                 "constraints": list(p.constraints), "finalists": p.finalists,
-                **({"bld": up["bld"], "data": list(p.data), "after": p.eval_sequences} if p.finalists > 1 else {})}
+                **({"bld": up["bld"], "data": list(p.data), "after": finalist_skip(p.eval_sequences)}
+                   if p.finalists > 1 else {})}
     if stage == "child_bld":
         return {"solve": up["solve"], "bld": up["bld"], "tokens": p.child_bld_tokens, "data": list(p.data),
                 "after": [p.bld_eval_sequences, p.bld_tokens]}
@@ -441,7 +444,8 @@ def check_group(plan: Plan, group: Group) -> None:
                           f"{group.world}; pass --cluster {group.world}x{plan.cluster.device}")
     if plan.baselines:
         raise ConfigError("--baselines runs in one process; drop it under torchrun (or run the baselines later "
-                          "in one process on the same run directory)")
+                          "in one process on the same run directory, with --finalists 1 --child-bld-tokens 0 as this "
+                          "cluster has them)")
     if plan.gkd_steps and plan.gkd_batch % group.world:
         raise ConfigError(f"--gkd-batch {plan.gkd_batch} does not split over {group.world} ranks; use a multiple "
                           f"of {group.world}")

@@ -347,7 +347,9 @@ def solve_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Cluste
         return _stage("solve", "rank 0: the MIP", [RankUse(0, (0, 0), b, _host(cluster, b) + 0.25 * GIB, 0.0, 5.0)],
                       cluster)
     _, C = _child(config, w)
-    P, tokens = _whole(config, sizes), w.eval_sequences * w.seq_len
+    from puzzle.search.finalists import SEQUENCES
+
+    P, tokens = _whole(config, sizes), SEQUENCES * w.seq_len
     # parent and one finalist whole (fp32), the parent's log-probs, one chunk of 2 sequences' logits in flight
     peak = b + (P + C) * 4 + tokens * config.vocab_size * 4 + 3 * 2 * w.seq_len * config.vocab_size * 4
     seconds = 5.0 * w.finalists + 2 * (P + w.finalists * C) * tokens / cluster.flops_per_rank

@@ -101,7 +101,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert result.tokens == 2 * 4 * 32  # only steps 5 and 6 ran
     assert_same(fresh, snapshot(whole))
     assert (tmp_path / "b" / "losses.csv").read_text() == (tmp_path / "a" / "losses.csv").read_text()
-    assert not (tmp_path / "b" / "ckpt").exists()
+    again = carved(parent)  # a finished run, rerun (its caller killed before saving the child): weights reloaded
+    assert train_child_blocks(again, parent, ids, cfg, directory=tmp_path / "a").tokens == 0
+    assert_same(again, snapshot(whole))
 
 
 def test_a_child_equal_to_its_parent_trains_nothing():

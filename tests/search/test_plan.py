@@ -216,3 +216,16 @@ def test_profile_picks_a_tensor_parallel_degree_the_model_splits_into(smol_shape
     capsys.readouterr()
     assert main(["profile", smol_shape, "--target", "8xH100", "--tp", "8", "--out", str(tmp_path / "c2")]) == 2
     assert "valid degrees: 1, 3" in capsys.readouterr().err
+
+
+def test_the_one_process_stages_are_off_on_a_cluster_of_several_ranks(smol_shape):
+    one = resolve(SearchConfig(model=smol_shape))
+    assert (one.finalists, one.child_bld_tokens) == (4, 16384)  # the quick preset
+    two = resolve(SearchConfig(model=smol_shape, cluster="2xcpu"))
+    assert (two.finalists, two.child_bld_tokens) == (1, 0)
+    assert two.settings["finalists"].source == two.settings["child_bld_tokens"].source == "derived"
+    assert [s.how for s in two.resources.stages if s.stage in ("solve", "child_bld")] == [
+        "rank 0: the MIP", "rank 0: the child assembled tensor by tensor (child-aware BLD off)"]
+    for name, value in (("finalists", 4), ("child_bld_tokens", 4096)):  # said explicitly: refused, not dropped
+        with pytest.raises(ConfigError, match=f"^{name} {value}: it runs in one process .* set it to"):
+            resolve(SearchConfig(model=smol_shape, cluster="2xcpu", **{name: value}))

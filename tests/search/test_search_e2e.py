@@ -58,7 +58,7 @@ def test_the_best_measured_finalist_goes_on_and_its_replaced_subblocks_are_retra
     blocks = load_blocks(d / "solve" / "blocks.json")
     assert " ".join(f"{b.attention.label}|{b.ffn.label}" for b in blocks) == finalists.blocks[0]
     lib, parent = open_library(d / "library" / "lib"), load_model(str(tiny_text_parent))
-    ids = finalist_ids(["stdlib"], load_tokenizer(str(tiny_text_parent)), skip=1, sequences=1)  # after the evaluation's
+    ids = finalist_ids(["stdlib"], load_tokenizer(str(tiny_text_parent)), skip=16, sequences=4)  # after the evaluation's
     assert evaluate_quality(lib.assemble(blocks), ids, parent=parent)["kl"] == pytest.approx(finalists.kl[0], rel=1e-5)
     # child-aware BLD: the chosen child's replaced sub-blocks only, 16,384 tokens (16 steps of 4 x 256)
     losses, out = pd.read_csv(d / "child_bld" / "losses.csv"), run.stages["child_bld"].outputs
