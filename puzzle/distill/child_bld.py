@@ -197,8 +197,9 @@ def train_child_blocks(child: Any, parent: Any, ids: torch.Tensor, config: Child
     q = max(1, config.steps // 4)  # one batch is noisy: the means over the first and the last quarter of the steps
     first, last = _mean_nmse(rows, range(q)), _mean_nmse(rows, range(config.steps - q, config.steps))
     done = config.steps - start if optimizer is not None else 0
-    return ChildBLDResult(model=child, trained=keys, steps=config.steps if keys else 0, tokens=done * config.step_batch * config.seq_len,
-                          seconds=seconds, first_nmse=first, last_nmse=last)
+    return ChildBLDResult(model=child, trained=keys, steps=config.steps if keys else 0,
+                          tokens=done * config.step_batch * config.seq_len, seconds=seconds, first_nmse=first,
+                          last_nmse=last)
 
 
 def _mean_nmse(rows: list[dict[str, Any]], steps: range) -> dict[str, float]:
