@@ -99,13 +99,13 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
 
     from block_library import open_library
     from puzzle.data.packing import load_sequences
-    from puzzle.distill.child_bld import ChildBLDConfig, train_child_blocks, training_ids
+    from puzzle.distill.child_bld import ChildBLDConfig, train_child_blocks
     from puzzle.loading import load_model, load_tokenizer
     from puzzle.schema import FFNConfig, blocks_from_list
     from puzzle.search import resolve
     from puzzle.search.baselines import block_influence, choose_baseline
     from puzzle.search.config import PRESETS
-    from puzzle.search.context import StageContext
+    from puzzle.search.context import StageContext, child_bld_ids
     from puzzle.search.finalists import measure, measure_finalists, parent_logprobs, score_fidelity
     from solvers import Budget, solve
     from solvers.diverse import diverse_solutions
@@ -127,7 +127,7 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
     influence = block_influence(parent, load_sequences(list(plan.data), tok, seq_len=256, num_sequences=4))
     k_search = PRESETS[preset]["finalists"] if not quick else 2  # what `puzzle search` measures
     cb_cfg = ChildBLDConfig(tokens=child_bld_tokens)
-    cb_ids = training_ids(plan.data, tok, cb_cfg, skip=plan.bld_eval_sequences + plan.bld_tokens // cb_cfg.seq_len)
+    cb_ids = child_bld_ids(plan, tok, cb_cfg)  # as the search's child_bld stage reads them
 
     def child_bld(method: str, model: Any, budget: dict[str, Any], detail: str) -> dict[str, Any]:
         r = train_child_blocks(model, parent, cb_ids, cb_cfg)

@@ -136,8 +136,8 @@ def stage_baselines(ctx: Any, d: Path) -> dict[str, Any]:
     budget = ", ".join(f"{name} {v:g}" for name, v in (("speedup >=", cfg.speedup), ("tokens/s >=", cfg.throughput),
                                                          ("GiB <=", cfg.memory)) if v is not None)
     plot_baselines(df, d / "baselines.png", f"puzzle vs baselines at the same {cfg.scenario} budget ({budget}) on "
-                   f"{cfg.target.name}, same child-aware BLD ({cfg.child_bld_tokens} tokens) and GKD ({cfg.gkd_steps} steps)",
-                   cfg.scenario)
+                   f"{cfg.target.name}, same child-aware BLD ({cfg.child_bld_tokens} tokens) and GKD "
+                   f"({cfg.gkd_steps} steps)", cfg.scenario)
     return {"table": str(d / "baselines.csv"), "plot": str(d / "baselines.png")}
 
 

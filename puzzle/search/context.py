@@ -79,14 +79,21 @@ def child_bld(ctx: StageContext, model: Any, directory: Path) -> ChildBLDResult:
     """Child-aware BLD of ``model`` as the plan says (:mod:`puzzle.distill.child_bld`), on the train split's
     sequences after the library's calibration and BLD ones; checkpoints and ``losses.csv`` in ``directory``.
     The search's child and its baselines get the same."""
-    from puzzle.distill.child_bld import ChildBLDConfig, ChildBLDResult, replaced_subblocks, train_child_blocks, training_ids
+    from puzzle.distill.child_bld import ChildBLDConfig, ChildBLDResult, replaced_subblocks, train_child_blocks
 
-    p = ctx.plan
     if not replaced_subblocks(model, ctx.parent):  # the parent's own sub-blocks and no-ops: nothing to train or read
         return ChildBLDResult(model=model, trained=[], steps=0, tokens=0, seconds=0.0)
-    cfg = ChildBLDConfig(tokens=p.child_bld_tokens)
-    ids = training_ids(p.data, ctx.tokenizer, cfg, skip=p.bld_eval_sequences + p.bld_tokens // cfg.seq_len)
+    cfg = ChildBLDConfig(tokens=ctx.plan.child_bld_tokens)
+    ids = child_bld_ids(ctx.plan, ctx.tokenizer, cfg)
     return train_child_blocks(model, ctx.parent, ids, cfg, directory=directory, progress=ctx.progress)
+
+
+def child_bld_ids(plan: Plan, tokenizer: Any, cfg: Any) -> Any:
+    """Child-aware BLD's training ids for ``cfg`` (a ``ChildBLDConfig``): the train split's sequences after the
+    library's calibration and BLD ones."""
+    from puzzle.distill.child_bld import training_ids
+
+    return training_ids(plan.data, tokenizer, cfg, skip=plan.bld_eval_sequences + plan.bld_tokens // cfg.seq_len)
 
 
 def resume_or_restart(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

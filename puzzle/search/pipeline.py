@@ -138,7 +138,7 @@ def stage_solve(ctx: StageContext, d: Path) -> dict[str, Any]:
             solution = solve(problem, backend=p.solver)
     else:  # the MIP's best different children (its optimum first), measured; the lowest KL goes on
         from block_library import open_library
-        from puzzle.search.finalists import SEQUENCES, finalist_ids, finalist_skip, measure_finalists, score_fidelity
+        from puzzle.search.finalists import SEQUENCES, finalist_ids, measure_finalists, score_fidelity
         from solvers.diverse import diverse_solutions
 
         with solver_errors():
