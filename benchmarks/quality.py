@@ -126,7 +126,7 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
     parent_decoder = float(costs[costs.is_parent.astype(bool)].params.sum())
     influence = block_influence(parent, load_sequences(list(plan.data), tok, seq_len=256, num_sequences=4))
     k_search = PRESETS[preset]["finalists"] if not quick else 2  # what `puzzle search` measures
-    cb_cfg = ChildBLDConfig(tokens=child_bld_tokens)
+    cb_cfg = ChildBLDConfig(tokens=child_bld_tokens, seed=seed)
     cb_ids = child_bld_ids(plan, tok, cb_cfg)  # as the search's child_bld stage reads them
 
     def child_bld(method: str, model: Any, budget: dict[str, Any], detail: str) -> dict[str, Any]:

@@ -147,6 +147,8 @@ class _Run:
         self.bld_dir, self.cfg_hash = lib.directory / "bld", config.sha256()
         self.ckpt_root = self.bld_dir / "ckpt"
         self.ids, n = load_ids(session, "train", bld.tokens // config.data.seq_len, offset=bld.calib_sequences)
+        if bld.seed and self.ids is not None:  # (n, seq_len) rows in the seed's order; rank 0 holds the ids
+            self.ids = self.ids[torch.randperm(n, generator=torch.Generator().manual_seed(bld.seed))]
         self.steps = max(1, n // bld.batch_size)
         self.vids, self.vn = load_ids(session, "validation", bld.val_sequences)
         self.tokens_per_step = bld.batch_size * config.data.seq_len

@@ -53,6 +53,8 @@ class BLDConfig:
     """Relative ridge term of the least-squares initialization of linear variants."""
     checkpoint_every: int = 20
     """Steps between resumable checkpoints (0: none)."""
+    seed: int = 0
+    """Seed of the order in which the training sequences are visited (0: the split's own order)."""
     eval_every: int = 0
     """Steps between validation passes logged to ``bld/validation.csv`` (0: only before and after)."""
     dtype: str = "auto"
@@ -65,7 +67,7 @@ class BLDConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"bld.{name} must be a positive integer, got {v!r}")
-        for name in ("checkpoint_every", "eval_every"):
+        for name in ("checkpoint_every", "eval_every", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"bld.{name} must be an integer >= 0, got {v!r}")
@@ -116,7 +118,10 @@ class LibraryConfig:
             raise ConfigError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"space": self.space.to_dict(), "bld": asdict(self.bld), "data": self.data.to_dict()}
+        bld = asdict(self.bld)
+        if not bld["seed"]:  # the split's order: libraries trained before the seed existed keep their hash
+            del bld["seed"]
+        return {"space": self.space.to_dict(), "bld": bld, "data": self.data.to_dict()}
 
     def with_bld(self, **changes: Any) -> LibraryConfig:
         """A copy with some BLD fields changed (CLI flags); ``None`` values are ignored."""

@@ -91,7 +91,7 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gkd-steps", type=int, help="global distillation steps; 0 skips it (preset)")
     p.add_argument("--gkd-batch", type=int, help="sequences per GKD step (preset)")
     p.add_argument("--eval-sequences", type=int, help="held-out sequences of the final evaluation (preset)")
-    p.add_argument("--seed", type=int, help="seed of global distillation (default: 0)")
+    p.add_argument("--seed", type=int, help="seed of the training order of BLD, child-aware BLD and GKD (default: 0)")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None, dest="measure_speed",
                    help="measure parent and child step time on this machine in the evaluation (default: on)")
     p.add_argument("--verify", action="store_true", help="re-hash every recorded file before skipping a stage "

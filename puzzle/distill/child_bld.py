@@ -59,10 +59,13 @@ class ChildBLDConfig:
     grad_clip: float = 1.0
     """Per sub-block, as in library BLD."""
     checkpoint_every: int = 4
+    seed: int = 0
+    """Seed of the order in which the training sequences are visited (0: the split's own order)."""
 
     def __post_init__(self) -> None:
-        if self.tokens < 1 or self.batch < 1 or self.seq_len < 2 or not self.lr > 0:
-            raise ConfigError(f"child-aware BLD needs tokens >= 1, batch >= 1, seq_len >= 2 and lr > 0, got {self}")
+        if self.tokens < 1 or self.batch < 1 or self.seq_len < 2 or not self.lr > 0 or self.seed < 0:
+            raise ConfigError(f"child-aware BLD needs tokens >= 1, batch >= 1, seq_len >= 2, lr > 0 and seed >= 0, "
+                              f"got {self}")
 
     @property
     def step_batch(self) -> int:
@@ -101,7 +104,7 @@ class ChildBLDResult:
 
 def training_ids(sources: Sequence[str], tokenizer: Any, config: ChildBLDConfig, *, skip: int) -> torch.Tensor:
     """The training sequences of ``config``: ``(steps * step_batch, seq_len)`` ids of the train split after its
-    first ``skip`` (a search passes the library's calibration and BLD sequences)."""
+    first ``skip`` (a search passes the library's calibration and BLD sequences), in the order of ``config.seed``."""
     from puzzle.data import load_sequences
     from puzzle.errors import DataError
 
@@ -110,7 +113,10 @@ def training_ids(sources: Sequence[str], tokenizer: Any, config: ChildBLDConfig,
     if ids.shape[0] < skip + need:
         raise DataError(f"child-aware BLD needs {need} training sequences of {config.seq_len} tokens after the first "
                         f"{skip}; {list(sources)} has {ids.shape[0]}: add data or lower --child-bld-tokens")
-    return ids[skip:]
+    ids = ids[skip:]  # (need, seq_len)
+    if config.seed:
+        ids = ids[torch.randperm(need, generator=torch.Generator().manual_seed(config.seed))]
+    return ids
 
 
 def replaced_subblocks(child: Any, parent: Any) -> list[tuple[int, str]]:

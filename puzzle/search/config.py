@@ -121,7 +121,8 @@ class SearchConfig:
     measure_speed: bool | None = None
     """Measure parent and child step time on this machine in the evaluation. Default: true."""
     seed: int | None = None
-    """Seed of GKD. Default: 0."""
+    """Seed of the order of training sequences in BLD, child-aware BLD and GKD (0: the split's own order for both
+    BLDs, a fixed shuffle for GKD). Default: 0."""
     origin: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     """Where each set field came from: ``file``, ``flag`` or ``keyword`` (see :data:`SOURCES`)."""
 

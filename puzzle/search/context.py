@@ -64,7 +64,7 @@ class StageContext:
 
 
 def library_config(plan: Plan) -> Any:
-    """The block library's settings for this plan: the default search space, the plan's data and BLD tokens."""
+    """The block library's settings for this plan: the default search space, the plan's data, BLD tokens and seed."""
     from block_library import LibraryConfig
     from puzzle.data.config import DataConfig
     from puzzle.search.plan import plan_space
@@ -72,7 +72,7 @@ def library_config(plan: Plan) -> Any:
     steps = max(1, plan.bld_tokens // (8 * 256))
     return LibraryConfig(space=plan_space(plan), data=DataConfig(sources=plan.data)).with_bld(
         tokens=plan.bld_tokens, checkpoint_every=max(1, steps // 4), calib_sequences=plan.bld_eval_sequences,
-        val_sequences=plan.bld_eval_sequences)
+        val_sequences=plan.bld_eval_sequences, seed=plan.seed)
 
 
 def child_bld(ctx: StageContext, model: Any, directory: Path) -> ChildBLDResult:
@@ -83,7 +83,7 @@ def child_bld(ctx: StageContext, model: Any, directory: Path) -> ChildBLDResult:
 
     if not replaced_subblocks(model, ctx.parent):  # the parent's own sub-blocks and no-ops: nothing to train or read
         return ChildBLDResult(model=model, trained=[], steps=0, tokens=0, seconds=0.0)
-    cfg = ChildBLDConfig(tokens=ctx.plan.child_bld_tokens)
+    cfg = ChildBLDConfig(tokens=ctx.plan.child_bld_tokens, seed=ctx.plan.seed)
     ids = child_bld_ids(ctx.plan, ctx.tokenizer, cfg)
     return train_child_blocks(model, ctx.parent, ids, cfg, directory=directory, progress=ctx.progress)
 

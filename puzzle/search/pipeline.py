@@ -315,7 +315,7 @@ def stage_key(plan: Plan, stage: str, upstream: dict[str, str], parent_fingerpri
                 **({"bld": up["bld"], "data": list(p.data), "after": finalist_skip(p.eval_sequences)}
                    if p.finalists > 1 else {})}
     if stage == "child_bld":
-        return {"solve": up["solve"], "bld": up["bld"], "tokens": p.child_bld_tokens, "data": list(p.data),
+        return {"solve": up["solve"], "bld": up["bld"], "tokens": p.child_bld_tokens, "seed": p.seed, "data": list(p.data),
                 "after": [p.bld_eval_sequences, p.bld_tokens]}
     if stage == "fuse":
         return {"child_bld": up["child_bld"], "threshold": p.fuse_threshold, "sequences": p.fuse_sequences,
@@ -329,7 +329,7 @@ def stage_key(plan: Plan, stage: str, upstream: dict[str, str], parent_fingerpri
                 "scenarios": [sc.to_dict() for sc in p.scenarios]}
     # baselines: the same budget on the same costs, the same GKD and evaluation; the puzzle child to time against
     return {"bld": up["bld"], "score": up["score"], "profile": up["profile"], "evaluate": up["evaluate"],
-            "names": list(p.baselines), **limits, "child_bld": p.child_bld_tokens,
+            "names": list(p.baselines), **limits, "child_bld": [p.child_bld_tokens, p.seed],
             "gkd": [p.gkd_steps, p.gkd_batch, p.seed], "data": list(p.data),
             "sequences": [p.fuse_sequences, p.eval_sequences], "speed": p.measure_speed}
 

@@ -261,3 +261,22 @@ def test_cli_build_train_show_inspect(tiny_text_parent, tmp_path, capsys):
     assert child.config.blocks == blocks
     want = load_file(out / "trained" / "L002.ffn.swiglu-32.safetensors")["mlp.up_proj.weight"]
     assert torch.equal(child.model.layers[2].mlp.up_proj.weight, want)
+
+
+@pytest.mark.slow  # trains a library
+def test_the_seed_changes_the_training_order_only(built, trained, tmp_path):
+    assert "seed" not in tiny_config().to_dict()["bld"]  # seed 0, the split's order: older libraries keep their hash
+    assert tiny_config(seed=1).sha256() != tiny_config().sha256()
+    with pytest.raises(ConfigError, match="seed"):
+        tiny_config(seed=-1)
+    out = tmp_path / "seeded"
+    shutil.copytree(built, out)
+    train_library(out, config=tiny_config(seed=1), progress=False)
+    a, b = open_library(trained).table, open_library(out).table
+    tr = b[b.trained.astype(bool)]
+    assert len(tr) == 3 * (2 + 6) and (tr.final_val_nmse < tr.init_val_nmse).all()  # it learns as seed 0 does
+    assert (a.init_val_nmse.values == b.init_val_nmse.values).all()  # the same initialization
+    names = sorted(f.name for f in (trained / "trained").glob("*.safetensors"))
+    assert names == sorted(f.name for f in (out / "trained").glob("*.safetensors"))
+    same = [torch.equal(x, load_file(out / "trained" / n)[k]) for n in names for k, x in load_file(trained / "trained" / n).items()]
+    assert not any(same)  # the same sequences in another order: other weights, every tensor

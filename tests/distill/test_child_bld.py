@@ -149,3 +149,17 @@ def test_on_smollm2_a_library_child_gets_closer_to_the_parent(smollm2, smollm2_t
     summary = result.summary()  # two steps on different batches: the mean, not every sub-block, must fall
     assert result.steps == 2 and summary["last_nmse"] < summary["first_nmse"], summary
     assert kl_after < 0.95 * kl_before, (kl_before, kl_after)
+
+
+def test_the_seed_orders_the_training_sequences(tiny_text_parent):
+    from dataclasses import replace
+
+    from puzzle.distill.child_bld import training_ids
+    from puzzle.loading import load_tokenizer
+
+    tok, cfg = load_tokenizer(str(tiny_text_parent)), ChildBLDConfig(tokens=8 * 32, **SMALL)
+    a, b = training_ids(["stdlib"], tok, cfg, skip=3), training_ids(["stdlib"], tok, replace(cfg, seed=1), skip=3)
+    assert a.shape == b.shape == (8, 32) and not torch.equal(a, b)
+    assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist()))  # the same sequences, in another order
+    with pytest.raises(ConfigError, match="seed"):
+        replace(cfg, seed=-1)
