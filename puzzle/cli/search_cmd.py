@@ -90,6 +90,9 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse-distill-steps", type=int, help="local distillation steps of each fused block (default: 100)")
     p.add_argument("--gkd-steps", type=int, help="global distillation steps; 0 skips it (preset)")
     p.add_argument("--gkd-batch", type=int, help="sequences per GKD step (preset)")
+    p.add_argument("--gkd-top-k", type=int, help="the parent's top-k log-probabilities on the GKD tokens, cached once "
+                   "for the child and every baseline; 0: a live parent every step (default: 64; 0 on a --cluster of "
+                   "several ranks)")
     p.add_argument("--eval-sequences", type=int, help="held-out sequences of the final evaluation (preset)")
     p.add_argument("--seed", type=int, help="seed of the training order of BLD, child-aware BLD and GKD (default: 0)")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None, dest="measure_speed",
@@ -102,7 +105,7 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
 FLAG_SETTINGS = ("model", "data", "budget", "cluster", "max_memory_per_rank", "tp", "dtype", "speedup", "throughput",
                  "memory", "scenario", "batch", "context", "solver", "constraints", "calibrate", "baselines", "engine", "space", "preset", "bld_tokens", "bld_eval_sequences",
                  "score_sequences", "score_seq_len", "finalists", "child_bld_tokens", "fuse_threshold", "fuse_sequences", "fuse_distill_steps",
-                 "gkd_steps", "gkd_batch", "eval_sequences", "measure_speed", "seed")
+                 "gkd_steps", "gkd_batch", "gkd_top_k", "eval_sequences", "measure_speed", "seed")
 """Flags that set the :class:`SearchConfig` field of the same name (``--speed/--no-speed``: ``measure_speed``)."""
 
 

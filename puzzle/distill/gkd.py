@@ -40,8 +40,9 @@ from puzzle.data.packing import load_sequences
 from block_library.distributed import Shard
 from puzzle.distill import artifact, sharding
 from puzzle.distill.config import GKDConfig
-from puzzle.distill.losses import (LayerMap, batch_losses, check_compatible, resolve_layer_map, validation_metrics,
-                                   validation_sums)
+from puzzle.distill.losses import (LayerMap, batch_losses, cached_batch_losses, check_compatible, resolve_layer_map,
+                                   validation_metrics, validation_sums)
+from puzzle.distill.teacher_cache import TeacherTargets, targets_key
 from puzzle.errors import ConfigError, NumericalError
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.weights import model_from_state_dict
@@ -72,7 +73,7 @@ class GKDResult:
 
 def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer: Any, out_dir: str | Path,
                   cfg: GKDConfig | None = None, *, layer_map: Sequence[Sequence[int]] | None = None,
-                  force: bool = False, progress: bool = True,
+                  force: bool = False, progress: bool = True, teacher: TeacherTargets | None = None,
                   on_step: Callable[[int], None] | None = None) -> GKDResult:
     """Distill ``child`` against ``parent`` (or resume, or reuse a complete run in ``out_dir``).
 
@@ -80,6 +81,9 @@ def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer
     differ. ``on_step(step)`` is called after every optimizer step. Raises :class:`StaleArtifactError`
     when ``out_dir`` holds a run of other inputs (unless ``force``) and :class:`NumericalError` on a
     non-finite loss.
+
+    ``teacher``: the parent's cached targets on :func:`gkd_train_ids` (:func:`puzzle.distill.teacher_cache.teacher_targets`,
+    ``hidden="final"``, one process): training steps then run no parent forward pass; validation still does.
 
     Under ``torchrun`` (WORLD_SIZE > 1) every process calls this with the same arguments (the models may
     stay on the CPU: the shards go to the process's GPU, or stay on the CPU without CUDA); ``out_dir`` must
@@ -96,14 +100,21 @@ def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer
     pairs = resolve_layer_map(cfg, child.config.num_hidden_layers, parent.config.num_hidden_layers, layer_map)
     if cfg.batch % world:
         raise ConfigError(f"batch {cfg.batch} does not split over {world} processes: use a multiple of {world}")
-    train_ids = load_sequences(cfg.sources, tokenizer, seq_len=cfg.seq_len, num_sequences=cfg.train_sequences,
-                               split="train")
+    if teacher is not None and (world > 1 or cfg.hidden != "final"):
+        raise ConfigError("cached teacher targets are for GKD in one process with hidden='final'; "
+                          "drop them (a live parent) or use hidden='final'")
+    train_ids = gkd_train_ids(cfg, tokenizer)
     val_ids = load_sequences(cfg.sources, tokenizer, seq_len=cfg.seq_len, num_sequences=cfg.val_sequences,
                              split="validation")
     fingerprint = artifact.files_fingerprint if on_disk else artifact.model_fingerprint
     inputs = {"config": cfg.identity(), "child_sha256": fingerprint(child),
               "parent_sha256": fingerprint(parent), "layer_map": [list(p) for p in pairs],
               "train_ids_sha256": artifact.ids_sha256(train_ids), "val_ids_sha256": artifact.ids_sha256(val_ids)}
+    if teacher is not None:
+        if teacher.key != targets_key(inputs["parent_sha256"], train_ids, teacher.top_k):
+            raise ConfigError("the cached teacher targets are of other tokens or another parent: compute them with "
+                              "teacher_targets(parent, gkd_train_ids(cfg, tokenizer), top_k, path)")
+        inputs["teacher_top_k"] = teacher.top_k  # the coarsened KL trains other weights than the full one
     joined = sharding.join()
     shard, mesh = joined if joined is not None else (None, None)
     done = sharding.on_rank0(lambda: artifact.prepare(out, inputs, force=force), shard)
@@ -111,17 +122,17 @@ def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer
         log.info("%s already holds this GKD run (complete); nothing to do", out)
         return _stored_result(out, done, load=not on_disk)
 
-    student, teacher, plain = _models(child, parent, cfg, mesh)
+    student, teacher_model, plain = _models(child, parent, cfg, mesh)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     key = artifact.inputs_sha256(inputs)
     start, rows = artifact.load_checkpoint(out, model=student, optimizer=optimizer, inputs_key=key)
     if start:
         log.info("resuming GKD at step %d of %d", start, cfg.steps)
     else:
-        rows = [_val_row(student, teacher, val_ids, pairs, cfg, step=0, shard=shard)]
+        rows = [_val_row(student, teacher_model, val_ids, pairs, cfg, step=0, shard=shard)]
     t0 = time.perf_counter()
-    rows = _train(student, teacher, optimizer, cfg, pairs, train_ids=train_ids, val_ids=val_ids, rows=rows,
-                  start=start, out=out, key=key, shard=shard, progress=progress, on_step=on_step)
+    rows = _train(student, teacher_model, optimizer, cfg, pairs, train_ids=train_ids, val_ids=val_ids, rows=rows,
+                  start=start, out=out, key=key, shard=shard, progress=progress, on_step=on_step, cached=teacher)
     seconds = time.perf_counter() - t0
 
     model = plain(student)
@@ -131,6 +142,7 @@ def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer
         "stage": artifact.STAGE, "status": "complete", "inputs": inputs, "config": cfg.to_dict(),
         "initial": initial, "final": final, "parent_val_lm": rows[0]["val_parent_lm"], "child": artifact.CHILD,
         "tokens": {"train": cfg.steps * cfg.batch * cfg.seq_len, "validation": int(val_ids.numel())},
+        "train_tokens_per_s": round((cfg.steps - start) * cfg.batch * cfg.seq_len / max(seconds, 1e-9), 1),
         "seconds_this_run": round(seconds, 2), "resumed_at_step": start, "processes": world}
     if on_disk:  # every rank gathers tensor by tensor; rank 0 writes each one and drops it
         artifact.save_child_sharded(out, model, tokenizer, shard)
@@ -144,6 +156,11 @@ def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer
     log.info("GKD: validation KL %.4f -> %.4f, top-1 %.3f -> %.3f; child saved to %s",
              initial["kl"], final["kl"], initial["top1"], final["top1"], out / artifact.CHILD)
     return GKDResult(model=model, curve=curve, initial=initial, final=final, directory=out, manifest=manifest)
+
+
+def gkd_train_ids(cfg: GKDConfig, tokenizer: Any) -> torch.Tensor:
+    """(steps x batch, seq_len) ids: the train split's sequences GKD reads (a step visits them in the seed's order)."""
+    return load_sequences(cfg.sources, tokenizer, seq_len=cfg.seq_len, num_sequences=cfg.train_sequences, split="train")
 
 
 def _models(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, cfg: GKDConfig, mesh: DeviceMesh | None
@@ -180,7 +197,7 @@ def _models(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, cfg: GKDConfig,
 def _train(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, optimizer: torch.optim.Optimizer, cfg: GKDConfig,
            pairs: LayerMap, *, train_ids: torch.Tensor, val_ids: torch.Tensor, rows: list[dict[str, Any]], start: int,
            out: Path, key: str, shard: Shard | None, progress: bool,
-           on_step: Callable[[int], None] | None) -> list[dict[str, Any]]:
+           on_step: Callable[[int], None] | None, cached: TeacherTargets | None = None) -> list[dict[str, Any]]:
     """Steps ``start`` .. ``cfg.steps``: one curve row each, validations and checkpoints on schedule."""
     device = next(student.parameters()).device
     writer = sharding.is_writer(shard)
@@ -194,9 +211,11 @@ def _train(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, optimizer: tor
         done = step + 1
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_fraction, cfg.min_lr_ratio)
         rows_of_step = [(step * cfg.batch + j) % n for j in range(rank * local, (rank + 1) * local)]
-        batch = train_ids[order[rows_of_step]].to(device)  # (local, T)
+        idx = order[rows_of_step]
+        batch = train_ids[idx].to(device)  # (local, T)
+        targets = cached.rows(idx) if cached is not None else None
         row = {"step": done, "lr": lr,
-               **_train_step(student, parent, batch, optimizer, lr, cfg, pairs, step, shard=shard)}
+               **_train_step(student, parent, batch, optimizer, lr, cfg, pairs, step, shard=shard, cached=targets)}
         if done == cfg.steps or (cfg.val_every and done % cfg.val_every == 0):
             row.update(_val_row(student, parent, val_ids, pairs, cfg, step=done, shard=shard))
         rows.append(row)
@@ -216,7 +235,7 @@ def _train(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, optimizer: tor
 
 def _train_step(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, batch: torch.Tensor,
                 optimizer: torch.optim.Optimizer, lr: float, cfg: GKDConfig, pairs: LayerMap,
-                step: int, *, shard: Shard | None) -> dict[str, float]:
+                step: int, *, shard: Shard | None, cached: TeacherTargets | None = None) -> dict[str, float]:
     """One optimizer step on this process's ``batch`` (b, T), gradients accumulated over micro-batches (and
     averaged over the processes by FSDP's reduce-scatter, as the losses are here)."""
     chunk = cfg.micro_batch or batch.shape[0]
@@ -224,7 +243,10 @@ def _train_step(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, batch: to
     for c in range(0, batch.shape[0], chunk):
         part = batch[c:c + chunk]
         share = part.shape[0] / batch.shape[0]  # every sequence has T-1 scored tokens: mean of means
-        losses = batch_losses(student, parent, part, cfg, pairs)
+        if cached is None:
+            losses = batch_losses(student, parent, part, cfg, pairs)
+        else:  # the parent's targets of these rows, read from the cache
+            losses = cached_batch_losses(student, part, cached.rows(torch.arange(c, c + part.shape[0])), cfg)
         (losses["loss"] * share).backward()
         for k in totals:
             totals[k] += share * float(losses[k].detach())

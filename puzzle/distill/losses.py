@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from puzzle.distill.config import GKDConfig
+from puzzle.distill.teacher_cache import TeacherTargets, cached_kl
 from puzzle.errors import ConfigError
 from puzzle.model import PuzzleForCausalLM
 from puzzle.scoring.metrics import TokenSums, next_token_logprobs
@@ -91,6 +92,21 @@ def batch_losses(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, ids: torch
     kl = F.kl_div(q_logp, p_logp, reduction="sum", log_target=True) / labels.numel()
     lm = F.nll_loss(q_logp.reshape(-1, q_logp.shape[-1]), labels.reshape(-1))
     cos = _cos_distance(c_out.hidden_states, p_out.hidden_states, pairs, torch.float32).mean()
+    loss = cfg.kl_weight * kl + cfg.cosine_weight * cos + cfg.lm_weight * lm
+    return {"loss": loss, "kl": kl.detach(), "cos": cos.detach(), "lm": lm.detach()}
+
+
+def cached_batch_losses(child: PuzzleForCausalLM, ids: torch.Tensor, targets: TeacherTargets,
+                        cfg: GKDConfig) -> dict[str, torch.Tensor]:
+    """:func:`batch_losses` against the parent's cached targets of the same ids (B, T) instead of a parent forward
+    pass (:mod:`puzzle.distill.teacher_cache`: the KL coarsened to the parent's top k; ``hidden="final"``)."""
+    with autocast(ids.device):
+        c_out = child(input_ids=ids, use_cache=False, output_hidden_states=True)
+    q_logp = next_token_logprobs(c_out.logits)  # (B, T-1, V) fp32
+    labels = ids[:, 1:]  # (B, T-1)
+    kl = cached_kl(q_logp, targets) / labels.numel()
+    lm = F.nll_loss(q_logp.reshape(-1, q_logp.shape[-1]), labels.reshape(-1))
+    cos = _cos_distance([c_out.hidden_states[-1]], [targets.hidden.to(ids.device)], [(0, 0)], torch.float32).mean()
     loss = cfg.kl_weight * kl + cfg.cosine_weight * cos + cfg.lm_weight * lm
     return {"loss": loss, "kl": kl.detach(), "cos": cos.detach(), "lm": lm.detach()}
 

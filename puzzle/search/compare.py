@@ -50,7 +50,7 @@ def _build_baseline(ctx: Any, choice: Any, sub: Path) -> dict[str, Any]:
     from puzzle.evaluation import evaluate
     from puzzle.loading import save_runtime
     from puzzle.schema import blocks_from_list
-    from puzzle.search.context import child_bld, resume_or_restart
+    from puzzle.search.context import child_bld, gkd_teacher, resume_or_restart
     from solvers.labels import block_dict
 
     done = sub / "evaluation.json"
@@ -63,7 +63,7 @@ def _build_baseline(ctx: Any, choice: Any, sub: Path) -> dict[str, Any]:
     if cfg.gkd_steps > 0:
         gcfg = GKDConfig(sources=cfg.data, steps=cfg.gkd_steps, batch=cfg.gkd_batch, seed=cfg.seed)
         result = resume_or_restart(distill_child, child, ctx.parent, ctx.tokenizer, sub / "gkd", gcfg,
-                                    progress=ctx.progress)
+                                    progress=ctx.progress, teacher=gkd_teacher(ctx, gcfg))  # the child's cache
         child, gkd = result.model, {"steps": cfg.gkd_steps, "initial": result.initial, "final": result.final}
     save_runtime(child, sub / "child", overwrite=True)
     ev = evaluate(child, ctx.tokenizer, parent=ctx.parent, sources=cfg.data, num_sequences=cfg.eval_sequences)

@@ -116,6 +116,10 @@ class SearchConfig:
     """Global distillation steps (preset); 0 skips GKD."""
     gkd_batch: int | None = None
     """Sequences per GKD step (preset)."""
+    gkd_top_k: int | None = None
+    """The parent's top-k next-token log-probabilities (with the mass outside them and its last hidden state) on the
+    GKD tokens, computed once and cached in safetensors for the child and every baseline
+    (:mod:`puzzle.distill.teacher_cache`); 0: a live parent every step. Default: 64 (0 on a multi-rank cluster)."""
     eval_sequences: int | None = None
     """Held-out sequences of the final evaluation (preset)."""
     measure_speed: bool | None = None
@@ -203,7 +207,7 @@ _KINDS: dict[str, str] = {
     "constraints": "strs", "calibrate": "bool", "baselines": "strs", "engine": "str", "space": "mapping", "preset": "str",
     "bld_tokens": "int", "bld_eval_sequences": "int",
     "score_sequences": "int", "score_seq_len": "int", "finalists": "int", "child_bld_tokens": "int", "fuse_threshold": "float", "fuse_sequences": "int",
-    "fuse_distill_steps": "int", "gkd_steps": "int", "gkd_batch": "int", "eval_sequences": "int",
+    "fuse_distill_steps": "int", "gkd_steps": "int", "gkd_batch": "int", "gkd_top_k": "int", "eval_sequences": "int",
     "measure_speed": "bool", "seed": "int",
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -211,7 +215,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "preset": tuple(PRESETS), "engine": ENGINE_NAMES,
 }
 _AT_LEAST = {"tp": 1, "batch": 1, "context": 1, "bld_tokens": 1, "bld_eval_sequences": 1, "score_sequences": 1, "score_seq_len": 2,
-             "fuse_sequences": 1, "eval_sequences": 1, "gkd_batch": 1, "gkd_steps": 0, "fuse_distill_steps": 0, "child_bld_tokens": 0, "finalists": 1,
+             "fuse_sequences": 1, "eval_sequences": 1, "gkd_batch": 1, "gkd_top_k": 0, "gkd_steps": 0, "fuse_distill_steps": 0, "child_bld_tokens": 0, "finalists": 1,
              "seed": 0}
 
 

@@ -32,6 +32,8 @@ class StageContext:
         self._tokenizer: Any = None
         self.group: Any = None
         """The process group (:class:`puzzle.search.ranks.Group`) the search runs in."""
+        self.shared_dir: Path = run_dir
+        """Where the budget-independent stages and caches are (a frontier's searches share it)."""
 
     @property
     def source(self) -> Any:
@@ -86,6 +88,20 @@ def child_bld(ctx: StageContext, model: Any, directory: Path) -> ChildBLDResult:
     cfg = ChildBLDConfig(tokens=ctx.plan.child_bld_tokens, seed=ctx.plan.seed)
     ids = child_bld_ids(ctx.plan, ctx.tokenizer, cfg)
     return train_child_blocks(model, ctx.parent, ids, cfg, directory=directory, progress=ctx.progress)
+
+
+def gkd_teacher(ctx: StageContext, cfg: Any) -> Any:
+    """The parent's cached GKD targets on ``cfg``'s tokens (a ``GKDConfig``) with the plan's ``gkd_top_k``, or None
+    (0: a live parent). Kept in ``<shared dir>/teacher/``: computed once, read by the child's GKD, every baseline's
+    and every search sharing the directory on the same tokens (other seeds visit the same sequences)."""
+    from puzzle.distill.gkd import gkd_train_ids
+    from puzzle.distill.teacher_cache import teacher_targets
+
+    if not ctx.plan.gkd_top_k:
+        return None
+    k = min(ctx.plan.gkd_top_k, ctx.parent.config.vocab_size)  # a tiny vocabulary: every token, the exact KL
+    path = ctx.shared_dir / "teacher" / f"gkd-top{k}.safetensors"
+    return teacher_targets(ctx.parent, gkd_train_ids(cfg, ctx.tokenizer), k, path, progress=ctx.progress)
 
 
 def child_bld_ids(plan: Plan, tokenizer: Any, cfg: Any) -> Any:

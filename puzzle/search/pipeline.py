@@ -30,7 +30,7 @@ from puzzle.evaluation.engine_speed import ENGINES_TIMED, engine_available
 from puzzle.io import atomic_write_json, atomic_write_text
 from puzzle.search.compare import stage_baselines
 from puzzle.search.config import SearchConfig
-from puzzle.search.context import StageContext, child_bld, library_config, resume_or_restart, solve_problem
+from puzzle.search.context import StageContext, child_bld, gkd_teacher, library_config, resume_or_restart, solve_problem
 from puzzle.search.finalists import finalist_skip
 from puzzle.search.plan import Plan, resolve
 from puzzle.search.preflight import PLAN_FILE, RUN_FILE, preflight
@@ -230,7 +230,8 @@ def stage_gkd(ctx: StageContext, d: Path) -> dict[str, Any]:
         return {"model": str(d / "gkd" / "child"), "steps": p.gkd_steps, "initial": result.initial,
                 "final": result.final}
     child = load_model(ctx.out("fuse", "model"))
-    result = resume_or_restart(distill_child, child, ctx.parent, ctx.tokenizer, d / "gkd", gcfg, progress=ctx.progress)
+    result = resume_or_restart(distill_child, child, ctx.parent, ctx.tokenizer, d / "gkd", gcfg, progress=ctx.progress,
+                               teacher=gkd_teacher(ctx, gcfg))
     save_runtime(result.model, d / "child", overwrite=True)
     return {"model": str(d / "child"), "steps": p.gkd_steps, "initial": result.initial, "final": result.final}
 
@@ -321,7 +322,8 @@ def stage_key(plan: Plan, stage: str, upstream: dict[str, str], parent_fingerpri
         return {"child_bld": up["child_bld"], "threshold": p.fuse_threshold, "sequences": p.fuse_sequences,
                 "distill": p.fuse_distill_steps, "target": p.target.to_dict()}
     if stage == "gkd":
-        return {"fuse": up["fuse"], "steps": p.gkd_steps, "batch": p.gkd_batch, "seed": p.seed, "data": list(p.data)}
+        return {"fuse": up["fuse"], "steps": p.gkd_steps, "batch": p.gkd_batch, "seed": p.seed, "data": list(p.data),
+                "top_k": p.gkd_top_k}
     if stage == "export":
         return {"gkd": up["gkd"]}
     if stage == "evaluate":
@@ -330,7 +332,7 @@ def stage_key(plan: Plan, stage: str, upstream: dict[str, str], parent_fingerpri
     # baselines: the same budget on the same costs, the same GKD and evaluation; the puzzle child to time against
     return {"bld": up["bld"], "score": up["score"], "profile": up["profile"], "evaluate": up["evaluate"],
             "names": list(p.baselines), **limits, "child_bld": [p.child_bld_tokens, p.seed],
-            "gkd": [p.gkd_steps, p.gkd_batch, p.seed], "data": list(p.data),
+            "gkd": [p.gkd_steps, p.gkd_batch, p.seed, p.gkd_top_k], "data": list(p.data),
             "sequences": [p.fuse_sequences, p.eval_sequences], "speed": p.measure_speed}
 
 
@@ -404,7 +406,7 @@ def _search(config: SearchConfig | Plan, run_dir: str | Path, *, progress: bool,
     group.barrier()
     pin_mmap_threshold()  # freed weights leave RSS: each stage's measured peak is its own
     ctx = StageContext(plan, run_dir, progress and group.first)
-    ctx.group = group
+    ctx.group, ctx.shared_dir = group, shared
     run = SearchRun(directory=run_dir, plan=plan)
     fp = parent_fingerprint(ctx.source)
     upstream: dict[str, str] = {}

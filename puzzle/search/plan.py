@@ -29,7 +29,7 @@ from puzzle.search.config import PRESETS, SearchConfig, settings_fields
 DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m", "data": ("stdlib",), "budget": "8xH100", "scenario": "decode", "batch": 8,
     "context": 1024, "solver": "ortools-mip", "constraints": (), "baselines": (), "preset": "quick",
-    "fuse_distill_steps": 100, "seed": 0, "throughput": None, "memory": None, "space": None, "engine": "vllm",
+    "fuse_distill_steps": 100, "gkd_top_k": 64, "seed": 0, "throughput": None, "memory": None, "space": None, "engine": "vllm",
 }
 """Plain defaults; the preset's stage sizes and the target-derived settings are filled in by :func:`resolve`."""
 DEFAULT_SPEEDUP = 1.5
@@ -192,7 +192,7 @@ def resolve(config: SearchConfig | None = None) -> Plan:
                "measure_speed": 2 * whole <= cluster.memory_per_rank}
     for name, value in derived.items():
         settings.setdefault(name, Setting(value, "derived"))
-    for name, off in (("child_bld_tokens", 0), ("finalists", 1)):  # one process only, parent and child whole
+    for name, off in (("child_bld_tokens", 0), ("finalists", 1), ("gkd_top_k", 0)):  # one process only
         if cluster.count > 1 and settings[name].value != off:
             if settings[name].source not in ("preset", "default"):
                 raise ConfigError(f"{name} {settings[name].value}: it runs in one process and --cluster {cluster.name} "

@@ -143,7 +143,7 @@ FLAG_VALUES = {  # a value for every setting, different from its default, and ho
     "score_sequences": (5, ["--score-sequences", "5"]), "score_seq_len": (77, ["--score-seq-len", "77"]),
     "finalists": (3, ["--finalists", "3"]), "child_bld_tokens": (4096, ["--child-bld-tokens", "4096"]), "fuse_threshold": (0.05, ["--fuse-threshold", "0.05"]), "fuse_sequences": (6, ["--fuse-sequences", "6"]),
     "fuse_distill_steps": (7, ["--fuse-distill-steps", "7"]), "gkd_steps": (9, ["--gkd-steps", "9"]),
-    "gkd_batch": (3, ["--gkd-batch", "3"]), "eval_sequences": (11, ["--eval-sequences", "11"]),
+    "gkd_batch": (3, ["--gkd-batch", "3"]), "gkd_top_k": (32, ["--gkd-top-k", "32"]), "eval_sequences": (11, ["--eval-sequences", "11"]),
     "measure_speed": (False, ["--no-speed"]), "seed": (5, ["--seed", "5"]),
 }
 
@@ -220,12 +220,12 @@ def test_profile_picks_a_tensor_parallel_degree_the_model_splits_into(smol_shape
 
 def test_the_one_process_stages_are_off_on_a_cluster_of_several_ranks(smol_shape):
     one = resolve(SearchConfig(model=smol_shape))
-    assert (one.finalists, one.child_bld_tokens) == (4, 16384)  # the quick preset
+    assert (one.finalists, one.child_bld_tokens, one.gkd_top_k) == (4, 16384, 64)  # the quick preset, the default
     two = resolve(SearchConfig(model=smol_shape, cluster="2xcpu"))
-    assert (two.finalists, two.child_bld_tokens) == (1, 0)
-    assert two.settings["finalists"].source == two.settings["child_bld_tokens"].source == "derived"
+    assert (two.finalists, two.child_bld_tokens, two.gkd_top_k) == (1, 0, 0)
+    assert {two.settings[n].source for n in ("finalists", "child_bld_tokens", "gkd_top_k")} == {"derived"}
     assert [s.how for s in two.resources.stages if s.stage in ("solve", "child_bld")] == [
         "rank 0: the MIP", "rank 0: the child assembled tensor by tensor (child-aware BLD off)"]
-    for name, value in (("finalists", 4), ("child_bld_tokens", 4096)):  # said explicitly: refused, not dropped
+    for name, value in (("finalists", 4), ("child_bld_tokens", 4096), ("gkd_top_k", 64)):  # explicit: refused
         with pytest.raises(ConfigError, match=f"^{name} {value}: it runs in one process .* set it to"):
             resolve(SearchConfig(model=smol_shape, cluster="2xcpu", **{name: value}))
