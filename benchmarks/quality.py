@@ -30,7 +30,8 @@ finalists of each budget.
 
 Writes ``benchmarks/results/quality.csv`` (method, preset, seed, budget, flops_pct, gkd, kl, ppl, top1,
 predicted_kl, finalists, spearman, detail), ``quality_fidelity.csv`` (every finalist: predicted and
-measured KL) and ``quality.png``. ``--quick``: a random 3-layer parent with tiny sizes (under a minute; its
+measured KL), keeping the rows of other presets and seeds, and ``quality.png`` (mean and spread over seeds).
+``--no-controls`` skips the two control rows' child-aware BLD (uniform pruning, the MIP's optimum). ``--quick``: a random 3-layer parent with tiny sizes (under a minute; its
 numbers mean nothing), written to ``results/quality_quick.csv`` and ``quality_fidelity_quick.csv`` (plot: in
 the run directory).
 """
@@ -92,7 +93,7 @@ def held_out(run: Any, tokenizer: Any, finalists: int, evaluation: int) -> tuple
 
 
 def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: list[float], k: int,
-            finalist_sequences: int, eval_sequences: int, child_bld_tokens: int,
+            finalist_sequences: int, eval_sequences: int, child_bld_tokens: int, controls: bool = True,
             progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The comparison table and the finalists' table, from a finished search in ``run_dir``."""
     import torch
@@ -146,14 +147,16 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
         q = measure(uniform, eval_ids, eval_ref)
         rows.append({**budget, "method": "uniform_ffn", **_q(q), "detail": f"every FFN {uniform_blocks[0].ffn.label}, "
                      "untrained (the FFN initializer's channels)"})
-        rows.append(child_bld("uniform_ffn_child_bld", uniform, budget, f"every FFN {uniform_blocks[0].ffn.label}"))
+        if controls:
+            rows.append(child_bld("uniform_ffn_child_bld", uniform, budget, f"every FFN {uniform_blocks[0].ffn.label}"))
         del uniform
         problem = problem_from_tables(scores, costs, score_column="kl", budget=Budget(max_params=fixed + decoder))
         best = solve(problem, backend=plan.solver)
         child = lib.assemble(blocks_from_list(best.block_configs()))
         rows.append({**budget, "method": "puzzle", **_q(measure(child, eval_ids, eval_ref)),
                      "predicted_kl": best.objective, "detail": " ".join(best.layer_labels())})
-        rows.append({**child_bld("puzzle_child_bld", child, budget, "the MIP's optimum"), "predicted_kl": best.objective})
+        if controls:
+            rows.append({**child_bld("puzzle_child_bld", child, budget, "the MIP's optimum"), "predicted_kl": best.objective})
         del child
         t0 = time.perf_counter()
         sols = diverse_solutions(problem, k, min_fraction=0.1, backend=plan.solver)
@@ -187,6 +190,15 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
     return pd.DataFrame(rows).reindex(columns=COLUMNS), pd.concat(fidelity, ignore_index=True)
 
 
+def _merged(path: Path, new: pd.DataFrame) -> pd.DataFrame:
+    """``new`` with the rows of ``path`` of other (preset, seed) pairs."""
+    if not path.is_file():
+        return new
+    old = pd.read_csv(path)
+    keep = ~old.set_index(["preset", "seed"]).index.isin(new.set_index(["preset", "seed"]).index.unique())
+    return pd.concat([old[keep], new], ignore_index=True)
+
+
 def _width(lib: Any, r: float) -> int:
     """The side library's FFN width for keep-ratio ``r`` (its space rounds ``r x parent`` to an integer)."""
     parent = lib.parent_config.blocks[0].ffn.intermediate_size
@@ -199,23 +211,27 @@ def _q(q: dict[str, float]) -> dict[str, float]:
 
 
 def plot(df: pd.DataFrame, fid: pd.DataFrame, path: Path) -> None:
+    """KL against decoder FLOPs per preset and method (the mean over seeds, bars from the lowest to the highest
+    seed), and the finalists' measured against predicted KL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method, d in df.dropna(subset=["kl"]).groupby("method"):
-        d = d.sort_values("flops_pct")
-        a.plot(d.flops_pct, d.kl, marker="*" if method.startswith("puzzle") else "o", label=method)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for (preset, method), d in df.dropna(subset=["kl"]).groupby(["preset", "method"]):
+        g = d.groupby("flops_pct").kl.agg(["mean", "min", "max"]).sort_index()
+        a.errorbar(g.index, g["mean"], yerr=[g["mean"] - g["min"], g["max"] - g["mean"]], capsize=3,
+                   marker="*" if method.startswith("puzzle") else "o", ls="-" if preset == "full" else "--",
+                   label=f"{method} ({preset}, {d.seed.nunique()} seed{'s' * (d.seed.nunique() > 1)})")
     a.set(xlabel="decoder FLOPs (% of the parent's)", ylabel="KL to the parent (held-out, before GKD)", yscale="log")
     a.grid(alpha=0.3)
-    a.legend(fontsize=8)
-    for budget, d in fid.groupby("budget"):
-        b.scatter(d.predicted_kl, d.kl, s=14, label=budget)
+    a.legend(fontsize=6, ncol=2)
+    for (preset, budget), d in fid.groupby(["preset", "budget"]):
+        b.scatter(d.predicted_kl, d.kl, s=14, label=f"{preset} {budget}")
     b.set(xlabel="MIP's predicted KL (summed replace-1 scores)", ylabel="measured KL (finalist tokens)")
     b.grid(alpha=0.3)
-    b.legend(fontsize=8)
+    b.legend(fontsize=7)
     fig.suptitle("puzzle vs pruning at equal decoder FLOPs, before global distillation")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -233,6 +249,8 @@ def main() -> None:
     ap.add_argument("--finalists", type=int, default=None, help="MIP solutions measured per budget (default 24)")
     ap.add_argument("--child-bld-tokens", type=int, default=None,
                     help="tokens of child-aware BLD (default: the preset's; --quick: 1024)")
+    ap.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
+                    help="also give child-aware BLD to uniform pruning and to the MIP's optimum (default: on)")
     ap.add_argument("--run", default=None, help="run directory (default runs/quality-PRESET-sSEED; quick: a temp dir)")
     args = ap.parse_args()
     try:
@@ -260,11 +278,13 @@ def main() -> None:
     search(cfg, run_dir, progress=not args.quick, echo=print)
     df, fid = compare(run_dir, quick=args.quick, preset=args.preset, seed=args.seed, fractions=fractions, k=k,
                       finalist_sequences=2 if args.quick else 4, eval_sequences=2 if args.quick else 8,
-                      child_bld_tokens=cb_tokens, progress=not args.quick)
+                      child_bld_tokens=cb_tokens, controls=args.controls, progress=not args.quick)
     from puzzle.io import atomic_write_text
 
     RESULTS.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""  # *_quick.csv are not committed; the quick plot stays in the run
+    if not args.quick:  # the rows of other presets and seeds stay
+        df, fid = _merged(RESULTS / "quality.csv", df), _merged(RESULTS / "quality_fidelity.csv", fid)
     atomic_write_text(RESULTS / f"quality{suffix}.csv", df.to_csv(index=False))
     atomic_write_text(RESULTS / f"quality_fidelity{suffix}.csv", fid.to_csv(index=False))
     plot(df, fid, run_dir / "quality.png" if args.quick else RESULTS / "quality.png")
