@@ -67,6 +67,12 @@ class TeacherTargets:
         return sum(t.numel() * t.element_size() for t in (self.logp, self.index.to(torch.int32), self.rest, self.hidden))
 
 
+def bytes_per_token(top_k: int, hidden_size: int) -> int:
+    """Bytes a cache holds per token (in memory and on disk): k log-probabilities and ids, the rest, the hidden
+    state in bfloat16."""
+    return top_k * (4 + 4) + 4 + hidden_size * 2
+
+
 def targets_key(parent_sha256: str, ids: torch.Tensor, top_k: int) -> str:
     """What identifies a cache: the parent (:func:`puzzle.distill.artifact.model_fingerprint`), the ids, k."""
     from puzzle.distill.artifact import ids_sha256

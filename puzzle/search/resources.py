@@ -165,6 +165,7 @@ class Work:
     fuse_distill_steps: int = 100
     gkd_steps: int = 16
     gkd_batch: int = 2
+    gkd_top_k: int = 0
     eval_sequences: int = 4
     measure_speed: bool = True
     cpu_calibrate: bool = False
@@ -178,7 +179,7 @@ class Work:
                    val_sequences=plan.bld_eval_sequences, score_sequences=plan.score_sequences, score_seq_len=plan.score_seq_len,
                    finalists=plan.finalists, child_bld_tokens=plan.child_bld_tokens, fuse=plan.fuse_threshold > 0, fuse_sequences=plan.fuse_sequences,
                    fuse_distill_steps=plan.fuse_distill_steps, gkd_steps=plan.gkd_steps, gkd_batch=plan.gkd_batch,
-                   eval_sequences=plan.eval_sequences, measure_speed=bool(plan.measure_speed),
+                   gkd_top_k=plan.gkd_top_k, eval_sequences=plan.eval_sequences, measure_speed=bool(plan.measure_speed),
                    cpu_calibrate=bool(plan.calibrate))
 
 
@@ -478,6 +479,12 @@ def gkd_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Cluster)
     if offload:
         host = PROCESS_BYTES + TRAIN_BYTES_PER_PARAM * C / W
         how += ", the student's fp32 state in host RAM (CPU offload)"
+    if w.gkd_top_k and W == 1:  # the parent's targets, computed once, held in host RAM beside the rest
+        from puzzle.distill.teacher_cache import bytes_per_token
+
+        cache = w.gkd_steps * w.gkd_batch * w.seq_len * bytes_per_token(w.gkd_top_k, config.hidden_size)
+        host += cache
+        how += f", the parent's top-{w.gkd_top_k} targets cached ({cache / 2**30:.2f} GiB in host RAM)"
     flops = w.gkd_steps * w.gkd_batch * w.seq_len * ((8 if checkpointing else 6) * C + 2 * P) / W
     ranks = [RankUse(r, (0, len(sizes)), device, host, (C * 4 if r == 0 else 0.0), flops / cluster.flops_per_rank)
              for r in range(W)]

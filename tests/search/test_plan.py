@@ -229,3 +229,16 @@ def test_the_one_process_stages_are_off_on_a_cluster_of_several_ranks(smol_shape
     for name, value in (("finalists", 4), ("child_bld_tokens", 4096), ("gkd_top_k", 64)):  # explicit: refused
         with pytest.raises(ConfigError, match=f"^{name} {value}: it runs in one process .* set it to"):
             resolve(SearchConfig(model=smol_shape, cluster="2xcpu", **{name: value}))
+
+
+def test_the_gkd_teacher_cache_is_planned_in_host_ram(smol_shape):
+    from puzzle.distill.teacher_cache import bytes_per_token
+
+    def gkd(**kw):  # noqa: ANN003, ANN202
+        return next(s for s in resolve(SearchConfig(model=smol_shape, **kw)).resources.stages if s.stage == "gkd")
+
+    cached, live = gkd(), gkd(gkd_top_k=0)
+    tokens = 16 * 2 * 256  # the quick preset's GKD
+    assert cached.ranks[0].host_bytes - live.ranks[0].host_bytes == tokens * bytes_per_token(64, 576)
+    assert "top-64 targets cached" in cached.how and "cached" not in live.how
+    assert cached.ranks[0].device_bytes == live.ranks[0].device_bytes  # the parent stays loaded for validation
