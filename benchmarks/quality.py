@@ -199,6 +199,15 @@ def _merged(path: Path, new: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([old[keep], new], ignore_index=True)
 
 
+def parse_fractions(text: str) -> list[float] | None:
+    """``0.75,0.5`` -> [0.75, 0.5]; None unless every item is a keep-ratio strictly between 0 and 1."""
+    try:
+        fractions = [float(x) for x in text.split(",")]
+    except ValueError:
+        return None
+    return fractions if fractions and all(0.0 < f < 1.0 for f in fractions) else None
+
+
 def _width(lib: Any, r: float) -> int:
     """The side library's FFN width for keep-ratio ``r`` (its space rounds ``r x parent`` to an integer)."""
     parent = lib.parent_config.blocks[0].ffn.intermediate_size
@@ -253,11 +262,8 @@ def main() -> None:
                     help="also give child-aware BLD to uniform pruning and to the MIP's optimum (default: on)")
     ap.add_argument("--run", default=None, help="run directory (default runs/quality-PRESET-sSEED; quick: a temp dir)")
     args = ap.parse_args()
-    try:
-        fractions = [float(x) for x in args.fractions.split(",")]
-    except ValueError:
-        fractions = []
-    if not fractions or not all(0.0 < f < 1.0 for f in fractions):
+    fractions = parse_fractions(args.fractions)
+    if fractions is None:
         ap.error(f"--fractions must be comma-separated keep-ratios strictly between 0 and 1, got {args.fractions!r}")
     k = args.finalists if args.finalists is not None else (4 if args.quick else 24)
     if k < 1:

@@ -82,6 +82,8 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-seq-len", type=int, help="tokens per scoring sequence (preset)")
     p.add_argument("--finalists", type=int, help="the MIP's best different solutions measured on held-out tokens; "
                    "the lowest KL goes on (1: the MIP's optimum; preset; 1 on a --cluster of several ranks)")
+    p.add_argument("--refine-rounds", type=int, help="after the finalists, rounds of re-scoring every block around the "
+                   "best measured child and solving again (0: off; preset; 0 on a --cluster of several ranks)")
     p.add_argument("--child-bld-tokens", type=int, help="tokens of child-aware BLD: the child's replaced sub-blocks "
                    "retrained on its own activations after the MIP; 0 skips it (preset; 0 on a --cluster of several ranks)")
     p.add_argument("--fuse-threshold", type=float, help="max pairwise FFN dependency of a fused segment; 0: no fusion "
@@ -104,7 +106,7 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
 
 FLAG_SETTINGS = ("model", "data", "budget", "cluster", "max_memory_per_rank", "tp", "dtype", "speedup", "throughput",
                  "memory", "scenario", "batch", "context", "solver", "constraints", "calibrate", "baselines", "engine", "space", "preset", "bld_tokens", "bld_eval_sequences",
-                 "score_sequences", "score_seq_len", "finalists", "child_bld_tokens", "fuse_threshold", "fuse_sequences", "fuse_distill_steps",
+                 "score_sequences", "score_seq_len", "finalists", "refine_rounds", "child_bld_tokens", "fuse_threshold", "fuse_sequences", "fuse_distill_steps",
                  "gkd_steps", "gkd_batch", "gkd_top_k", "eval_sequences", "measure_speed", "seed")
 """Flags that set the :class:`SearchConfig` field of the same name (``--speed/--no-speed``: ``measure_speed``)."""
 

@@ -86,11 +86,13 @@ class LayerModules:
     """(sub-block, label) -> the variant's module of one layer (a DecoderBlock holding only that sub-block),
     float32 on ``device``, read from the library when first asked for. The parent's own halves stay; of
     the other variants only the last one asked for is kept, so a layer never holds all its variants
-    (for a 405B parent they are 11 B parameters)."""
+    (for a 405B parent they are 11 B parameters). ``keep``: more (sub-block, label) kept once loaded (a
+    context child's own halves, :mod:`puzzle.scoring.context`)."""
 
-    def __init__(self, lib: Library, layer: int, *, initial: bool, device: Any = "cpu") -> None:
+    def __init__(self, lib: Library, layer: int, *, initial: bool, device: Any = "cpu",
+                 keep: tuple[tuple[str, str], ...] = ()) -> None:
         self.lib, self.layer, self.initial, self.device = lib, layer, initial, device
-        self.parent = set(zip(("attention", "ffn"), parent_labels(lib, layer)))
+        self.parent = set(zip(("attention", "ffn"), parent_labels(lib, layer))) | set(keep)
         self.loaded: dict[tuple[str, str], nn.Module] = {}
 
     def __getitem__(self, key: tuple[str, str]) -> nn.Module:
@@ -105,9 +107,10 @@ class LayerModules:
         return self.loaded[key]
 
 
-def layer_modules(lib: Library, layer: int, *, initial: bool, device: Any = "cpu") -> LayerModules:
+def layer_modules(lib: Library, layer: int, *, initial: bool, device: Any = "cpu",
+                  keep: tuple[tuple[str, str], ...] = ()) -> LayerModules:
     """The variants of ``layer``, loaded one at a time as they are used (see :class:`LayerModules`)."""
-    return LayerModules(lib, layer, initial=initial, device=device)
+    return LayerModules(lib, layer, initial=initial, device=device, keep=keep)
 
 
 def _block_output(rep: Replacement, cache: ParentCache, modules: LayerModules,

@@ -31,9 +31,9 @@ BASELINES = ("uniform_ffn", "shortgpt", "attention_removal")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"bld_tokens": 4096, "bld_eval_sequences": 16, "score_sequences": 2, "score_seq_len": 128, "fuse_sequences": 4,
-              "finalists": 4, "child_bld_tokens": 16384, "gkd_steps": 16, "gkd_batch": 2, "eval_sequences": 4},
+              "finalists": 4, "refine_rounds": 0, "child_bld_tokens": 16384, "gkd_steps": 16, "gkd_batch": 2, "eval_sequences": 4},
     "full": {"bld_tokens": 65536, "bld_eval_sequences": 16, "score_sequences": 8, "score_seq_len": 256, "fuse_sequences": 8,
-             "finalists": 8, "child_bld_tokens": 65536, "gkd_steps": 200, "gkd_batch": 4, "eval_sequences": 16},
+             "finalists": 8, "refine_rounds": 0, "child_bld_tokens": 65536, "gkd_steps": 200, "gkd_batch": 4, "eval_sequences": 16},
 }
 SOURCES = ("default", "preset", "derived", "file", "flag", "keyword")
 """Where a setting's value came from, as a plan reports it."""
@@ -102,6 +102,9 @@ class SearchConfig:
     """The MIP's best solutions that differ in at least a tenth of their layers, each assembled and measured
     (KL to the parent on ``eval_sequences`` held-out sequences after the evaluation's); the lowest goes on
     (:mod:`puzzle.search.finalists`). 1: the MIP's optimum (preset; 1 on a multi-rank cluster)."""
+    refine_rounds: int | None = None
+    """Rounds of refinement after the finalists: every block re-scored around the best measured child and the
+    MIP solved again on those scores (:mod:`puzzle.search.refine`); 0: off (preset; 0 on a multi-rank cluster)."""
     child_bld_tokens: int | None = None
     """Tokens of child-aware BLD: after the MIP, the child's replaced sub-blocks retrained on the child's own
     activations (:mod:`puzzle.distill.child_bld`); 0 skips it (preset; 0 on a multi-rank cluster)."""
@@ -206,7 +209,7 @@ _KINDS: dict[str, str] = {
     "throughput": "float", "memory": "float", "scenario": "str", "batch": "int", "context": "int", "solver": "str",
     "constraints": "strs", "calibrate": "bool", "baselines": "strs", "engine": "str", "space": "mapping", "preset": "str",
     "bld_tokens": "int", "bld_eval_sequences": "int",
-    "score_sequences": "int", "score_seq_len": "int", "finalists": "int", "child_bld_tokens": "int", "fuse_threshold": "float", "fuse_sequences": "int",
+    "score_sequences": "int", "score_seq_len": "int", "finalists": "int", "refine_rounds": "int", "child_bld_tokens": "int", "fuse_threshold": "float", "fuse_sequences": "int",
     "fuse_distill_steps": "int", "gkd_steps": "int", "gkd_batch": "int", "gkd_top_k": "int", "eval_sequences": "int",
     "measure_speed": "bool", "seed": "int",
 }
@@ -216,7 +219,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 _AT_LEAST = {"tp": 1, "batch": 1, "context": 1, "bld_tokens": 1, "bld_eval_sequences": 1, "score_sequences": 1, "score_seq_len": 2,
              "fuse_sequences": 1, "eval_sequences": 1, "gkd_batch": 1, "gkd_top_k": 0, "gkd_steps": 0, "fuse_distill_steps": 0, "child_bld_tokens": 0, "finalists": 1,
-             "seed": 0}
+             "refine_rounds": 0, "seed": 0}
 
 
 def _check(name: str, value: Any) -> Any:

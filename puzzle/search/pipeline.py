@@ -133,7 +133,7 @@ def stage_solve(ctx: StageContext, d: Path) -> dict[str, Any]:
 
     p, problem = ctx.plan, solve_problem(ctx)
     measured: dict[str, Any] = {}
-    if p.finalists == 1:
+    if p.finalists == 1 and not p.refine_rounds:
         with solver_errors():
             solution = solve(problem, backend=p.solver)
     else:  # the MIP's best different children (its optimum first), measured; the lowest KL goes on
@@ -144,12 +144,26 @@ def stage_solve(ctx: StageContext, d: Path) -> dict[str, Any]:
         with solver_errors():
             solutions = diverse_solutions(problem, p.finalists, min_fraction=0.1, backend=p.solver)
         ids = finalist_ids(p.data, ctx.tokenizer, skip=finalist_skip(p.eval_sequences), sequences=SEQUENCES)
-        finalists = measure_finalists(open_library(ctx.out("bld", "library")), ctx.parent, solutions, ids,
-                                      progress=ctx.progress)
-        atomic_write_text(d / "finalists.csv", pd.DataFrame([f.row() for f in finalists]).to_csv(index=False))
+        lib = open_library(ctx.out("bld", "library"))
+        finalists = measure_finalists(lib, ctx.parent, solutions, ids, progress=ctx.progress)
+        rows = [{**f.row(), "round": None} for f in finalists]
+        spearman = score_fidelity(finalists)
+        if p.refine_rounds:  # re-score around the best measured child, solve again; a better child goes on
+            from puzzle.search.finalists import parent_logprobs
+            from puzzle.search.refine import REFINED_COLUMNS, refine
+
+            with solver_errors():
+                steps = refine(problem, lib, finalists, ids, parent_logprobs(ctx.parent, ids), rounds=p.refine_rounds,
+                               backend=p.solver, progress=ctx.progress)
+            rows += [s.row() for s in steps]
+            finalists = sorted(finalists + [s.finalist for s in steps], key=lambda f: (f.kl, f.mip_rank))
+        table = pd.DataFrame(rows)
+        if p.refine_rounds:  # the refinement's columns, empty when its first round found nothing new
+            table = table.reindex(columns=list(table.columns) + [c for c in REFINED_COLUMNS if c not in table])
+        atomic_write_text(d / "finalists.csv", table.to_csv(index=False))
         solution = finalists[0].solution
         measured = {"finalists": len(finalists), "mip_rank": finalists[0].mip_rank, "kl": finalists[0].kl,
-                    "spearman": score_fidelity(finalists)}
+                    "spearman": spearman}
         log.info("finalists: MIP rank %d of %d measures the lowest KL, %.4g", finalists[0].mip_rank, len(finalists),
                  finalists[0].kl)
     write_json(d / "solution.json", solution.to_dict())
@@ -314,7 +328,8 @@ def stage_key(plan: Plan, stage: str, upstream: dict[str, str], parent_fingerpri
         return {"score": up["score"], "profile": up["profile"], **limits, "solver": p.solver,
                 "constraints": list(p.constraints), "finalists": p.finalists,
                 **({"bld": up["bld"], "data": list(p.data), "after": finalist_skip(p.eval_sequences)}
-                   if p.finalists > 1 else {})}
+                   if p.finalists > 1 or p.refine_rounds else {}),
+                **({"refine_rounds": p.refine_rounds} if p.refine_rounds else {})}
     if stage == "child_bld":
         return {"solve": up["solve"], "bld": up["bld"], "tokens": p.child_bld_tokens, "seed": p.seed, "data": list(p.data),
                 "after": [p.bld_eval_sequences, p.bld_tokens]}

@@ -192,7 +192,7 @@ def resolve(config: SearchConfig | None = None) -> Plan:
                "measure_speed": 2 * whole <= cluster.memory_per_rank}
     for name, value in derived.items():
         settings.setdefault(name, Setting(value, "derived"))
-    for name, off in (("child_bld_tokens", 0), ("finalists", 1), ("gkd_top_k", 0)):  # one process only
+    for name, off in (("child_bld_tokens", 0), ("finalists", 1), ("refine_rounds", 0), ("gkd_top_k", 0)):  # one process only
         if cluster.count > 1 and settings[name].value != off:
             if settings[name].source not in ("preset", "default"):
                 raise ConfigError(f"{name} {settings[name].value}: it runs in one process and --cluster {cluster.name} "

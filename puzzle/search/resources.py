@@ -159,6 +159,7 @@ class Work:
     score_sequences: int = 2
     score_seq_len: int = 128
     finalists: int = 1
+    refine_rounds: int = 0
     child_bld_tokens: int = 0
     fuse: bool = False
     fuse_sequences: int = 4
@@ -177,7 +178,7 @@ class Work:
     def from_plan(cls, plan: Any) -> Work:
         return cls(bld_tokens=plan.bld_tokens, calib_sequences=plan.bld_eval_sequences,
                    val_sequences=plan.bld_eval_sequences, score_sequences=plan.score_sequences, score_seq_len=plan.score_seq_len,
-                   finalists=plan.finalists, child_bld_tokens=plan.child_bld_tokens, fuse=plan.fuse_threshold > 0, fuse_sequences=plan.fuse_sequences,
+                   finalists=plan.finalists, refine_rounds=plan.refine_rounds or 0, child_bld_tokens=plan.child_bld_tokens, fuse=plan.fuse_threshold > 0, fuse_sequences=plan.fuse_sequences,
                    fuse_distill_steps=plan.fuse_distill_steps, gkd_steps=plan.gkd_steps, gkd_batch=plan.gkd_batch,
                    gkd_top_k=plan.gkd_top_k, eval_sequences=plan.eval_sequences, measure_speed=bool(plan.measure_speed),
                    cpu_calibrate=bool(plan.calibrate))
@@ -344,7 +345,7 @@ def profile_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Clus
 
 def solve_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Cluster) -> StageUse:
     b = _base(cluster)
-    if w.finalists <= 1 or cluster.count > 1:  # one process only: the plan measures no finalists on more ranks
+    if (w.finalists <= 1 and not w.refine_rounds) or cluster.count > 1:  # one process only: none on more ranks
         return _stage("solve", "rank 0: the MIP", [RankUse(0, (0, 0), b, _host(cluster, b) + 0.25 * GIB, 0.0, 5.0)],
                       cluster)
     _, C = _child(config, w)
@@ -354,7 +355,18 @@ def solve_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Cluste
     # parent and one finalist whole (fp32), the parent's log-probs, one chunk of 2 sequences' logits in flight
     peak = b + (P + C) * 4 + tokens * config.vocab_size * 4 + 3 * 2 * w.seq_len * config.vocab_size * 4
     seconds = 5.0 * w.finalists + 2 * (P + w.finalists * C) * tokens / cluster.flops_per_rank
-    return _stage("solve", f"one process: the MIP's {w.finalists} best different children measured",
+    how = f"one process: the MIP's {w.finalists} best different children measured"
+    if w.refine_rounds:  # at most every variant half swapped into the child (it swaps the finalists' only), through
+        # the later layers and the head
+        V, H = config.vocab_size, config.hidden_size
+        swaps = sum(len(s.trainable) + 2 for s in sizes)  # every trained variant and the no-ops
+        flops = sum((len(s.trainable) + 2) * 2 * (s.parent_params + sum(x.parent_params for x in sizes[l + 1:]) + V * H)
+                    for l, s in enumerate(sizes)) * tokens
+        seconds += w.refine_rounds * (5.0 + flops / cluster.flops_per_rank + 2 * C * tokens / cluster.flops_per_rank)
+        # the child's streams (input and mid of every layer) and four swaps' streams in flight
+        peak += 2 * len(sizes) * tokens * H * 4 + 4 * tokens * H * 4
+        how += f", then {w.refine_rounds} refinement round(s) of at most {swaps} swaps"
+    return _stage("solve", how,
                   [RankUse(0, (0, len(sizes)), peak, _host(cluster, peak), 0.0, seconds)], cluster)
 
 

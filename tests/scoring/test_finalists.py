@@ -31,13 +31,18 @@ def _costs(lib) -> pd.DataFrame:  # noqa: ANN001
     return pd.DataFrame(rows)
 
 
+def budget_problem(scored, lib, fraction: float):  # noqa: ANN001, ANN201
+    """The MIP over the tiny library's scores with ``fraction`` of the parent's decoder parameters."""
+    costs = _costs(lib)
+    parent_params = costs.merge(scored.scores[scored.scores.is_parent][["layer", "variant"]]).params
+    budget = Budget(max_params=1000.0 + fraction * parent_params.sum())
+    return problem_from_tables(scored.scores, costs, score_column="kl", budget=budget), budget
+
+
 def test_finalists_are_measured_children_best_first(scored_additive, tiny_library, tiny_text_parent):
     lib = open_library(tiny_library)
     parent, tok = load_model(str(tiny_text_parent)), load_tokenizer(str(tiny_text_parent))
-    costs = _costs(lib)
-    parent_params = costs.merge(scored_additive.scores[scored_additive.scores.is_parent][["layer", "variant"]]).params
-    budget = Budget(max_params=1000.0 + 0.7 * parent_params.sum())
-    problem = problem_from_tables(scored_additive.scores, costs, score_column="kl", budget=budget)
+    problem, budget = budget_problem(scored_additive, lib, 0.7)
     ids = finalist_ids(["stdlib"], tok, skip=2, sequences=2)
     sols = diverse_solutions(problem, 4, min_fraction=0.3)
     assert len(sols) == 4 and len({tuple(s.layer_labels()) for s in sols}) == 4

@@ -141,7 +141,7 @@ FLAG_VALUES = {  # a value for every setting, different from its default, and ho
     "bld_eval_sequences": (5, ["--bld-eval-sequences", "5"]),
     "space": ({"ffn": {"sizes": [0.5]}, "attention": {"kv_heads": [1]}}, ["--space", "{tmp}/space.yaml"]),
     "score_sequences": (5, ["--score-sequences", "5"]), "score_seq_len": (77, ["--score-seq-len", "77"]),
-    "finalists": (3, ["--finalists", "3"]), "child_bld_tokens": (4096, ["--child-bld-tokens", "4096"]), "fuse_threshold": (0.05, ["--fuse-threshold", "0.05"]), "fuse_sequences": (6, ["--fuse-sequences", "6"]),
+    "finalists": (3, ["--finalists", "3"]), "refine_rounds": (2, ["--refine-rounds", "2"]), "child_bld_tokens": (4096, ["--child-bld-tokens", "4096"]), "fuse_threshold": (0.05, ["--fuse-threshold", "0.05"]), "fuse_sequences": (6, ["--fuse-sequences", "6"]),
     "fuse_distill_steps": (7, ["--fuse-distill-steps", "7"]), "gkd_steps": (9, ["--gkd-steps", "9"]),
     "gkd_batch": (3, ["--gkd-batch", "3"]), "gkd_top_k": (32, ["--gkd-top-k", "32"]), "eval_sequences": (11, ["--eval-sequences", "11"]),
     "measure_speed": (False, ["--no-speed"]), "seed": (5, ["--seed", "5"]),
@@ -226,9 +226,23 @@ def test_the_one_process_stages_are_off_on_a_cluster_of_several_ranks(smol_shape
     assert {two.settings[n].source for n in ("finalists", "child_bld_tokens", "gkd_top_k")} == {"derived"}
     assert [s.how for s in two.resources.stages if s.stage in ("solve", "child_bld")] == [
         "rank 0: the MIP", "rank 0: the child assembled tensor by tensor (child-aware BLD off)"]
-    for name, value in (("finalists", 4), ("child_bld_tokens", 4096), ("gkd_top_k", 64)):  # explicit: refused
+    assert two.refine_rounds == 0
+    for name, value in (("finalists", 4), ("refine_rounds", 1), ("child_bld_tokens", 4096), ("gkd_top_k", 64)):
         with pytest.raises(ConfigError, match=f"^{name} {value}: it runs in one process .* set it to"):
             resolve(SearchConfig(model=smol_shape, cluster="2xcpu", **{name: value}))
+
+
+def test_refinement_is_planned_in_the_solve_stage(smol_shape):
+    plain = resolve(SearchConfig(model=smol_shape))
+    refined = resolve(SearchConfig(model=smol_shape, refine_rounds=2))
+    a, b = ({s.stage: s for s in p.resources.stages}["solve"] for p in (plain, refined))
+    assert a.how.endswith("children measured") and b.how.endswith("refinement round(s) of at most 240 swaps")  # 30 x (6 trained + 2 no-ops)
+    ra, rb = a.ranks[0], b.ranks[0]
+    H, N = 576, 4 * 256  # SmolLM2's width; the finalists' tokens
+    assert rb.device_bytes - ra.device_bytes == 2 * 30 * N * H * 4 + 4 * N * H * 4
+    assert rb.seconds > ra.seconds + 10.0
+    with pytest.raises(ConfigError, match="refine_rounds"):
+        resolve(SearchConfig(model=smol_shape, refine_rounds=-1))
 
 
 def test_the_gkd_teacher_cache_is_planned_in_host_ram(smol_shape):

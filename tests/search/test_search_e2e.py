@@ -208,3 +208,20 @@ def test_a_damaged_stage_redoes_exactly_it_and_the_stages_that_read_it(copied_ru
     lines.clear()
     search(SearchConfig(model=str(tiny_text_parent), **TINY), copy, progress=False, echo=lines.append)
     assert _ran(lines) == []
+
+
+def test_refinement_rounds_resolve_only_and_the_lowest_measured_child_goes_on(finished_run, tiny_text_parent):
+    run, _ = finished_run
+    lines: list[str] = []
+    cfg = SearchConfig(model=str(tiny_text_parent), **{**TINY, "refine_rounds": 2, "gkd_steps": 0})
+    search(cfg, run.directory, progress=False, echo=lines.append)
+    skipped = [line.split()[1].rstrip(":") for line in lines if line.endswith("skipped")]
+    assert skipped == ["library", "bld", "score", "profile"]
+    fin = pd.read_csv(run.directory / "solve" / "finalists.csv")
+    first, refined = fin[fin["round"].isna()], fin[fin["round"].notna()]
+    assert len(first) == 4 and len(refined) <= 2 and list(refined["round"]) == list(range(len(refined)))
+    assert set(refined.mip_rank) == set(range(4, 4 + len(refined)))
+    assert not set(refined.blocks) & set(first.blocks)  # each a new child
+    out = json.loads((run.directory / "solve" / "stage.json").read_text())
+    assert out["outputs"]["kl"] == pytest.approx(fin.kl.min()) and out["outputs"]["finalists"] == len(fin)
+    assert (refined.context_predicted_kl > 0).all() and (refined.seconds > 0).all()
