@@ -146,7 +146,7 @@ def stage_solve(ctx: StageContext, d: Path) -> dict[str, Any]:
         ids = finalist_ids(p.data, ctx.tokenizer, skip=finalist_skip(p.eval_sequences), sequences=SEQUENCES)
         lib = open_library(ctx.out("bld", "library"))
         finalists = measure_finalists(lib, ctx.parent, solutions, ids, progress=ctx.progress)
-        rows = [{**f.row(), "round": None} for f in finalists]
+        rows = [f.row() for f in finalists]
         spearman = score_fidelity(finalists)
         if p.refine_rounds:  # re-score around the best measured child, solve again; a better child goes on
             from puzzle.search.finalists import parent_logprobs
