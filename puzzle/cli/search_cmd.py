@@ -82,8 +82,8 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-seq-len", type=int, help="tokens per scoring sequence (preset)")
     p.add_argument("--finalists", type=int, help="the MIP's best different solutions measured on held-out tokens; "
                    "the lowest KL goes on (1: the MIP's optimum; preset; 1 on a --cluster of several ranks)")
-    p.add_argument("--refine-rounds", type=int, help="after the finalists, rounds of re-scoring every block around the "
-                   "best measured child and solving again (0: off; preset; 0 on a --cluster of several ranks)")
+    p.add_argument("--refine-rounds", type=int, help="after the finalists, rounds of re-scoring the finalists' blocks "
+                   "around the best measured child and solving again (0: off; preset; 0 on a --cluster of several ranks)")
     p.add_argument("--child-bld-tokens", type=int, help="tokens of child-aware BLD: the child's replaced sub-blocks "
                    "retrained on its own activations after the MIP; 0 skips it (preset; 0 on a --cluster of several ranks)")
     p.add_argument("--fuse-threshold", type=float, help="max pairwise FFN dependency of a fused segment; 0: no fusion "

@@ -103,8 +103,9 @@ class SearchConfig:
     (KL to the parent on ``eval_sequences`` held-out sequences after the evaluation's); the lowest goes on
     (:mod:`puzzle.search.finalists`). 1: the MIP's optimum (preset; 1 on a multi-rank cluster)."""
     refine_rounds: int | None = None
-    """Rounds of refinement after the finalists: every block re-scored around the best measured child and the
-    MIP solved again on those scores (:mod:`puzzle.search.refine`); 0: off (preset; 0 on a multi-rank cluster)."""
+    """Rounds of refinement after the finalists: the finalists' blocks re-scored around the best measured child
+    and the MIP solved again on those scores (:mod:`puzzle.search.refine`); 0: off (preset; 0 on a multi-rank
+    cluster)."""
     child_bld_tokens: int | None = None
     """Tokens of child-aware BLD: after the MIP, the child's replaced sub-blocks retrained on the child's own
     activations (:mod:`puzzle.distill.child_bld`); 0 skips it (preset; 0 on a multi-rank cluster)."""
