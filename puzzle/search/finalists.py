@@ -100,14 +100,14 @@ def measure(child: Any, ids: torch.Tensor, reference: list[torch.Tensor], *, chu
 
 
 def measure_finalists(library: Any, parent: Any, solutions: Sequence[Any], ids: torch.Tensor, *,
-                      progress: bool = False) -> list[Finalist]:
+                      reference: list[torch.Tensor] | None = None, progress: bool = False) -> list[Finalist]:
     """Assemble and measure each solution (in MIP order); return them best measured first (ties: MIP order).
 
     One process holds the parent, one child at a time and the parent's log-probs, ``N x (T-1) x V`` floats
     (SmolLM2, 4 x 256 tokens: 200 MB; a 128k vocabulary: 520 MB)."""
     from puzzle.schema import blocks_from_list
 
-    reference = parent_logprobs(parent, ids)
+    reference = parent_logprobs(parent, ids) if reference is None else reference  # :func:`parent_logprobs` on ids
     out: list[Finalist] = []
     for rank, sol in enumerate(tqdm(solutions, desc="finalists", unit="child", disable=not progress)):
         child = library.assemble(blocks_from_list(sol.block_configs()))

@@ -138,28 +138,27 @@ def stage_solve(ctx: StageContext, d: Path) -> dict[str, Any]:
             solution = solve(problem, backend=p.solver)
     else:  # the MIP's best different children (its optimum first), measured; the lowest KL goes on
         from block_library import open_library
-        from puzzle.search.finalists import SEQUENCES, finalist_ids, measure_finalists, score_fidelity
+        from puzzle.search.finalists import SEQUENCES, finalist_ids, measure_finalists, parent_logprobs, score_fidelity
         from solvers.diverse import diverse_solutions
 
         with solver_errors():
             solutions = diverse_solutions(problem, p.finalists, min_fraction=0.1, backend=p.solver)
         ids = finalist_ids(p.data, ctx.tokenizer, skip=finalist_skip(p.eval_sequences), sequences=SEQUENCES)
         lib = open_library(ctx.out("bld", "library"))
-        finalists = measure_finalists(lib, ctx.parent, solutions, ids, progress=ctx.progress)
-        rows = [f.row() for f in finalists]
+        reference = parent_logprobs(ctx.parent, ids)  # once, for the finalists and the refinement
+        finalists = measure_finalists(lib, ctx.parent, solutions, ids, reference=reference, progress=ctx.progress)
+        table = pd.DataFrame([f.row() for f in finalists])
         spearman = score_fidelity(finalists)
         if p.refine_rounds:  # re-score around the best measured child, solve again; a better child goes on
-            from puzzle.search.finalists import parent_logprobs
             from puzzle.search.refine import REFINED_COLUMNS, refine
 
             with solver_errors():
-                steps = refine(problem, lib, finalists, ids, parent_logprobs(ctx.parent, ids), rounds=p.refine_rounds,
-                               backend=p.solver, progress=ctx.progress)
-            rows += [s.row() for s in steps]
+                steps = refine(problem, lib, finalists, ids, reference, rounds=p.refine_rounds, backend=p.solver,
+                               progress=ctx.progress)
+            # the refinement's columns are there even when its first round found nothing new
+            table = pd.DataFrame([f.row() for f in finalists] + [s.row() for s in steps],
+                                 columns=[*table.columns, *REFINED_COLUMNS])
             finalists = sorted(finalists + [s.finalist for s in steps], key=lambda f: (f.kl, f.mip_rank))
-        table = pd.DataFrame(rows)
-        if p.refine_rounds:  # the refinement's columns, empty when its first round found nothing new
-            table = table.reindex(columns=list(table.columns) + [c for c in REFINED_COLUMNS if c not in table])
         atomic_write_text(d / "finalists.csv", table.to_csv(index=False))
         solution = finalists[0].solution
         measured = {"finalists": len(finalists), "mip_rank": finalists[0].mip_rank, "kl": finalists[0].kl,
