@@ -60,18 +60,20 @@ RESERVED = 16
 """Validation sequences of 256 tokens left to the search (its scoring and evaluation read the split's start)."""
 
 
-def search_config(quick: bool, preset: str, seed: int, parent: str | None) -> SearchConfig:
+def search_config(quick: bool, preset: str, seed: int, parent: str | None, ffn_refit: bool = False) -> SearchConfig:
     """The search that trains and scores the library; nothing after the MIP is used, so fusion and GKD are off."""
-    tail = dict(finalists=1, child_bld_tokens=0, fuse_threshold=0.0, gkd_steps=0, eval_sequences=1, measure_speed=False, seed=seed)
+    tail = dict(finalists=1, child_bld_tokens=0, fuse_threshold=0.0, gkd_steps=0, eval_sequences=1, measure_speed=False, seed=seed,
+                ffn_refit=ffn_refit)
     if quick:
         return SearchConfig(model=parent, budget="cpu", calibrate=False, batch=2, context=64, bld_tokens=2 * 8 * 256,
                             score_sequences=1, score_seq_len=32, engine="transformers", **tail)
     return SearchConfig(budget="cpu", preset=preset, **tail)
 
 
-def uniform_library(run: Any, out: Path, fractions: list[float]) -> Any:
+def uniform_library(run: Any, out: Path, fractions: list[float], *, ffn_refit: bool = False) -> Any:
     """A library without BLD whose FFN widths are ``fractions`` of the parent's (attention: the parent's), built
-    from the search library's calibration settings: its variants are the untrained uniform prunings."""
+    from the search library's calibration settings: its variants are the untrained uniform prunings (the kept
+    channels' down projection copied, or with ``ffn_refit`` refit by least squares)."""
     from block_library import build_library, open_library
     from block_library.space import SearchSpace
     from puzzle.search.context import library_config
@@ -80,7 +82,8 @@ def uniform_library(run: Any, out: Path, fractions: list[float]) -> Any:
         space = SearchSpace.from_dict({"attention": {"kv_heads": [], "linear": False, "no_op": False},
                                        "ffn": {"sizes": fractions, "multiple": 1, "linear": False, "no_op": False}})
         cfg = library_config(run.plan)
-        build_library(run.plan.model, out, type(cfg)(space=space, data=cfg.data, bld=cfg.bld), progress=False)
+        bld = replace(cfg.bld, ffn_refit=ffn_refit)
+        build_library(run.plan.model, out, type(cfg)(space=space, data=cfg.data, bld=bld), progress=False)
     return open_library(out)
 
 
@@ -94,7 +97,7 @@ def held_out(run: Any, tokenizer: Any, finalists: int, evaluation: int) -> tuple
 
 def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: list[float], k: int,
             finalist_sequences: int, eval_sequences: int, child_bld_tokens: int, controls: bool = True,
-            progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+            ffn_refit: bool = False, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The comparison table and the finalists' table, from a finished search in ``run_dir``."""
     import torch
 
@@ -114,13 +117,14 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
     from solvers.labels import block_dict
 
     torch.manual_seed(seed)
-    plan = resolve(search_config(quick, preset, seed, str(run_dir.parent / "parent") if quick else None))
+    plan = resolve(search_config(quick, preset, seed, str(run_dir.parent / "parent") if quick else None, ffn_refit))
     ctx = StageContext(plan, run_dir, False)
     lib = open_library(run_dir / "library" / "lib")
     parent, tok = load_model(plan.model), load_tokenizer(plan.model)
     fin_ids, eval_ids = held_out(ctx, tok, finalist_sequences, eval_sequences)
     eval_ref = parent_logprobs(parent, eval_ids)
     uni = uniform_library(ctx, run_dir / "uniform_library", fractions)
+    uni_refit = uniform_library(ctx, run_dir / "uniform_library_refit", fractions, ffn_refit=True) if ffn_refit else None
     scores = pd.read_csv(run_dir / "score" / "scores" / "scores.csv")
     costs = pd.read_csv(run_dir / "profile" / "costs.csv")
     fixed = float(costs[costs.variant == "fixed"].params.sum())
@@ -136,7 +140,7 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
                 "detail": f"{detail}; child-aware BLD: {len(r.trained)} sub-blocks, {r.tokens} tokens, {r.seconds:.0f} s"}
     rows: list[dict[str, Any]] = []
     fidelity: list[pd.DataFrame] = []
-    base = {"preset": "quick-test" if quick else preset, "seed": seed, "gkd": False}
+    base = {"preset": ("quick-test" if quick else preset) + ("+refit" if ffn_refit else ""), "seed": seed, "gkd": False}
     parent_blocks = uni.parent_config.blocks
     for r in fractions:
         uniform_blocks = [replace(b, ffn=FFNConfig.swiglu(_width(uni, r))) for b in parent_blocks]
@@ -150,6 +154,10 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
         if controls:
             rows.append(child_bld("uniform_ffn_child_bld", uniform, budget, f"every FFN {uniform_blocks[0].ffn.label}"))
         del uniform
+        if uni_refit is not None:  # the same pruning with the least-squares refit of the down projections
+            q = measure(uni_refit.assemble(uniform_blocks, initial=True), eval_ids, eval_ref)
+            rows.append({**budget, "method": "uniform_ffn_refit", **_q(q),
+                         "detail": f"every FFN {uniform_blocks[0].ffn.label}, untrained, least-squares refit"})
         problem = problem_from_tables(scores, costs, score_column="kl", budget=Budget(max_params=fixed + decoder))
         best = solve(problem, backend=plan.solver)
         child = lib.assemble(blocks_from_list(best.block_configs()))
@@ -260,7 +268,10 @@ def main() -> None:
                     help="tokens of child-aware BLD (default: the preset's; --quick: 1024)")
     ap.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
                     help="also give child-aware BLD to uniform pruning and to the MIP's optimum (default: on)")
-    ap.add_argument("--run", default=None, help="run directory (default runs/quality-PRESET-sSEED; quick: a temp dir)")
+    ap.add_argument("--ffn-refit", action="store_true", help="the search's library with the least-squares refit of "
+                    "pruned FFNs (bld.ffn_refit); rows labelled PRESET+refit, with uniform_ffn_refit rows")
+    ap.add_argument("--run", default=None, help="run directory (default runs/quality-PRESET-sSEED, "
+                    "runs/quality-PRESET-refit-sSEED with --ffn-refit; quick: a temp dir)")
     args = ap.parse_args()
     fractions = parse_fractions(args.fractions)
     if fractions is None:
@@ -279,12 +290,14 @@ def main() -> None:
         run_dir = Path(args.run or Path(tempfile.mkdtemp(prefix="puzzle-quality-")) / "run")
         write_tiny_parent(run_dir.parent / "parent") if not (run_dir.parent / "parent").exists() else None
     else:
-        run_dir = Path(args.run or f"runs/quality-{args.preset}-s{args.seed}")
-    cfg = search_config(args.quick, args.preset, args.seed, str(run_dir.parent / "parent") if args.quick else None)
+        run_dir = Path(args.run or f"runs/quality-{args.preset}{'-refit' if args.ffn_refit else ''}-s{args.seed}")
+    cfg = search_config(args.quick, args.preset, args.seed, str(run_dir.parent / "parent") if args.quick else None,
+                        args.ffn_refit)
     search(cfg, run_dir, progress=not args.quick, echo=print)
     df, fid = compare(run_dir, quick=args.quick, preset=args.preset, seed=args.seed, fractions=fractions, k=k,
                       finalist_sequences=2 if args.quick else 4, eval_sequences=2 if args.quick else 8,
-                      child_bld_tokens=cb_tokens, controls=args.controls, progress=not args.quick)
+                      child_bld_tokens=cb_tokens, controls=args.controls, ffn_refit=args.ffn_refit,
+                      progress=not args.quick)
     from puzzle.io import atomic_write_text
 
     RESULTS.mkdir(exist_ok=True)

@@ -42,6 +42,8 @@ def _needs(session: Session) -> dict[int, set[str]]:
             continue
         for n in family_of(v).needs:
             out.setdefault(v.layer, set()).add(f"lsq:{v.subblock}" if n == "lsq" else n)
+        if v.kind == "swiglu" and session.config.bld.ffn_refit:
+            out.setdefault(v.layer, set()).add("ffn_gram")
     return out
 
 
@@ -88,7 +90,7 @@ def _build_into(session: Session, tmp: Path, out: Path, *, progress: bool, max_m
 
     # Calibration statistics, for this rank's layers.
     ids, n = load_ids(session, "train", bld.calib_sequences)
-    collector = StatsCollector(_needs(session), eps=session.parent_config.rms_norm_eps, ridge=bld.ridge)
+    collector = StatsCollector(_needs(session), eps=session.parent_config.rms_norm_eps, ridge=bld.ridge, ffn_ridge=bld.ffn_ridge)
     blocks = session.teacher.blocks
 
     def visit(l, x, h, y, ctx):

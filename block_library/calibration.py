@@ -4,7 +4,10 @@
   channel of layer ``l``'s FFN (for importance pruning, :mod:`block_library.ffn`);
 * ``xtx[(l, sub)]`` (H, H) and ``xty[(l, sub)]`` (H, H), float64: ``X^T X`` and ``X^T Y`` with
   ``X`` the sub-block's normalized input and ``Y`` the parent sub-block's output (for the
-  least-squares linear replacements, :mod:`block_library.linear`).
+  least-squares linear replacements, :mod:`block_library.linear`);
+* ``ffn_gram[l]`` (m, m), float64: ``A^T A`` with ``A`` the FFN's intermediate activations
+  ``silu(gate x) * up x`` (for the least-squares refit of a pruned FFN's down projection,
+  ``bld.ffn_refit``, :mod:`block_library.ffn`).
 
 Only what the search space needs is collected, and only for this process's layers.
 """
@@ -24,10 +27,13 @@ class CalibrationStats:
     tokens: int = 0
     """Calibration tokens seen."""
     ridge: float = 1e-3
-    """Relative ridge term of the least-squares fits."""
+    """Relative ridge term of the least-squares fits of linear variants."""
+    ffn_ridge: float = 0.1
+    """Relative ridge term of the FFN refit, towards the plain copy."""
     ffn_act_abs_sum: dict[int, torch.Tensor] = field(default_factory=dict)
     xtx: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     xty: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    ffn_gram: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def normalized_input(block: torch.nn.Module, subblock: str, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,12 +47,12 @@ def normalized_input(block: torch.nn.Module, subblock: str, x: torch.Tensor, eps
 class StatsCollector:
     """A ``visit`` for :func:`block_library.teacher.run_pass` that accumulates the statistics.
 
-    ``needs[l]`` is a set of ``"ffn_importance"``, ``"lsq:attention"``, ``"lsq:ffn"``.
+    ``needs[l]`` is a set of ``"ffn_importance"``, ``"ffn_gram"``, ``"lsq:attention"``, ``"lsq:ffn"``.
     """
 
-    def __init__(self, needs: dict[int, set[str]], *, eps: float, ridge: float) -> None:
+    def __init__(self, needs: dict[int, set[str]], *, eps: float, ridge: float, ffn_ridge: float = 0.1) -> None:
         self.needs, self.eps = needs, eps
-        self.stats = CalibrationStats(ridge=ridge)
+        self.stats = CalibrationStats(ridge=ridge, ffn_ridge=ffn_ridge)
 
     @torch.no_grad()
     def __call__(self, l: int, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, ctx: dict, *, block: torch.nn.Module) -> None:
@@ -55,11 +61,15 @@ class StatsCollector:
             self._lsq((l, "attention"), normalized_input(block, "attention", x, self.eps), h - x)
         if "lsq:ffn" in need:
             self._lsq((l, "ffn"), normalized_input(block, "ffn", h, self.eps), y - h)
-        if "ffn_importance" in need and block.spec["ffn"] == "swiglu":
+        if need & {"ffn_importance", "ffn_gram"} and block.spec["ffn"] == "swiglu":
             xn = block.post_attention_layernorm(h)
             act = F.silu(block.mlp.gate_proj(xn)) * block.mlp.up_proj(xn)  # (B, T, m)
-            total = act.abs().double().sum(dim=(0, 1)).cpu()
-            s.ffn_act_abs_sum[l] = s.ffn_act_abs_sum.get(l, 0) + total
+            if "ffn_importance" in need:
+                total = act.abs().double().sum(dim=(0, 1)).cpu()
+                s.ffn_act_abs_sum[l] = s.ffn_act_abs_sum.get(l, 0) + total
+            if "ffn_gram" in need:
+                a = act.reshape(-1, act.shape[-1]).double()  # (N, m)
+                s.ffn_gram[l] = s.ffn_gram.get(l, 0) + (a.T @ a).cpu()
 
     def count(self, tokens: int) -> None:
         self.stats.tokens += tokens

@@ -51,6 +51,11 @@ class BLDConfig:
     """Validation-split sequences on which every variant's normalized MSE is reported."""
     ridge: float = 1e-3
     """Relative ridge term of the least-squares initialization of linear variants."""
+    ffn_refit: bool = False
+    """Refit a pruned FFN's down projection by least squares on the calibration tokens (:mod:`block_library.ffn`);
+    holds an (m, m) float64 Gram matrix per layer during the build."""
+    ffn_ridge: float = 0.1
+    """Relative ridge term of the FFN refit, towards the plain copy of the kept channels (``ffn_refit``)."""
     checkpoint_every: int = 20
     """Steps between resumable checkpoints (0: none)."""
     seed: int = 0
@@ -72,11 +77,13 @@ class BLDConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"bld.{name} must be an integer >= 0, got {v!r}")
         for name, lo, hi in (("lr", 0, None), ("linear_lr_scale", 0, None), ("warmup_fraction", -1e-12, 1), ("min_lr_ratio", -1e-12, 1),
-                             ("weight_decay", -1e-12, None), ("grad_clip", -1e-12, None), ("ridge", 0, None)):
+                             ("weight_decay", -1e-12, None), ("grad_clip", -1e-12, None), ("ridge", 0, None), ("ffn_ridge", 0, None)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > lo or (hi is not None and v > hi):
                 raise ConfigError(f"bld.{name} = {v!r} is out of range")
             object.__setattr__(self, name, float(v))
+        if not isinstance(self.ffn_refit, bool):
+            raise ConfigError(f"bld.ffn_refit must be true or false, got {self.ffn_refit!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"bld.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -121,6 +128,8 @@ class LibraryConfig:
         bld = asdict(self.bld)
         if not bld["seed"]:  # the split's order: libraries trained before the seed existed keep their hash
             del bld["seed"]
+        if not bld["ffn_refit"]:  # off: libraries built before the refit existed keep their hash
+            del bld["ffn_refit"], bld["ffn_ridge"]
         return {"space": self.space.to_dict(), "bld": bld, "data": self.data.to_dict()}
 
     def with_bld(self, **changes: Any) -> LibraryConfig:

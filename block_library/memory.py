@@ -150,22 +150,30 @@ def bld_fixed_bytes(config: Any, sizes: Sequence[LayerSizes], layers: Sequence[i
             + activation_bytes(config, sizes, layers, batch=batch, seq_len=seq_len, dtype_bytes=dtype_bytes))
 
 
-def calibration_bytes(config: Any, sizes: Sequence[LayerSizes], layers: Sequence[int]) -> float:
-    """The build's statistics: float64 ``X^T X`` and ``X^T Y`` (H, H) per least-squares sub-block, and
-    the FFN channel importances."""
+def _refits(sizes: Sequence[LayerSizes], layers: Sequence[int], ffn_refit: bool) -> list[int]:
+    """The layers among ``layers`` whose pruned FFNs are refit (``bld.ffn_refit``): those with a narrower swiglu."""
+    return [l for l in layers if ffn_refit and any(v.kind == "swiglu" for v in sizes[l].trainable)]
+
+
+def calibration_bytes(config: Any, sizes: Sequence[LayerSizes], layers: Sequence[int], *,
+                      ffn_refit: bool = False) -> float:
+    """The build's statistics: float64 ``X^T X`` and ``X^T Y`` (H, H) per least-squares sub-block, the FFN
+    channel importances and, with ``ffn_refit``, a float64 (m, m) Gram matrix per layer with a pruned FFN."""
     H = config.hidden_size
-    return float(sum(sizes[l].lsq_subblocks * 2 * H * H * 8 + sizes[l].ffn_width * 8 for l in layers))
+    gram = sum(sizes[l].ffn_width ** 2 * 8 for l in _refits(sizes, layers, ffn_refit))
+    return float(sum(sizes[l].lsq_subblocks * 2 * H * H * 8 + sizes[l].ffn_width * 8 for l in layers) + gram)
 
 
 def build_fixed_bytes(config: Any, sizes: Sequence[LayerSizes], layers: Sequence[int], *, first: bool,
-                      batch: int, seq_len: int, dtype_bytes: int, device: str = "cpu") -> float:
+                      batch: int, seq_len: int, dtype_bytes: int, device: str = "cpu", ffn_refit: bool = False) -> float:
     """A library-build rank's memory outside its round of variants: teacher, statistics, one least-squares
-    solve (three float64 (H, H) work arrays) and the activations of a validation batch."""
+    solve (three float64 (H, H) work arrays, or (m, m) for an FFN refit) and the activations of a validation batch."""
     base = PROCESS_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
     H = config.hidden_size
     solve = 3 * H * H * 8 if any(sizes[l].lsq_subblocks for l in layers) else 0
+    solve = max([solve] + [3 * sizes[l].ffn_width ** 2 * 8 for l in _refits(sizes, layers, ffn_refit)])
     return (base + teacher_bytes(config, sizes, layers, first=first, dtype_bytes=dtype_bytes)
-            + calibration_bytes(config, sizes, layers) + solve
+            + calibration_bytes(config, sizes, layers, ffn_refit=ffn_refit) + solve
             + activation_bytes(config, sizes, layers, batch=batch, seq_len=seq_len, dtype_bytes=dtype_bytes,
                                training=False))
 

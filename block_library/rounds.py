@@ -111,10 +111,12 @@ def fixed_bytes(session: Session, stage: str = "bld") -> float:
 
     c = session.config
     sizes = layer_sizes(session.parent_config, c.space)
-    fn = build_fixed_bytes if stage == "build" else bld_fixed_bytes
-    return fn(session.parent_config, sizes, list(session.shard.layers), first=session.shard.first,
-              batch=c.bld.batch_size, seq_len=c.data.seq_len, dtype_bytes=session.compute_dtype.itemsize,
-              device=session.shard.device.type)
+    common = dict(first=session.shard.first, batch=c.bld.batch_size, seq_len=c.data.seq_len,
+                  dtype_bytes=session.compute_dtype.itemsize, device=session.shard.device.type)
+    if stage == "build":
+        return build_fixed_bytes(session.parent_config, sizes, list(session.shard.layers), **common,
+                                 ffn_refit=c.bld.ffn_refit)
+    return bld_fixed_bytes(session.parent_config, sizes, list(session.shard.layers), **common)
 
 
 def variant_budget(session: Session, max_memory_bytes: float | None, *, stage: str = "bld") -> float | None:

@@ -106,6 +106,9 @@ class SearchConfig:
     """Rounds of refinement after the finalists: the finalists' blocks re-scored around the best measured child
     and the MIP solved again on those scores (:mod:`puzzle.search.refine`); 0: off (preset; 0 on a multi-rank
     cluster)."""
+    ffn_refit: bool | None = None
+    """Refit each pruned FFN's down projection by least squares on the calibration tokens when the library is
+    initialized (:mod:`block_library.ffn`; holds an (m, m) float64 Gram matrix per layer). Default: false."""
     child_bld_tokens: int | None = None
     """Tokens of child-aware BLD: after the MIP, the child's replaced sub-blocks retrained on the child's own
     activations (:mod:`puzzle.distill.child_bld`); 0 skips it (preset; 0 on a multi-rank cluster)."""
@@ -209,7 +212,7 @@ _KINDS: dict[str, str] = {
     "tp": "int", "dtype": "str", "speedup": "float",
     "throughput": "float", "memory": "float", "scenario": "str", "batch": "int", "context": "int", "solver": "str",
     "constraints": "strs", "calibrate": "bool", "baselines": "strs", "engine": "str", "space": "mapping", "preset": "str",
-    "bld_tokens": "int", "bld_eval_sequences": "int",
+    "bld_tokens": "int", "bld_eval_sequences": "int", "ffn_refit": "bool",
     "score_sequences": "int", "score_seq_len": "int", "finalists": "int", "refine_rounds": "int", "child_bld_tokens": "int", "fuse_threshold": "float", "fuse_sequences": "int",
     "fuse_distill_steps": "int", "gkd_steps": "int", "gkd_batch": "int", "gkd_top_k": "int", "eval_sequences": "int",
     "measure_speed": "bool", "seed": "int",

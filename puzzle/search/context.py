@@ -74,7 +74,7 @@ def library_config(plan: Plan) -> Any:
     steps = max(1, plan.bld_tokens // (8 * 256))
     return LibraryConfig(space=plan_space(plan), data=DataConfig(sources=plan.data)).with_bld(
         tokens=plan.bld_tokens, checkpoint_every=max(1, steps // 4), calib_sequences=plan.bld_eval_sequences,
-        val_sequences=plan.bld_eval_sequences, seed=plan.seed)
+        val_sequences=plan.bld_eval_sequences, seed=plan.seed, ffn_refit=bool(plan.ffn_refit))
 
 
 def child_bld(ctx: StageContext, model: Any, directory: Path) -> ChildBLDResult:

@@ -313,7 +313,8 @@ def stage_key(plan: Plan, stage: str, upstream: dict[str, str], parent_fingerpri
     """What ``stage``'s result depends on: its settings and the output hashes of the stages it reads."""
     p, up = plan, upstream
     if stage == "library":
-        return {"parent": parent_fingerprint, "library": library_config(p).sha256("space", "data")}
+        return {"parent": parent_fingerprint, "library": library_config(p).sha256("space", "data"),
+                **({"ffn_refit": True} if p.ffn_refit else {})}
     if stage == "bld":
         return {"library": up["library"], "bld": library_config(p).sha256()}
     if stage == "score":

@@ -170,6 +170,7 @@ class Work:
     eval_sequences: int = 4
     measure_speed: bool = True
     cpu_calibrate: bool = False
+    ffn_refit: bool = False
     child: Any = None
     """The child's config once the MIP has chosen it (None before: the stages after the MIP are then
     planned for a child as large as the parent)."""
@@ -181,7 +182,7 @@ class Work:
                    finalists=plan.finalists, refine_rounds=plan.refine_rounds or 0, child_bld_tokens=plan.child_bld_tokens, fuse=plan.fuse_threshold > 0, fuse_sequences=plan.fuse_sequences,
                    fuse_distill_steps=plan.fuse_distill_steps, gkd_steps=plan.gkd_steps, gkd_batch=plan.gkd_batch,
                    gkd_top_k=plan.gkd_top_k, eval_sequences=plan.eval_sequences, measure_speed=bool(plan.measure_speed),
-                   cpu_calibrate=bool(plan.calibrate))
+                   cpu_calibrate=bool(plan.calibrate), ffn_refit=bool(plan.ffn_refit))
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -273,12 +274,15 @@ def library_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Clus
     for rank, layers in enumerate(ranges):
         first = rank == 0
         fixed = build_fixed_bytes(config, sizes, layers, first=first, batch=w.bld_batch, seq_len=w.seq_len,
-                                  dtype_bytes=db, device="cpu" if cluster.is_cpu else "gpu")
+                                  dtype_bytes=db, device="cpu" if cluster.is_cpu else "gpu", ffn_refit=w.ffn_refit)
         rounds = _rounds(round_items(sizes, layers), cluster.memory_per_rank - fixed, INIT_BYTES_PER_PARAM)
         teacher = sum(sizes[l].parent_params for l in layers)
         variants = sum(sizes[l].trainable_params for l in layers)
         flops = 2 * teacher * calib_tokens + len(rounds) * 2 * teacher * val_tokens + 2 * variants * val_tokens
         flops += sum(sizes[l].lsq_subblocks for l in layers) * 2 * config.hidden_size ** 3  # the solves
+        if w.ffn_refit:  # the Gram matrices (m^2 per token) and one (k, k) solve per pruned width
+            pruned = [(l, sum(v.kind == "swiglu" for v in sizes[l].trainable)) for l in layers]
+            flops += sum((2 * calib_tokens + 2 * n * sizes[l].ffn_width) * sizes[l].ffn_width ** 2 for l, n in pruned)
         disk = INIT_BYTES_PER_PARAM * variants + (INIT_BYTES_PER_PARAM * embedding_params(config) if first else 0)
         peak = fixed + INIT_BYTES_PER_PARAM * max(rounds)
         out.append(RankUse(rank, _layer_range(layers), peak, _host(cluster, peak, 4 * teacher), disk,

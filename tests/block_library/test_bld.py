@@ -280,3 +280,21 @@ def test_the_seed_changes_the_training_order_only(built, trained, tmp_path):
     assert names == sorted(f.name for f in (out / "trained").glob("*.safetensors"))
     same = [torch.equal(x, load_file(out / "trained" / n)[k]) for n in names for k, x in load_file(trained / "trained" / n).items()]
     assert not any(same)  # the same sequences in another order: other weights, every tensor
+
+
+@pytest.mark.slow  # builds a library
+def test_ffn_refit_changes_only_the_pruned_down_projections(built, tiny_text_parent, tmp_path):
+    """The wiring of bld.ffn_refit through the build (the refit's math: test_init.py; its gain on real text:
+    test_smollm2_bld.py; a random parent has little correlation between channels to exploit)."""
+    refit = tiny_config(ffn_refit=True)
+    assert refit.sha256() != tiny_config().sha256() and "ffn_refit" not in tiny_config().to_dict()["bld"]
+    out = build_library(str(tiny_text_parent), tmp_path / "refit", refit, progress=False)
+    a, b = open_library(built).table, open_library(out).table
+    pruned = a.kind.eq("swiglu") & ~a.is_parent
+    assert pruned.sum() == 3 * 5
+    pd.testing.assert_series_equal(a[~pruned].init_val_nmse, b[~pruned].init_val_nmse)
+    for f in a[pruned].file:
+        x, y = load_file(built / f), load_file(out / f)
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]) != k.endswith("down_proj.weight"), k

@@ -162,3 +162,52 @@ def test_parent_variant_is_a_copy_and_no_op_is_identity():
     vn = Variant(0, "ffn", FFNConfig.no_op())
     n = initialize(build_module(vn, cfg), parent, vn, None)
     assert not list(n.parameters()) and torch.equal(n(x, {}), x)
+
+
+def _refit_stats(cfg, parent, x, ridge):
+    collector = StatsCollector({0: {"ffn_importance", "ffn_gram"}}, eps=cfg.rms_norm_eps, ridge=1e-3, ffn_ridge=ridge)
+    collector(0, x, x, ffn_out(parent, x), {}, block=parent)
+    collector.count(x.shape[0] * x.shape[1])
+    return collector.stats
+
+
+def test_ffn_refit_matches_ridge_regression_towards_the_copy():
+    """down_K' = argmin ||A down^T - A_K d^T||^2 + lam ||d - down_K||^2, solved by lstsq on stacked rows."""
+    cfg = config()
+    parent = parent_block(cfg)
+    x = torch.randn(3, 11, 48)
+    stats = _refit_stats(cfg, parent, x, ridge=1e-2)
+    v = Variant(0, "ffn", FFNConfig.swiglu(16))
+    child = initialize(build_module(v, cfg), parent, v, stats)
+    keep = kept_channels(channel_importance(stats.ffn_act_abs_sum[0] / stats.tokens, parent.mlp.down_proj.weight), 16)
+    with torch.no_grad():
+        xn = parent.post_attention_layernorm(x)
+        act = (torch.nn.functional.silu(parent.mlp.gate_proj(xn)) * parent.mlp.up_proj(xn)).reshape(-1, 40).double()
+        torch.testing.assert_close(stats.ffn_gram[0], act.T @ act)
+        W = parent.mlp.down_proj.weight.double()  # (H, m)
+        A_k = act[:, keep]
+        lam = 1e-2 * float((A_k.T @ A_k).diagonal().mean())
+        lhs = torch.cat([A_k, lam**0.5 * torch.eye(16, dtype=torch.float64)])  # rows: tokens, then the ridge
+        rhs = torch.cat([act @ W.T, lam**0.5 * W[:, keep].T])
+        want = torch.linalg.lstsq(lhs, rhs).solution.T  # (H, k)
+        torch.testing.assert_close(child.mlp.down_proj.weight.double(), want, atol=1e-5, rtol=1e-4)
+        # and it writes closer to the whole FFN than the plain copy on these tokens: the refit can fail this
+        copy = initialize(build_module(v, cfg), parent, v, _ffn_stats(cfg, parent, x))
+        target = ffn_out(parent, x)
+        err_refit = (child(x, {}) - target).pow(2).sum()
+        err_copy = (copy(x, {}) - target).pow(2).sum()
+        assert err_refit < 0.9 * err_copy
+
+
+def test_ffn_refit_with_a_huge_ridge_is_the_copy_and_full_width_is_the_parent():
+    cfg = config()
+    parent = parent_block(cfg)
+    x = torch.randn(2, 9, 48)
+    v = Variant(0, "ffn", FFNConfig.swiglu(16))
+    far = initialize(build_module(v, cfg), parent, v, _refit_stats(cfg, parent, x, ridge=1e9))
+    copy = initialize(build_module(v, cfg), parent, v, _ffn_stats(cfg, parent, x))
+    torch.testing.assert_close(far.mlp.down_proj.weight, copy.mlp.down_proj.weight, atol=1e-6, rtol=0)
+    full = Variant(0, "ffn", FFNConfig.swiglu(40))
+    child = initialize(build_module(full, cfg), parent, full, _refit_stats(cfg, parent, x, ridge=1e-3))
+    with torch.no_grad():
+        assert torch.equal(child(x, {}), ffn_out(parent, x))

@@ -138,7 +138,7 @@ FLAG_VALUES = {  # a value for every setting, different from its default, and ho
     "calibrate": (True, ["--calibrate"]), "baselines": (["shortgpt"], ["--baselines", "shortgpt"]),
     "engine": ("trtllm", ["--engine", "trtllm"]),
     "preset": ("full", ["--preset", "full"]), "bld_tokens": (1234, ["--bld-tokens", "1234"]),
-    "bld_eval_sequences": (5, ["--bld-eval-sequences", "5"]),
+    "bld_eval_sequences": (5, ["--bld-eval-sequences", "5"]), "ffn_refit": (True, ["--ffn-refit"]),
     "space": ({"ffn": {"sizes": [0.5]}, "attention": {"kv_heads": [1]}}, ["--space", "{tmp}/space.yaml"]),
     "score_sequences": (5, ["--score-sequences", "5"]), "score_seq_len": (77, ["--score-seq-len", "77"]),
     "finalists": (3, ["--finalists", "3"]), "refine_rounds": (2, ["--refine-rounds", "2"]), "child_bld_tokens": (4096, ["--child-bld-tokens", "4096"]), "fuse_threshold": (0.05, ["--fuse-threshold", "0.05"]), "fuse_sequences": (6, ["--fuse-sequences", "6"]),
