@@ -48,12 +48,14 @@ def refit_down(down: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge
     if gram.shape != (m, m):
         raise ConfigError(f"the FFN refit needs a ({m}, {m}) Gram matrix, got {tuple(gram.shape)}")
     drop = torch.tensor(sorted(set(range(m)) - set(keep.tolist())), dtype=torch.long)
-    W, G = down.double(), gram.double()
-    g_kk = G[keep][:, keep]  # (k, k)
+    W = down.detach().double()  # the solve runs where the weights are (the GPU in a GPU build); G stays on the host
+    keep_d, drop_d = keep.to(W.device), drop.to(W.device)
+    g_kk = gram[keep][:, keep].to(W.device, torch.float64)  # (k, k)
+    g_dk = gram[drop][:, keep].to(W.device, torch.float64)  # (m - k, k)
     lam = ridge * float(g_kk.diagonal().mean()) + 1e-12
-    a = g_kk + lam * torch.eye(len(keep), dtype=torch.float64)
-    correction = torch.linalg.solve(a, (W[:, drop] @ G[drop][:, keep]).T).T  # (H, k): down_D G_DK (G_KK + lam)^-1
-    return (W[:, keep] + correction).to(down.dtype)
+    a = g_kk + lam * torch.eye(len(keep), dtype=torch.float64, device=W.device)
+    correction = torch.linalg.solve(a, (W[:, drop_d] @ g_dk).T).T  # (H, k): down_D G_DK (G_KK + lam)^-1
+    return (W[:, keep_d] + correction).to(down.dtype)
 
 
 @torch.no_grad()

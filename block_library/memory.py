@@ -155,25 +155,31 @@ def _refits(sizes: Sequence[LayerSizes], layers: Sequence[int], ffn_refit: bool)
     return [l for l in layers if ffn_refit and any(v.kind == "swiglu" for v in sizes[l].trainable)]
 
 
-def calibration_bytes(config: Any, sizes: Sequence[LayerSizes], layers: Sequence[int], *,
-                      ffn_refit: bool = False) -> float:
-    """The build's statistics: float64 ``X^T X`` and ``X^T Y`` (H, H) per least-squares sub-block, the FFN
-    channel importances and, with ``ffn_refit``, a float64 (m, m) Gram matrix per layer with a pruned FFN."""
+def calibration_bytes(config: Any, sizes: Sequence[LayerSizes], layers: Sequence[int]) -> float:
+    """The build's statistics: float64 ``X^T X`` and ``X^T Y`` (H, H) per least-squares sub-block, and
+    the FFN channel importances."""
     H = config.hidden_size
-    gram = sum(sizes[l].ffn_width ** 2 * 8 for l in _refits(sizes, layers, ffn_refit))
-    return float(sum(sizes[l].lsq_subblocks * 2 * H * H * 8 + sizes[l].ffn_width * 8 for l in layers) + gram)
+    return float(sum(sizes[l].lsq_subblocks * 2 * H * H * 8 + sizes[l].ffn_width * 8 for l in layers))
+
+
+def gram_bytes(sizes: Sequence[LayerSizes], layers: Sequence[int], *, ffn_refit: bool) -> float:
+    """The FFN refit's statistics (``bld.ffn_refit``): a float64 (m, m) Gram matrix per layer with a pruned FFN,
+    held in host memory (the solve runs on the device, :func:`build_fixed_bytes`)."""
+    return float(sum(sizes[l].ffn_width ** 2 * 8 for l in _refits(sizes, layers, ffn_refit)))
 
 
 def build_fixed_bytes(config: Any, sizes: Sequence[LayerSizes], layers: Sequence[int], *, first: bool,
                       batch: int, seq_len: int, dtype_bytes: int, device: str = "cpu", ffn_refit: bool = False) -> float:
     """A library-build rank's memory outside its round of variants: teacher, statistics, one least-squares
-    solve (three float64 (H, H) work arrays, or (m, m) for an FFN refit) and the activations of a validation batch."""
+    solve (three float64 (H, H) work arrays, or (m, m) for an FFN refit) and the activations of a validation
+    batch. The FFN refit's Gram matrices live in host memory: counted here on a CPU only."""
     base = PROCESS_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
     H = config.hidden_size
     solve = 3 * H * H * 8 if any(sizes[l].lsq_subblocks for l in layers) else 0
     solve = max([solve] + [3 * sizes[l].ffn_width ** 2 * 8 for l in _refits(sizes, layers, ffn_refit)])
+    gram = gram_bytes(sizes, layers, ffn_refit=ffn_refit) if device == "cpu" else 0.0
     return (base + teacher_bytes(config, sizes, layers, first=first, dtype_bytes=dtype_bytes)
-            + calibration_bytes(config, sizes, layers, ffn_refit=ffn_refit) + solve
+            + calibration_bytes(config, sizes, layers) + gram + solve
             + activation_bytes(config, sizes, layers, batch=batch, seq_len=seq_len, dtype_bytes=dtype_bytes,
                                training=False))
 

@@ -313,8 +313,9 @@ def stage_key(plan: Plan, stage: str, upstream: dict[str, str], parent_fingerpri
     """What ``stage``'s result depends on: its settings and the output hashes of the stages it reads."""
     p, up = plan, upstream
     if stage == "library":
-        return {"parent": parent_fingerprint, "library": library_config(p).sha256("space", "data"),
-                **({"ffn_refit": True} if p.ffn_refit else {})}
+        lib = library_config(p)
+        return {"parent": parent_fingerprint, "library": lib.sha256("space", "data"),
+                **({"ffn_refit": {"ridge": lib.bld.ffn_ridge}} if p.ffn_refit else {})}  # off: older runs' keys
     if stage == "bld":
         return {"library": up["library"], "bld": library_config(p).sha256()}
     if stage == "score":

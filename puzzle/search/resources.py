@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from block_library.memory import (INIT_BYTES_PER_PARAM, PROCESS_BYTES, TRAIN_BYTES_PER_PARAM, LayerSizes,
-                                  bld_fixed_bytes, build_fixed_bytes, embedding_params, layer_costs,
+                                  bld_fixed_bytes, build_fixed_bytes, embedding_params, gram_bytes, layer_costs,
                                   layer_sizes, round_items, train_peak_bytes_per_param)
 from puzzle.search.cluster import DISK_BYTES_PER_S, Cluster
 
@@ -285,7 +285,8 @@ def library_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Clus
             flops += sum((2 * calib_tokens + 2 * n * sizes[l].ffn_width) * sizes[l].ffn_width ** 2 for l, n in pruned)
         disk = INIT_BYTES_PER_PARAM * variants + (INIT_BYTES_PER_PARAM * embedding_params(config) if first else 0)
         peak = fixed + INIT_BYTES_PER_PARAM * max(rounds)
-        out.append(RankUse(rank, _layer_range(layers), peak, _host(cluster, peak, 4 * teacher), disk,
+        gram = gram_bytes(sizes, layers, ffn_refit=w.ffn_refit)  # host memory; in ``fixed`` on a CPU
+        out.append(RankUse(rank, _layer_range(layers), peak, _host(cluster, peak, 4 * teacher + gram), disk,
                            flops / cluster.flops_per_rank + disk / DISK_BYTES_PER_S, len(rounds)))
     return _stage("library", "layers split over ranks; variants initialized in rounds", out, cluster)
 

@@ -256,3 +256,16 @@ def test_the_gkd_teacher_cache_is_planned_in_host_ram(smol_shape):
     assert cached.ranks[0].host_bytes - live.ranks[0].host_bytes == tokens * bytes_per_token(64, 576)
     assert "top-64 targets cached" in cached.how and "cached" not in live.how
     assert cached.ranks[0].device_bytes == live.ranks[0].device_bytes  # the parent stays loaded for validation
+
+
+def test_the_ffn_refit_reruns_the_library_and_everything_after_it(smol_shape):
+    from puzzle.search.pipeline import stage_key
+
+    plain, refit = resolve(SearchConfig(model=smol_shape)), resolve(SearchConfig(model=smol_shape, ffn_refit=True))
+    up = {"library": "L", "bld": "B"}
+    for stage in ("library", "bld"):
+        assert stage_key(plain, stage, up, "parent") != stage_key(refit, stage, up, "parent"), stage
+    assert "ffn_refit" not in stage_key(plain, "library", up, "parent")  # runs from before the setting keep their key
+    assert stage_key(plain, "score", up, "parent") == stage_key(refit, "score", up, "parent")  # it reads bld's hash
+    with pytest.raises(ConfigError, match="ffn_refit"):
+        resolve(SearchConfig(model=smol_shape, ffn_refit="yes"))

@@ -96,17 +96,23 @@ def test_a_search_under_torchrun_must_match_the_planned_cluster():
 
 
 def test_the_ffn_refit_adds_its_gram_matrices_to_the_library_stage():
-    """bld.ffn_refit holds a float64 (m, m) Gram matrix per layer with a pruned FFN, and its solve three (m, m)
-    work arrays instead of the linear variants' three (H, H): 8B on 8 ranks, 4 layers a rank."""
-    config, cluster = _config("llama-3.1-8b"), parse_cluster("8xH100")
-    base = plan_resources(config, Work(bld_tokens=4096), cluster).stage("library")
-    refit = plan_resources(config, Work(bld_tokens=4096, ffn_refit=True), cluster).stage("library")
+    """bld.ffn_refit holds a float64 (m, m) Gram matrix per layer with a pruned FFN in host memory, and its solve
+    three (m, m) work arrays on the device instead of the linear variants' three (H, H). 8B on 8 ranks (4 layers
+    a rank) and on one CPU rank, where host and device memory are one."""
+    config = _config("llama-3.1-8b")
     m, H = config.intermediate_size, config.hidden_size
-    for a, b in zip(base.ranks, refit.ranks):
-        layers = a.layers[1] - a.layers[0]
-        assert layers == 4
-        assert b.device_bytes - a.device_bytes == pytest.approx(layers * m * m * 8 + 3 * 8 * (m * m - H * H))
-        assert b.seconds > a.seconds
-    assert refit.fits
-    assert resolve(SearchConfig(model="llama-3.1-8b", ffn_refit=True)).resources.stage("library").peak_device_bytes \
-        > resolve(SearchConfig(model="llama-3.1-8b")).resources.stage("library").peak_device_bytes
+    solve = 3 * 8 * (m * m - H * H)
+    for cluster, per_rank in ((parse_cluster("8xH100"), 4), (parse_cluster("1xcpu", max_memory="2000GiB"), 32)):
+        base = plan_resources(config, Work(bld_tokens=4096), cluster).stage("library")
+        refit = plan_resources(config, Work(bld_tokens=4096, ffn_refit=True), cluster).stage("library")
+        for a, b in zip(base.ranks, refit.ranks):
+            assert a.layers[1] - a.layers[0] == per_rank
+            gram = per_rank * m * m * 8
+            if cluster.is_cpu:
+                assert b.device_bytes - a.device_bytes == pytest.approx(gram + solve)
+            else:
+                assert b.device_bytes - a.device_bytes == pytest.approx(solve)
+                assert b.host_bytes - a.host_bytes == pytest.approx(gram)
+            assert b.seconds > a.seconds
+        assert refit.fits
+    assert resolve(SearchConfig(model="llama-3.1-8b", cluster="8xH100", ffn_refit=True)).resources.fits
