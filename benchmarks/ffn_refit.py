@@ -28,7 +28,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's root: benchmarks.tiny_parent
 
-from benchmarks.quality import RESERVED, _width, parse_fractions  # noqa: E402
+from benchmarks.quality import RESERVED, uniform_width, parse_fractions  # noqa: E402
 from benchmarks.tiny_parent import write_tiny_parent  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -53,7 +53,7 @@ def measure_uniform(lib: Any, fractions: list[float], ids: Any, reference: Any, 
     parent_blocks = lib.parent_config.blocks
     out = {}
     for r in fractions:
-        width = _width(lib, r)
+        width = uniform_width(lib, r)
         child = lib.assemble([replace(b, ffn=FFNConfig.swiglu(width)) for b in parent_blocks], initial=initial)
         out[r] = (width, measure(child, ids, reference))
         del child

@@ -143,7 +143,7 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
     base = {"preset": ("quick-test" if quick else preset) + ("+refit" if ffn_refit else ""), "seed": seed, "gkd": False}
     parent_blocks = uni.parent_config.blocks
     for r in fractions:
-        uniform_blocks = [replace(b, ffn=FFNConfig.swiglu(_width(uni, r))) for b in parent_blocks]
+        uniform_blocks = [replace(b, ffn=FFNConfig.swiglu(uniform_width(uni, r))) for b in parent_blocks]
         uniform = uni.assemble(uniform_blocks, initial=True)
         decoder = sum(p.numel() for layer in uniform.model.layers for p in layer.parameters())
         pct = 100.0 * decoder / parent_decoder
@@ -216,7 +216,7 @@ def parse_fractions(text: str) -> list[float] | None:
     return fractions if fractions and all(0.0 < f < 1.0 for f in fractions) else None
 
 
-def _width(lib: Any, r: float) -> int:
+def uniform_width(lib: Any, r: float) -> int:
     """The side library's FFN width for keep-ratio ``r`` (its space rounds ``r x parent`` to an integer)."""
     parent = lib.parent_config.blocks[0].ffn.intermediate_size
     widths = sorted({int(w.split(":")[1]) for w in lib.table.variant if w.startswith("swiglu:")})

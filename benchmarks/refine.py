@@ -47,7 +47,7 @@ def study(run_dir: Path, *, quick: bool, preset: str, fractions: list[float], k:
     """(one row per budget, one row per child)."""
     import torch
 
-    from benchmarks.quality import _width, held_out, search_config, uniform_library
+    from benchmarks.quality import uniform_width, held_out, search_config, uniform_library
     from block_library import open_library
     from puzzle.loading import load_model, load_tokenizer
     from puzzle.schema import FFNConfig, blocks_from_list
@@ -81,7 +81,7 @@ def study(run_dir: Path, *, quick: bool, preset: str, fractions: list[float], k:
 
     budgets, children = [], []
     for r in fractions:
-        blocks = [replace(b, ffn=FFNConfig.swiglu(_width(uni, r))) for b in uni.parent_config.blocks]
+        blocks = [replace(b, ffn=FFNConfig.swiglu(uniform_width(uni, r))) for b in uni.parent_config.blocks]
         uniform = uni.assemble(blocks, initial=True)
         decoder = sum(p.numel() for layer in uniform.model.layers for p in layer.parameters())
         del uniform

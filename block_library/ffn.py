@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from block_library.calibration import CalibrationStats
+from block_library.linear import ridge_lambda
 from block_library.variant import Variant
 from puzzle.errors import ConfigError
 
@@ -52,7 +53,7 @@ def refit_down(down: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge
     keep_d, drop_d = keep.to(W.device), drop.to(W.device)
     g_kk = gram[keep][:, keep].to(W.device, torch.float64)  # (k, k)
     g_dk = gram[drop][:, keep].to(W.device, torch.float64)  # (m - k, k)
-    lam = ridge * float(g_kk.diagonal().mean()) + 1e-12
+    lam = ridge_lambda(g_kk, ridge) + 1e-12  # + a floor: a layer whose kept channels never fired
     a = g_kk + lam * torch.eye(len(keep), dtype=torch.float64, device=W.device)
     correction = torch.linalg.solve(a, (W[:, drop_d] @ g_dk).T).T  # (H, k): down_D G_DK (G_KK + lam)^-1
     return (W[:, keep_d] + correction).to(down.dtype)
