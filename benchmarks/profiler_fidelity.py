@@ -74,7 +74,6 @@ def _scenarios(quick: bool):  # noqa: ANN202
 
 
 def cpu_rows(quick: bool, statistic: str) -> tuple[list[dict], dict]:
-    from puzzle.profiler.counts import ModelShape
     from puzzle.profiler.cpu import cpu_accelerator, cpu_peaks, default_cpu_efficiency, fingerprint
     from puzzle.profiler.fit import fit_efficiency
     from puzzle.profiler.hardware import Target
@@ -82,7 +81,6 @@ def cpu_rows(quick: bool, statistic: str) -> tuple[list[dict], dict]:
     from puzzle.profiler.roofline import ops_ms
 
     config = _parent_shape()
-    shape = ModelShape.from_config(config)
     peaks = cpu_peaks()
     base = Target(accelerator=cpu_accelerator(), dtype="fp32").with_efficiency(default_cpu_efficiency(peaks))
     pairs = [(b, sc) for sc in _scenarios(quick) for b in _variants(config, quick)]

@@ -9,7 +9,6 @@ fails if any cell raised, if the line is missing, if ``ok`` is not true, or if a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -26,7 +26,7 @@ def _rope_complex(x, pos, inv_freq):  # x (B, n, T, hd), rotate pairs (i, i + hd
 def reference_logits(state: dict, config, ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Logits (B, T, V) of the architecture ``config`` with weights ``state``, in float64."""
     sd = {k: v.double() for k, v in state.items()}
-    h, nh, hd, eps = config.hidden_size, config.num_attention_heads, config.head_dim, config.rms_norm_eps
+    nh, hd, eps = config.num_attention_heads, config.head_dim, config.rms_norm_eps
     x = sd["model.embed_tokens.weight"][ids]
     B, T, _ = x.shape
     pos = torch.arange(T)
