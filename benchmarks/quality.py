@@ -2,7 +2,8 @@
 far the MIP's additive score can be trusted.
 
     python benchmarks/quality.py [--quick] [--preset quick] [--seed 0] [--fractions 0.75,0.5,0.25]
-                                 [--finalists 24] [--child-bld-tokens N] [--run runs/quality-quick-s0]
+                                 [--finalists 24] [--child-bld-tokens N] [--ffn-refit] [--child-refit]
+                                 [--run runs/quality-quick-s0]
 
 One ``puzzle search --budget cpu`` on SmolLM2-135M gives the BLD-trained library, its replace-1 scores and
 its per-variant costs (fusion and GKD off: nothing after the MIP is used). Then, for every FFN keep-ratio
@@ -20,8 +21,9 @@ attention scores) of the parent with every FFN pruned to ``r`` of its width: 0.7
 - ``shortgpt`` and ``attention_removal``: the search's baseline rules at the same budget (infeasible where
   removing what they remove cannot reach it);
 - ``*_child_bld``: child-aware BLD (:mod:`puzzle.distill.child_bld`, the search's ``child_bld`` stage: the
-  replaced sub-blocks retrained on the child's own activations, the preset's tokens) applied to the MIP's optimum,
-  to the best finalist (what the search hands to GKD) and, as a control, to uniform pruning.
+  replaced sub-blocks retrained on the child's own activations, the preset's tokens; with ``--child-refit``, the
+  full preset's default, after the child-stream refit of :mod:`puzzle.distill.child_refit`) applied to the MIP's
+  optimum, to the best finalist (what the search hands to GKD) and, as a control, to uniform pruning.
 
 Every child is evaluated on held-out validation text that neither the search (its scoring and evaluation
 tokens come first in the split) nor the finalists' choice read. Score fidelity: Spearman's rank correlation
@@ -97,7 +99,7 @@ def held_out(run: Any, tokenizer: Any, finalists: int, evaluation: int) -> tuple
 
 def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: list[float], k: int,
             finalist_sequences: int, eval_sequences: int, child_bld_tokens: int, controls: bool = True,
-            ffn_refit: bool = False, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+            ffn_refit: bool = False, child_refit: bool = False, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The comparison table and the finalists' table, from a finished search in ``run_dir``."""
     import torch
 
@@ -131,16 +133,20 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
     parent_decoder = float(costs[costs.is_parent.astype(bool)].params.sum())
     influence = block_influence(parent, load_sequences(list(plan.data), tok, seq_len=256, num_sequences=4))
     k_search = PRESETS[preset]["finalists"] if not quick else 2  # what `puzzle search` measures
-    cb_cfg = ChildBLDConfig(tokens=child_bld_tokens, seed=seed)
+    cb_cfg = ChildBLDConfig(tokens=child_bld_tokens, seed=seed, refit=child_refit)
     cb_ids = child_bld_ids(plan, tok, cb_cfg)  # as the search's child_bld stage reads them
 
     def child_bld(method: str, model: Any, budget: dict[str, Any], detail: str) -> dict[str, Any]:
         r = train_child_blocks(model, parent, cb_ids, cb_cfg)
+        refit = (f", after the child-stream refit of {r.refit['refit_layers']} FFNs ({r.refit['refit_seconds']:.0f} s)"
+                 if r.refit else "")
         return {**budget, "method": method, **_q(measure(model, eval_ids, eval_ref)),
-                "detail": f"{detail}; child-aware BLD: {len(r.trained)} sub-blocks, {r.tokens} tokens, {r.seconds:.0f} s"}
+                "detail": f"{detail}; child-aware BLD: {len(r.trained)} sub-blocks, {r.tokens} tokens, {r.seconds:.0f} s"
+                          + refit}
     rows: list[dict[str, Any]] = []
     fidelity: list[pd.DataFrame] = []
-    base = {"preset": ("quick-test" if quick else preset) + ("+refit" if ffn_refit else ""), "seed": seed, "gkd": False}
+    label = ("quick-test" if quick else preset) + ("+refit" if ffn_refit else "") + ("+child-refit" if child_refit else "")
+    base = {"preset": label, "seed": seed, "gkd": False}
     parent_blocks = uni.parent_config.blocks
     for r in fractions:
         uniform_blocks = [replace(b, ffn=FFNConfig.swiglu(uniform_width(uni, r))) for b in parent_blocks]
@@ -270,6 +276,9 @@ def main() -> None:
                     help="also give child-aware BLD to uniform pruning and to the MIP's optimum (default: on)")
     ap.add_argument("--ffn-refit", action="store_true", help="the search's library with the least-squares refit of "
                     "pruned FFNs (bld.ffn_refit); rows labelled PRESET+refit, with uniform_ffn_refit rows")
+    ap.add_argument("--child-refit", action=argparse.BooleanOptionalAction, default=None,
+                    help="child-aware BLD starts with the child-stream refit (default: the preset's, full on, quick off; "
+                    "--quick off); rows labelled PRESET+child-refit")
     ap.add_argument("--run", default=None, help="run directory (default runs/quality-PRESET-sSEED, "
                     "runs/quality-PRESET-refit-sSEED with --ffn-refit; quick: a temp dir)")
     args = ap.parse_args()
@@ -285,6 +294,8 @@ def main() -> None:
         1024 if args.quick else PRESETS[args.preset]["child_bld_tokens"])
     if cb_tokens < 1:
         ap.error("--child-bld-tokens must be at least 1")
+    child_refit = args.child_refit if args.child_refit is not None else (
+        False if args.quick else PRESETS[args.preset]["child_refit"])
     t0 = time.perf_counter()
     if args.quick:
         run_dir = Path(args.run or Path(tempfile.mkdtemp(prefix="puzzle-quality-")) / "run")
@@ -297,7 +308,7 @@ def main() -> None:
     df, fid = compare(run_dir, quick=args.quick, preset=args.preset, seed=args.seed, fractions=fractions, k=k,
                       finalist_sequences=2 if args.quick else 4, eval_sequences=2 if args.quick else 8,
                       child_bld_tokens=cb_tokens, controls=args.controls, ffn_refit=args.ffn_refit,
-                      progress=not args.quick)
+                      child_refit=child_refit, progress=not args.quick)
     from puzzle.io import atomic_write_text
 
     RESULTS.mkdir(exist_ok=True)

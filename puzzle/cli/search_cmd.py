@@ -81,6 +81,9 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn-refit", action=argparse.BooleanOptionalAction, default=None, dest="ffn_refit",
                    help="refit each pruned FFN's down projection by least squares on the calibration tokens "
                    "(the library's initialization; default: off)")
+    p.add_argument("--child-refit", action=argparse.BooleanOptionalAction, default=None, dest="child_refit",
+                   help="child-aware BLD first refits the child's pruned FFNs by least squares on the child's own "
+                   "stream (preset: full on, quick off)")
     p.add_argument("--score-sequences", type=int, help="held-out sequences for scoring (preset)")
     p.add_argument("--score-seq-len", type=int, help="tokens per scoring sequence (preset)")
     p.add_argument("--finalists", type=int, help="the MIP's best different solutions measured on held-out tokens; "
@@ -109,7 +112,7 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
 
 FLAG_SETTINGS = ("model", "data", "budget", "cluster", "max_memory_per_rank", "tp", "dtype", "speedup", "throughput",
                  "memory", "scenario", "batch", "context", "solver", "constraints", "calibrate", "baselines", "engine", "space", "preset", "bld_tokens", "bld_eval_sequences", "ffn_refit",
-                 "score_sequences", "score_seq_len", "finalists", "refine_rounds", "child_bld_tokens", "fuse_threshold", "fuse_sequences", "fuse_distill_steps",
+                 "score_sequences", "score_seq_len", "finalists", "refine_rounds", "child_bld_tokens", "child_refit", "fuse_threshold", "fuse_sequences", "fuse_distill_steps",
                  "gkd_steps", "gkd_batch", "gkd_top_k", "eval_sequences", "measure_speed", "seed")
 """Flags that set the :class:`SearchConfig` field of the same name (``--speed/--no-speed``: ``measure_speed``)."""
 

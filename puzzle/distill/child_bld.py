@@ -61,11 +61,20 @@ class ChildBLDConfig:
     checkpoint_every: int = 4
     seed: int = 0
     """Seed of the order in which the training sequences are visited (0: the split's own order)."""
+    refit: bool = False
+    """First refit the pruned FFNs' down projections by least squares on the child's stream, on the same tokens
+    (:mod:`puzzle.distill.child_refit`), then take the gradient steps."""
+    refit_drift: float = 0.5
+    """The refit's blend of the parent's own next stream into its target (0: the parent's FFN on the child's input)."""
+    refit_ridge: float = 0.1
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.batch < 1 or self.seq_len < 2 or not self.lr > 0 or self.seed < 0:
             raise ConfigError(f"child-aware BLD needs tokens >= 1, batch >= 1, seq_len >= 2, lr > 0 and seed >= 0, "
                               f"got {self}")
+        if not isinstance(self.refit, bool) or not 0.0 <= self.refit_drift <= 1.0 or not self.refit_ridge > 0:
+            raise ConfigError(f"child-aware BLD's refit needs refit a bool, refit_drift in [0, 1] and refit_ridge > 0, "
+                              f"got {self.refit!r}, {self.refit_drift} and {self.refit_ridge}")
 
     @property
     def step_batch(self) -> int:
@@ -90,6 +99,8 @@ class ChildBLDResult:
     """Each trained sub-block's mean training NMSE over the first quarter of the steps (at least the first,
     before any update), and over the last quarter."""
     last_nmse: dict[str, float] = field(default_factory=dict)
+    refit: dict[str, Any] = field(default_factory=dict)
+    """The child-stream refit's summary (:class:`~puzzle.distill.child_refit.RefitResult`), when it ran."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -99,7 +110,7 @@ class ChildBLDResult:
         mean = lambda d: sum(d.values()) / len(d) if d else float("nan")  # noqa: E731
         return {"trained": len(self.trained), "steps": self.steps, "tokens": self.tokens,
                 "seconds": round(self.seconds, 1), "tokens_per_s": round(self.tokens_per_s, 1),
-                "first_nmse": mean(self.first_nmse), "last_nmse": mean(self.last_nmse)}
+                "first_nmse": mean(self.first_nmse), "last_nmse": mean(self.last_nmse), **self.refit}
 
 
 def training_ids(sources: Sequence[str], tokenizer: Any, config: ChildBLDConfig, *, skip: int) -> torch.Tensor:
@@ -148,6 +159,12 @@ def train_child_blocks(child: Any, parent: Any, ids: torch.Tensor, config: Child
     if ids.dim() != 2 or ids.shape[0] < n_rows or ids.shape[1] != config.seq_len:
         raise ConfigError(f"child-aware BLD needs ({n_rows}, {config.seq_len}) token ids, got {tuple(ids.shape)}")
     parts = replaced_subblocks(child, parent)
+    refit: dict[str, Any] = {}
+    if config.refit and parts:  # deterministic: a resumed run refits to the same weights, so its fingerprint holds
+        from puzzle.distill.child_refit import refit_child_ffns
+
+        refit = refit_child_ffns(child, parent, ids[:n_rows], ridge=config.refit_ridge, drift=config.refit_drift,
+                                 batch=config.batch, progress=progress).summary()
     keys = [f"L{l:03d}.{sub}" for l, sub in parts]
     modules = {k: nn.ModuleDict({name: getattr(child.model.layers[l], name) for name in SUBBLOCKS[sub]})
                for k, (l, sub) in zip(keys, parts)}
@@ -205,7 +222,7 @@ def train_child_blocks(child: Any, parent: Any, ids: torch.Tensor, config: Child
     done = config.steps - start if optimizer is not None else 0
     return ChildBLDResult(model=child, trained=keys, steps=config.steps if keys else 0,
                           tokens=done * config.step_batch * config.seq_len, seconds=seconds, first_nmse=first,
-                          last_nmse=last)
+                          last_nmse=last, refit=refit)
 
 
 def _mean_nmse(rows: list[dict[str, Any]], steps: range) -> dict[str, float]:
@@ -219,7 +236,11 @@ def _mean_nmse(rows: list[dict[str, Any]], steps: range) -> dict[str, float]:
 
 def _fingerprint(config: ChildBLDConfig, keys: list[str], modules: dict[str, nn.Module], ids: torch.Tensor) -> str:
     """What a run starts from: the settings, the trained sub-blocks' initial weights and the tokens."""
-    h = hashlib.sha256(json.dumps([asdict(config), keys]).encode())
+    settings = asdict(config)
+    if not config.refit:  # as before the refit existed: those checkpoints still resume
+        for name in ("refit", "refit_drift", "refit_ridge"):
+            settings.pop(name)
+    h = hashlib.sha256(json.dumps([settings, keys]).encode())
     for key in keys:
         for name, t in modules[key].state_dict().items():
             h.update(name.encode())

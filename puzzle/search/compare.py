@@ -90,7 +90,7 @@ def stage_baselines(ctx: Any, d: Path) -> dict[str, Any]:
     from puzzle.evaluation import measure_speed
     from puzzle.loading import load_model
     from puzzle.search.baselines import choose_baseline
-    from puzzle.search.context import costing_target, solve_problem
+    from puzzle.search.context import child_refit_key, costing_target, solve_problem
     from puzzle.search.report import predicted_costs
     from puzzle.search.stages import key_sha256
 
@@ -109,7 +109,7 @@ def stage_baselines(ctx: Any, d: Path) -> dict[str, Any]:
     for name in cfg.baselines:
         choice = choose_baseline(name, problem, influence)
         sha = key_sha256({"labels": list(choice.labels), "bld": ctx.sha("bld"), "child_bld": cfg.child_bld_tokens,
-                          "gkd": [cfg.gkd_steps, cfg.gkd_batch, cfg.seed], "eval": cfg.eval_sequences,
+                          **child_refit_key(cfg), "gkd": [cfg.gkd_steps, cfg.gkd_batch, cfg.seed], "eval": cfg.eval_sequences,
                           "data": list(cfg.data)})
         sub = d / f"{name}-{sha[:10]}"
         sub.mkdir(parents=True, exist_ok=True)

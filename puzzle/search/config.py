@@ -31,9 +31,9 @@ BASELINES = ("uniform_ffn", "shortgpt", "attention_removal")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"bld_tokens": 4096, "bld_eval_sequences": 16, "score_sequences": 2, "score_seq_len": 128, "fuse_sequences": 4,
-              "finalists": 4, "refine_rounds": 0, "child_bld_tokens": 16384, "gkd_steps": 16, "gkd_batch": 2, "eval_sequences": 4},
+              "finalists": 4, "refine_rounds": 0, "child_bld_tokens": 16384, "child_refit": False, "gkd_steps": 16, "gkd_batch": 2, "eval_sequences": 4},
     "full": {"bld_tokens": 65536, "bld_eval_sequences": 16, "score_sequences": 8, "score_seq_len": 256, "fuse_sequences": 8,
-             "finalists": 8, "refine_rounds": 0, "child_bld_tokens": 65536, "gkd_steps": 200, "gkd_batch": 4, "eval_sequences": 16},
+             "finalists": 8, "refine_rounds": 0, "child_bld_tokens": 65536, "child_refit": True, "gkd_steps": 200, "gkd_batch": 4, "eval_sequences": 16},
 }
 SOURCES = ("default", "preset", "derived", "file", "flag", "keyword")
 """Where a setting's value came from, as a plan reports it."""
@@ -112,6 +112,9 @@ class SearchConfig:
     child_bld_tokens: int | None = None
     """Tokens of child-aware BLD: after the MIP, the child's replaced sub-blocks retrained on the child's own
     activations (:mod:`puzzle.distill.child_bld`); 0 skips it (preset; 0 on a multi-rank cluster)."""
+    child_refit: bool | None = None
+    """Child-aware BLD first refits the child's pruned FFNs' down projections by least squares on the child's own
+    stream (:mod:`puzzle.distill.child_refit`), then takes its gradient steps (preset: full on, quick off)."""
     fuse_threshold: float | None = None
     """Largest max-pairwise FFN dependency of a fused segment; 0 disables fusion (default: 0.2 on GPUs, 0 on
     cpu, where one wide SwiGLU is slower than the narrow ones it replaces: ``benchmarks/fusion.py``)."""
@@ -213,7 +216,7 @@ _KINDS: dict[str, str] = {
     "throughput": "float", "memory": "float", "scenario": "str", "batch": "int", "context": "int", "solver": "str",
     "constraints": "strs", "calibrate": "bool", "baselines": "strs", "engine": "str", "space": "mapping", "preset": "str",
     "bld_tokens": "int", "bld_eval_sequences": "int", "ffn_refit": "bool",
-    "score_sequences": "int", "score_seq_len": "int", "finalists": "int", "refine_rounds": "int", "child_bld_tokens": "int", "fuse_threshold": "float", "fuse_sequences": "int",
+    "score_sequences": "int", "score_seq_len": "int", "finalists": "int", "refine_rounds": "int", "child_bld_tokens": "int", "child_refit": "bool", "fuse_threshold": "float", "fuse_sequences": "int",
     "fuse_distill_steps": "int", "gkd_steps": "int", "gkd_batch": "int", "gkd_top_k": "int", "eval_sequences": "int",
     "measure_speed": "bool", "seed": "int",
 }

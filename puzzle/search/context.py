@@ -85,9 +85,20 @@ def child_bld(ctx: StageContext, model: Any, directory: Path) -> ChildBLDResult:
 
     if not replaced_subblocks(model, ctx.parent):  # the parent's own sub-blocks and no-ops: nothing to train or read
         return ChildBLDResult(model=model, trained=[], steps=0, tokens=0, seconds=0.0)
-    cfg = ChildBLDConfig(tokens=ctx.plan.child_bld_tokens, seed=ctx.plan.seed)
+    cfg = ChildBLDConfig(tokens=ctx.plan.child_bld_tokens, seed=ctx.plan.seed, refit=bool(ctx.plan.child_refit))
     ids = child_bld_ids(ctx.plan, ctx.tokenizer, cfg)
     return train_child_blocks(model, ctx.parent, ids, cfg, directory=directory, progress=ctx.progress)
+
+
+def child_refit_key(plan: Plan) -> dict[str, Any]:
+    """The child-stream refit's part of a stage key: its settings when it is on, nothing when off (runs from before
+    the setting keep their keys)."""
+    from puzzle.distill.child_bld import ChildBLDConfig
+
+    if not plan.child_refit:
+        return {}
+    cfg = ChildBLDConfig(tokens=1)
+    return {"child_refit": {"drift": cfg.refit_drift, "ridge": cfg.refit_ridge}}
 
 
 def gkd_teacher(ctx: StageContext, cfg: Any) -> Any:

@@ -30,7 +30,8 @@ from puzzle.evaluation.engine_speed import ENGINES_TIMED, engine_available
 from puzzle.io import atomic_write_json, atomic_write_text
 from puzzle.search.compare import stage_baselines
 from puzzle.search.config import SearchConfig
-from puzzle.search.context import StageContext, child_bld, gkd_teacher, library_config, resume_or_restart, solve_problem
+from puzzle.search.context import (StageContext, child_bld, child_refit_key, gkd_teacher, library_config, resume_or_restart,
+                                   solve_problem)
 from puzzle.search.finalists import finalist_skip
 from puzzle.search.plan import Plan, resolve
 from puzzle.search.preflight import PLAN_FILE, RUN_FILE, preflight
@@ -333,7 +334,7 @@ def stage_key(plan: Plan, stage: str, upstream: dict[str, str], parent_fingerpri
                 **({"refine_rounds": p.refine_rounds} if p.refine_rounds else {})}
     if stage == "child_bld":
         return {"solve": up["solve"], "bld": up["bld"], "tokens": p.child_bld_tokens, "seed": p.seed, "data": list(p.data),
-                "after": [p.bld_eval_sequences, p.bld_tokens]}
+                "after": [p.bld_eval_sequences, p.bld_tokens], **child_refit_key(p)}
     if stage == "fuse":
         return {"child_bld": up["child_bld"], "threshold": p.fuse_threshold, "sequences": p.fuse_sequences,
                 "distill": p.fuse_distill_steps, "target": p.target.to_dict()}
@@ -348,6 +349,7 @@ def stage_key(plan: Plan, stage: str, upstream: dict[str, str], parent_fingerpri
     # baselines: the same budget on the same costs, the same GKD and evaluation; the puzzle child to time against
     return {"bld": up["bld"], "score": up["score"], "profile": up["profile"], "evaluate": up["evaluate"],
             "names": list(p.baselines), **limits, "child_bld": [p.child_bld_tokens, p.seed],
+            **child_refit_key(p),
             "gkd": [p.gkd_steps, p.gkd_batch, p.seed, p.gkd_top_k], "data": list(p.data),
             "sequences": [p.fuse_sequences, p.eval_sequences], "speed": p.measure_speed}
 

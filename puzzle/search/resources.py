@@ -171,6 +171,7 @@ class Work:
     measure_speed: bool = True
     cpu_calibrate: bool = False
     ffn_refit: bool = False
+    child_refit: bool = False
     child: Any = None
     """The child's config once the MIP has chosen it (None before: the stages after the MIP are then
     planned for a child as large as the parent)."""
@@ -182,7 +183,8 @@ class Work:
                    finalists=plan.finalists, refine_rounds=plan.refine_rounds or 0, child_bld_tokens=plan.child_bld_tokens, fuse=plan.fuse_threshold > 0, fuse_sequences=plan.fuse_sequences,
                    fuse_distill_steps=plan.fuse_distill_steps, gkd_steps=plan.gkd_steps, gkd_batch=plan.gkd_batch,
                    gkd_top_k=plan.gkd_top_k, eval_sequences=plan.eval_sequences, measure_speed=bool(plan.measure_speed),
-                   cpu_calibrate=bool(plan.calibrate), ffn_refit=bool(plan.ffn_refit))
+                   cpu_calibrate=bool(plan.calibrate), ffn_refit=bool(plan.ffn_refit),
+                   child_refit=bool(plan.child_refit))
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -417,7 +419,15 @@ def child_bld_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Cl
     activations = B * T * (16 * H + 4 * I) * 4 + B * config.num_attention_heads * T * T * 4
     peak = _base(cluster) + (P + C) * 4 + TRAIN_BYTES_PER_PARAM * trained + activations
     flops = cfg.steps * B * T * (2 * sum(s.parent_params for s in sizes) + 2 * decoder + 4 * trained)
-    return _stage("child_bld", "one process: parent and child whole, the replaced sub-blocks trained",
+    if w.child_refit:  # before the training: the streams, one chunk, one layer's G and C; forward passes only
+        from puzzle.distill.child_refit import refit_bytes
+
+        n = cfg.steps * B * T
+        refit = refit_bytes(n, H, I, 4, B * T, drift=ChildBLDConfig(tokens=1).refit_drift > 0)
+        peak = max(peak, _base(cluster) + (P + C) * 4 + refit)
+        flops += n * (2 * decoder + 4 * sum(s.parent_params for s in sizes) + 2 * len(sizes) * (I * I + I * H))
+    return _stage("child_bld", "one process: parent and child whole, the replaced sub-blocks trained"
+                  + (", after the child-stream refit" if w.child_refit else ""),
                   [RankUse(0, (0, len(sizes)), peak, _host(cluster, peak), C * 4,
                            flops / cluster.flops_per_rank + 2 * C * 4 / DISK_BYTES_PER_S)], cluster)
 

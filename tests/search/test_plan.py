@@ -141,7 +141,8 @@ FLAG_VALUES = {  # a value for every setting, different from its default, and ho
     "bld_eval_sequences": (5, ["--bld-eval-sequences", "5"]), "ffn_refit": (True, ["--ffn-refit"]),
     "space": ({"ffn": {"sizes": [0.5]}, "attention": {"kv_heads": [1]}}, ["--space", "{tmp}/space.yaml"]),
     "score_sequences": (5, ["--score-sequences", "5"]), "score_seq_len": (77, ["--score-seq-len", "77"]),
-    "finalists": (3, ["--finalists", "3"]), "refine_rounds": (2, ["--refine-rounds", "2"]), "child_bld_tokens": (4096, ["--child-bld-tokens", "4096"]), "fuse_threshold": (0.05, ["--fuse-threshold", "0.05"]), "fuse_sequences": (6, ["--fuse-sequences", "6"]),
+    "finalists": (3, ["--finalists", "3"]), "refine_rounds": (2, ["--refine-rounds", "2"]), "child_bld_tokens": (4096, ["--child-bld-tokens", "4096"]),
+    "child_refit": (True, ["--child-refit"]), "fuse_threshold": (0.05, ["--fuse-threshold", "0.05"]), "fuse_sequences": (6, ["--fuse-sequences", "6"]),
     "fuse_distill_steps": (7, ["--fuse-distill-steps", "7"]), "gkd_steps": (9, ["--gkd-steps", "9"]),
     "gkd_batch": (3, ["--gkd-batch", "3"]), "gkd_top_k": (32, ["--gkd-top-k", "32"]), "eval_sequences": (11, ["--eval-sequences", "11"]),
     "measure_speed": (False, ["--no-speed"]), "seed": (5, ["--seed", "5"]),
@@ -269,3 +270,21 @@ def test_the_ffn_refit_reruns_the_library_and_everything_after_it(smol_shape):
     assert stage_key(plain, "score", up, "parent") == stage_key(refit, "score", up, "parent")  # it reads bld's hash
     with pytest.raises(ConfigError, match="ffn_refit"):
         resolve(SearchConfig(model=smol_shape, ffn_refit="yes"))
+
+
+def test_the_child_refit_reruns_child_bld_and_the_baselines_only(smol_shape):
+    from puzzle.search.pipeline import stage_key
+
+    plain, refit = resolve(SearchConfig(model=smol_shape)), resolve(SearchConfig(model=smol_shape, child_refit=True))
+    assert (plain.child_refit, refit.child_refit) == (False, True)
+    full = resolve(SearchConfig(model=smol_shape, preset="full")).settings["child_refit"]
+    assert (full.value, full.source) == (True, "preset")
+    up = {s: s.upper() for s in ("library", "bld", "score", "profile", "solve", "child_bld", "fuse", "gkd", "export",
+                                 "evaluate")}
+    for stage in ("child_bld", "baselines"):
+        assert stage_key(plain, stage, up, "parent") != stage_key(refit, stage, up, "parent"), stage
+        assert "child_refit" not in stage_key(plain, stage, up, "parent")  # runs from before the setting keep their key
+    for stage in ("library", "bld", "score", "solve", "gkd"):
+        assert stage_key(plain, stage, up, "parent") == stage_key(refit, stage, up, "parent"), stage
+    with pytest.raises(ConfigError, match="child_refit"):
+        resolve(SearchConfig(model=smol_shape, child_refit=1))

@@ -95,6 +95,22 @@ def test_a_search_under_torchrun_must_match_the_planned_cluster():
         check_group(plan, Group(rank=0, world=3))
 
 
+def test_the_child_refit_is_planned_in_the_child_bld_stage():
+    """The child-stream refit holds the child's and the parent's streams of the training tokens and one layer's
+    float64 G and C; it runs before the training, so the stage's peak is the larger of the two; it adds time."""
+    from puzzle.distill.child_refit import refit_bytes
+
+    assert refit_bytes(1000, 8, 16, 4, 10, drift=False) == 1000 * 8 * 4 + 10 * (16 + 16) * 12 + 10 * 8 * 4 + (256 + 128) * 8
+    assert refit_bytes(1000, 8, 16, 4, 10, drift=True) - refit_bytes(1000, 8, 16, 4, 10, drift=False) == 1000 * 8 * 4
+    for name in ("llama-3.2-1b", "llama-3.1-8b"):
+        config, cluster = _config(name), parse_cluster("1xcpu", max_memory="2000GiB")
+        plain = plan_resources(config, Work(bld_tokens=4096, child_bld_tokens=65536), cluster).stage("child_bld")
+        refit = plan_resources(config, Work(bld_tokens=4096, child_bld_tokens=65536, child_refit=True), cluster).stage("child_bld")
+        assert refit.ranks[0].device_bytes >= plain.ranks[0].device_bytes
+        assert refit.ranks[0].seconds > plain.ranks[0].seconds
+        assert "child-stream refit" in refit.how and "refit" not in plain.how
+
+
 def test_the_ffn_refit_adds_its_gram_matrices_to_the_library_stage():
     """bld.ffn_refit holds a float64 (m, m) Gram matrix per layer with a pruned FFN in host memory, and its solve
     three (m, m) work arrays on the device instead of the linear variants' three (H, H). 8B on 8 ranks (4 layers

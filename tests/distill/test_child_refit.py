@@ -1,0 +1,142 @@
+"""The child-stream refit: each pruned FFN's down projection is the ridge least-squares fit on the child's own stream."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from puzzle.distill.child_bld import ChildBLDConfig, train_child_blocks
+from puzzle.distill.child_refit import refit_child_ffns
+from puzzle.errors import ConfigError
+from puzzle.evaluation.quality import evaluate_quality
+from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig
+from tests.distill.test_child_bld import SMALL, _ids, carved
+from tests.distill.tiny import assert_same, snapshot, tiny_parent
+
+
+def _captured(model, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """(the stream entering layer ``layer``'s FFN, the stream after the layer), (B*T, H) each, from the model's own
+    forward pass."""
+    got: dict[str, torch.Tensor] = {}
+    block = model.model.layers[layer]
+    hooks = [block.post_attention_layernorm.register_forward_pre_hook(lambda m, a: got.setdefault("h", a[0])),
+             block.register_forward_hook(lambda m, a, out: got.setdefault("next", out))]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    H = model.config.hidden_size
+    return got["h"].reshape(-1, H).double(), got["next"].reshape(-1, H).double()
+
+
+def _expected(child, parent, ids, layer, w0, drift, ridge=0.1):  # noqa: ANN001, ANN202
+    """Ridge least squares towards ``w0`` on the stacked system, from the child's and the parent's own forwards."""
+    h, _ = _captured(child, ids, layer)
+    _, p_next = _captured(parent, ids, layer)
+    mine, theirs = child.model.layers[layer], parent.model.layers[layer]
+    with torch.no_grad():
+        n = mine.post_attention_layernorm(h.float())
+        a = (torch.nn.functional.silu(mine.mlp.gate_proj(n)) * mine.mlp.up_proj(n)).double()  # (N, k)
+        t = theirs.mlp(theirs.post_attention_layernorm(h.float())).double()  # (N, H)
+    t = t + drift * (p_next - h - t)
+    lam = ridge * float(torch.diagonal(a.T @ a).mean())
+    k = a.shape[1]
+    stacked_a = torch.cat([a, lam ** 0.5 * torch.eye(k, dtype=torch.float64)])
+    stacked_t = torch.cat([t, lam ** 0.5 * w0.double().T])
+    return torch.linalg.lstsq(stacked_a, stacked_t).solution.T, a, t  # (H, k)
+
+
+@pytest.mark.parametrize("drift", [0.0, 0.5, 1.0])
+def test_each_pruned_ffn_is_the_ridge_fit_on_the_stream_the_refit_layers_before_it_produce(drift):
+    torch.manual_seed(0)
+    parent = tiny_parent()
+    child = carved(parent, narrow_ffn=(0, 2), no_attention=(), one_kv_head=(1,))
+    ids = _ids(6)
+    before = snapshot(child)
+    result = refit_child_ffns(child, parent, ids, drift=drift, batch=4)  # two chunks: 4 and 2 sequences
+    assert result.layers == [0, 2] and result.tokens == 6 * 32
+    after = child.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"model.layers.0.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
+    for layer in (0, 2):  # layer 2's input comes through layer 0's refit FFN: the child's forward now computes it
+        w0 = before[f"model.layers.{layer}.mlp.down_proj.weight"]
+        want, a, t = _expected(child, parent, ids, layer, w0, drift)
+        got = child.model.layers[layer].mlp.down_proj.weight.detach().double()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        error = lambda d: float((a @ d.T - t).pow(2).sum() / t.pow(2).sum())  # noqa: E731
+        assert result.error_before[layer] == pytest.approx(error(w0.double()), rel=1e-4)
+        assert result.error_after[layer] == pytest.approx(error(got), rel=1e-3)
+        assert result.error_after[layer] < result.error_before[layer]
+
+
+def test_the_refit_brings_the_child_closer_on_held_out_tokens_and_leaves_unpruned_children_alone():
+    parent = tiny_parent()
+    child = carved(parent, narrow_ffn=(0, 1, 2), no_attention=(), one_kv_head=())
+    held_out = _ids(8, seed=99)
+    kl_before = evaluate_quality(child, held_out, parent=parent)["kl"]
+    refit_child_ffns(child, parent, _ids(16), drift=0.5)
+    kl_after = evaluate_quality(child, held_out, parent=parent)["kl"]
+    assert kl_after < 0.9 * kl_before, (kl_before, kl_after)  # measured 0.207 -> 0.174 (random weights and tokens)
+    same = carved(parent, narrow_ffn=(), no_attention=(1,), one_kv_head=(2,))  # no pruned FFN: nothing to refit
+    before = snapshot(same)
+    assert refit_child_ffns(same, parent, _ids(4)).layers == []
+    assert_same(same, before)
+
+
+def test_bad_settings_are_config_errors_before_any_change():
+    parent = tiny_parent()
+    child = carved(parent)
+    before = snapshot(child)
+    for kw in ({"ridge": 0.0}, {"drift": 1.5}, {"batch": 0}):
+        with pytest.raises(ConfigError, match="child-stream refit"):
+            refit_child_ffns(child, parent, _ids(4), **kw)
+    with pytest.raises(ConfigError, match="refit_drift in"):
+        ChildBLDConfig(tokens=64, refit=True, refit_drift=-0.1)
+    with pytest.raises(ConfigError, match="refit a bool"):
+        ChildBLDConfig(tokens=64, refit="yes")
+    assert_same(child, before)
+
+
+def test_child_bld_with_the_refit_resumes_to_the_same_weights(tmp_path):
+    """The refit runs again on a resume; it is deterministic, so the checkpoint's fingerprint still matches."""
+    parent, ids = tiny_parent(), _ids(6 * 4)
+    cfg = ChildBLDConfig(tokens=6 * 4 * 32, refit=True, **SMALL)
+    whole = carved(parent)
+    summary = train_child_blocks(whole, parent, ids, cfg, directory=tmp_path / "a").summary()
+    assert summary["refit_layers"] == 1 and summary["refit_error_after"] < summary["refit_error_before"]
+
+    class Stop(Exception):
+        pass
+
+    def stop(step: int) -> None:
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_child_blocks(carved(parent), parent, ids, cfg, directory=tmp_path / "b", on_step=stop)
+    fresh = carved(parent)
+    assert train_child_blocks(fresh, parent, ids, cfg, directory=tmp_path / "b").tokens == 2 * 4 * 32
+    assert_same(fresh, snapshot(whole))
+    plain = carved(parent)  # without the refit: other starting weights, so another run
+    train_child_blocks(plain, parent, ids, ChildBLDConfig(tokens=6 * 4 * 32, **SMALL))
+    assert not torch.equal(plain.model.layers[0].mlp.down_proj.weight, whole.model.layers[0].mlp.down_proj.weight)
+
+
+@pytest.mark.slow  # the real parent and its trained library (shared fixtures)
+def test_on_smollm2_the_refit_lowers_a_library_childs_held_out_kl(smollm2, smollm2_tokenizer, smollm2_trained_library):
+    from puzzle.data.packing import load_sequences
+
+    lib = smollm2_trained_library
+    blocks = [BlockConfig(attention=AttentionConfig.gqa(1) if i in (4, 10, 16) else b.attention,
+                          ffn=FFNConfig.swiglu(768) if 8 <= i < 22 else b.ffn)
+              for i, b in enumerate(lib.parent_config.blocks)]
+    child = lib.assemble(blocks)
+    tok = smollm2_tokenizer
+    held_out = load_sequences(["stdlib"], tok, seq_len=128, num_sequences=2, split="validation")
+    train = load_sequences(["stdlib"], tok, seq_len=128, num_sequences=24, split="train")[8:]  # after calibration
+    kl_before = evaluate_quality(child, held_out, parent=smollm2)["kl"]
+    result = refit_child_ffns(child, smollm2, train, drift=0.5)
+    kl_after = evaluate_quality(child, held_out, parent=smollm2)["kl"]
+    assert result.layers == list(range(8, 22))
+    assert all(result.error_after[l] < result.error_before[l] for l in result.layers), result.summary()
+    assert kl_after < 0.8 * kl_before, (kl_before, kl_after)
