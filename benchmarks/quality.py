@@ -106,6 +106,7 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
     from block_library import open_library
     from puzzle.data.packing import load_sequences
     from puzzle.distill.child_bld import ChildBLDConfig, train_child_blocks
+    from puzzle.distill.child_refit import refit_child_ffns
     from puzzle.loading import load_model, load_tokenizer
     from puzzle.schema import FFNConfig, blocks_from_list
     from puzzle.search import resolve
@@ -137,12 +138,18 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
     cb_ids = child_bld_ids(plan, tok, cb_cfg)  # as the search's child_bld stage reads them
 
     def child_bld(method: str, model: Any, budget: dict[str, Any], detail: str) -> dict[str, Any]:
-        r = train_child_blocks(model, parent, cb_ids, cb_cfg)
-        refit = (f", after the child-stream refit of {r.refit['refit_layers']} FFNs ({r.refit['refit_seconds']:.0f} s)"
-                 if r.refit else "")
-        return {**budget, "method": method, **_q(measure(model, eval_ids, eval_ref)),
+        """Child-aware BLD as the search runs it; with the refit, the child is also measured between the two."""
+        refit = {}
+        if cb_cfg.refit:  # what train_child_blocks does first, done here to measure the child in between
+            n = cb_cfg.steps * cb_cfg.step_batch
+            s = refit_child_ffns(model, parent, cb_ids[:n], ridge=cb_cfg.refit_ridge, drift=cb_cfg.refit_drift,
+                                 batch=cb_cfg.batch).summary()
+            refit = {**_q(measure(model, eval_ids, eval_ref)), "detail": f"{detail}; child-stream refit: "
+                     f"{s['refit_layers']} FFNs, {s['refit_tokens']} tokens, {s['refit_seconds']:.0f} s"}
+        r = train_child_blocks(model, parent, cb_ids, replace(cb_cfg, refit=False))
+        return {**budget, "method": method, **_q(measure(model, eval_ids, eval_ref)), "refit": refit,
                 "detail": f"{detail}; child-aware BLD: {len(r.trained)} sub-blocks, {r.tokens} tokens, {r.seconds:.0f} s"
-                          + refit}
+                          + (", after the child-stream refit" if refit else "")}
     rows: list[dict[str, Any]] = []
     fidelity: list[pd.DataFrame] = []
     label = ("quick-test" if quick else preset) + ("+refit" if ffn_refit else "") + ("+child-refit" if child_refit else "")
@@ -158,7 +165,7 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
         rows.append({**budget, "method": "uniform_ffn", **_q(q), "detail": f"every FFN {uniform_blocks[0].ffn.label}, "
                      "untrained (the FFN initializer's channels)"})
         if controls:
-            rows.append(child_bld("uniform_ffn_child_bld", uniform, budget, f"every FFN {uniform_blocks[0].ffn.label}"))
+            rows += _with_refit(child_bld("uniform_ffn_child_bld", uniform, budget, f"every FFN {uniform_blocks[0].ffn.label}"))
         del uniform
         if uni_refit is not None:  # the same pruning with the least-squares refit of the down projections
             q = measure(uni_refit.assemble(uniform_blocks, initial=True), eval_ids, eval_ref)
@@ -170,7 +177,8 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
         rows.append({**budget, "method": "puzzle", **_q(measure(child, eval_ids, eval_ref)),
                      "predicted_kl": best.objective, "detail": " ".join(best.layer_labels())})
         if controls:
-            rows.append({**child_bld("puzzle_child_bld", child, budget, "the MIP's optimum"), "predicted_kl": best.objective})
+            rows += [{**row, "predicted_kl": best.objective}
+                     for row in _with_refit(child_bld("puzzle_child_bld", child, budget, "the MIP's optimum"))]
         del child
         t0 = time.perf_counter()
         sols = diverse_solutions(problem, k, min_fraction=0.1, backend=plan.solver)
@@ -191,7 +199,8 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
                          "finalists": len(pool), "spearman": rho if method == "puzzle_finalists" else score_fidelity(pool),
                          "detail": f"MIP rank {pick.mip_rank} of {len(pool)} ({time.perf_counter() - t0:.0f} s for "
                                    f"{len(fin)}): " + " ".join(pick.solution.layer_labels())})
-            rows.append({**trained, **budget, "method": f"{method}_child_bld", "predicted_kl": pick.solution.objective})
+            rows += [{**row, **budget, "predicted_kl": pick.solution.objective}
+                     for row in _with_refit({**trained, "method": f"{method}_child_bld"})]
         for name in ("shortgpt", "attention_removal"):
             choice = choose_baseline(name, problem, influence)
             if not choice.feasible:
@@ -202,6 +211,16 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
             del model
         print(pd.DataFrame(rows)[[c for c in COLUMNS if c != "detail"]].tail(8).round(4).to_string(index=False))
     return pd.DataFrame(rows).reindex(columns=COLUMNS), pd.concat(fidelity, ignore_index=True)
+
+
+def _with_refit(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A ``*_child_bld`` row, preceded by its ``*_child_refit`` row (the child after the refit, before the gradient
+    steps) when child-aware BLD started with the refit."""
+    row = dict(row)
+    refit = row.pop("refit")
+    if not refit:
+        return [row]
+    return [{**row, **refit, "method": row["method"].replace("_child_bld", "_child_refit")}, row]
 
 
 def _merged(path: Path, new: pd.DataFrame) -> pd.DataFrame:
@@ -274,8 +293,9 @@ def main() -> None:
                     help="tokens of child-aware BLD (default: the preset's; --quick: 1024)")
     ap.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
                     help="also give child-aware BLD to uniform pruning and to the MIP's optimum (default: on)")
-    ap.add_argument("--ffn-refit", action="store_true", help="the search's library with the least-squares refit of "
-                    "pruned FFNs (bld.ffn_refit); rows labelled PRESET+refit, with uniform_ffn_refit rows")
+    ap.add_argument("--ffn-refit", action=argparse.BooleanOptionalAction, default=None, help="the search's library "
+                    "with the least-squares refit of pruned FFNs (bld.ffn_refit; default: the preset's, full on, quick "
+                    "off; --quick off); rows labelled PRESET+refit, with uniform_ffn_refit rows")
     ap.add_argument("--child-refit", action=argparse.BooleanOptionalAction, default=None,
                     help="child-aware BLD starts with the child-stream refit (default: the preset's, full on, quick off; "
                     "--quick off); rows labelled PRESET+child-refit")
@@ -294,20 +314,20 @@ def main() -> None:
         1024 if args.quick else PRESETS[args.preset]["child_bld_tokens"])
     if cb_tokens < 1:
         ap.error("--child-bld-tokens must be at least 1")
-    child_refit = args.child_refit if args.child_refit is not None else (
-        False if args.quick else PRESETS[args.preset]["child_refit"])
+    child_refit, ffn_refit = (getattr(args, name) if getattr(args, name) is not None else
+                              (False if args.quick else PRESETS[args.preset][name]) for name in ("child_refit", "ffn_refit"))
     t0 = time.perf_counter()
     if args.quick:
         run_dir = Path(args.run or Path(tempfile.mkdtemp(prefix="puzzle-quality-")) / "run")
         write_tiny_parent(run_dir.parent / "parent") if not (run_dir.parent / "parent").exists() else None
     else:
-        run_dir = Path(args.run or f"runs/quality-{args.preset}{'-refit' if args.ffn_refit else ''}-s{args.seed}")
+        run_dir = Path(args.run or f"runs/quality-{args.preset}{'-refit' if ffn_refit else ''}-s{args.seed}")
     cfg = search_config(args.quick, args.preset, args.seed, str(run_dir.parent / "parent") if args.quick else None,
-                        args.ffn_refit)
+                        ffn_refit)
     search(cfg, run_dir, progress=not args.quick, echo=print)
     df, fid = compare(run_dir, quick=args.quick, preset=args.preset, seed=args.seed, fractions=fractions, k=k,
                       finalist_sequences=2 if args.quick else 4, eval_sequences=2 if args.quick else 8,
-                      child_bld_tokens=cb_tokens, controls=args.controls, ffn_refit=args.ffn_refit,
+                      child_bld_tokens=cb_tokens, controls=args.controls, ffn_refit=ffn_refit,
                       child_refit=child_refit, progress=not args.quick)
     from puzzle.io import atomic_write_text
 
