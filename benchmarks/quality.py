@@ -294,8 +294,8 @@ def main() -> None:
     ap.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
                     help="also give child-aware BLD to uniform pruning and to the MIP's optimum (default: on)")
     ap.add_argument("--ffn-refit", action=argparse.BooleanOptionalAction, default=None, help="the search's library "
-                    "with the least-squares refit of pruned FFNs (bld.ffn_refit; default: the preset's, full on, quick "
-                    "off; --quick off); rows labelled PRESET+refit, with uniform_ffn_refit rows")
+                    "with the least-squares refit of pruned FFNs (bld.ffn_refit; default: off); rows labelled PRESET+refit, "
+                    "with uniform_ffn_refit rows")
     ap.add_argument("--child-refit", action=argparse.BooleanOptionalAction, default=None,
                     help="child-aware BLD starts with the child-stream refit (default: the preset's, full on, quick off; "
                     "--quick off); rows labelled PRESET+child-refit")
@@ -314,8 +314,9 @@ def main() -> None:
         1024 if args.quick else PRESETS[args.preset]["child_bld_tokens"])
     if cb_tokens < 1:
         ap.error("--child-bld-tokens must be at least 1")
-    child_refit, ffn_refit = (getattr(args, name) if getattr(args, name) is not None else
-                              (False if args.quick else PRESETS[args.preset][name]) for name in ("child_refit", "ffn_refit"))
+    child_refit = args.child_refit if args.child_refit is not None else (
+        False if args.quick else PRESETS[args.preset]["child_refit"])
+    ffn_refit = bool(args.ffn_refit)
     t0 = time.perf_counter()
     if args.quick:
         run_dir = Path(args.run or Path(tempfile.mkdtemp(prefix="puzzle-quality-")) / "run")

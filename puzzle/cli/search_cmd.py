@@ -80,7 +80,7 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
                    "initialization and validate them in BLD, each (preset)")
     p.add_argument("--ffn-refit", action=argparse.BooleanOptionalAction, default=None, dest="ffn_refit",
                    help="refit each pruned FFN's down projection by least squares on the calibration tokens "
-                   "(the library's initialization; preset: full on, quick off)")
+                   "(the library's initialization; default: off)")
     p.add_argument("--child-refit", action=argparse.BooleanOptionalAction, default=None, dest="child_refit",
                    help="child-aware BLD first refits the child's pruned FFNs by least squares on the child's own "
                    "stream (preset: full on, quick off)")

@@ -31,9 +31,9 @@ BASELINES = ("uniform_ffn", "shortgpt", "attention_removal")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"bld_tokens": 4096, "bld_eval_sequences": 16, "score_sequences": 2, "score_seq_len": 128, "fuse_sequences": 4,
-              "finalists": 4, "refine_rounds": 0, "child_bld_tokens": 16384, "child_refit": False, "ffn_refit": False, "gkd_steps": 16, "gkd_batch": 2, "eval_sequences": 4},
+              "finalists": 4, "refine_rounds": 0, "child_bld_tokens": 16384, "child_refit": False, "gkd_steps": 16, "gkd_batch": 2, "eval_sequences": 4},
     "full": {"bld_tokens": 65536, "bld_eval_sequences": 16, "score_sequences": 8, "score_seq_len": 256, "fuse_sequences": 8,
-             "finalists": 8, "refine_rounds": 0, "child_bld_tokens": 65536, "child_refit": True, "ffn_refit": True, "gkd_steps": 200, "gkd_batch": 4, "eval_sequences": 16},
+             "finalists": 8, "refine_rounds": 0, "child_bld_tokens": 65536, "child_refit": True, "gkd_steps": 200, "gkd_batch": 4, "eval_sequences": 16},
 }
 SOURCES = ("default", "preset", "derived", "file", "flag", "keyword")
 """Where a setting's value came from, as a plan reports it."""
@@ -108,8 +108,8 @@ class SearchConfig:
     cluster)."""
     ffn_refit: bool | None = None
     """Refit each pruned FFN's down projection by least squares on the calibration tokens when the library is
-    initialized (:mod:`block_library.ffn`; holds an (m, m) float64 Gram matrix per layer). Preset: full on, quick
-    off (quick's uniform-pruning baseline is the plain copy)."""
+    initialized (:mod:`block_library.ffn`; holds an (m, m) float64 Gram matrix per layer in host memory and
+    solves on the device: on a 405B parent the library no longer fits 64xH100). Default: false."""
     child_bld_tokens: int | None = None
     """Tokens of child-aware BLD: after the MIP, the child's replaced sub-blocks retrained on the child's own
     activations (:mod:`puzzle.distill.child_bld`); 0 skips it (preset; 0 on a multi-rank cluster)."""

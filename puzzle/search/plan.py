@@ -29,7 +29,7 @@ from puzzle.search.config import PRESETS, SearchConfig, settings_fields
 DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m", "data": ("stdlib",), "budget": "8xH100", "scenario": "decode", "batch": 8,
     "context": 1024, "solver": "ortools-mip", "constraints": (), "baselines": (), "preset": "quick",
-    "fuse_distill_steps": 100, "gkd_top_k": 64, "seed": 0, "throughput": None, "memory": None, "space": None, "engine": "vllm",
+    "fuse_distill_steps": 100, "gkd_top_k": 64, "seed": 0, "ffn_refit": False, "throughput": None, "memory": None, "space": None, "engine": "vllm",
 }
 """Plain defaults; the preset's stage sizes and the target-derived settings are filled in by :func:`resolve`."""
 DEFAULT_SPEEDUP = 1.5
