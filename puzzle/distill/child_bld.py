@@ -67,14 +67,19 @@ class ChildBLDConfig:
     refit_drift: float = 0.5
     """The refit's blend of the parent's own next stream into its target (0: the parent's FFN on the child's input)."""
     refit_ridge: float = 0.1
+    refit_select: bool = True
+    """The refit chooses the pruned FFNs' kept channels again on the child's stream (OBS elimination from the
+    parent's FFN), not only their down projections."""
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.batch < 1 or self.seq_len < 2 or not self.lr > 0 or self.seed < 0:
             raise ConfigError(f"child-aware BLD needs tokens >= 1, batch >= 1, seq_len >= 2, lr > 0 and seed >= 0, "
                               f"got {self}")
-        if not isinstance(self.refit, bool) or not 0.0 <= self.refit_drift <= 1.0 or not self.refit_ridge > 0:
-            raise ConfigError(f"child-aware BLD's refit needs refit a bool, refit_drift in [0, 1] and refit_ridge > 0, "
-                              f"got {self.refit!r}, {self.refit_drift} and {self.refit_ridge}")
+        if (not isinstance(self.refit, bool) or not isinstance(self.refit_select, bool)
+                or not 0.0 <= self.refit_drift <= 1.0 or not self.refit_ridge > 0):
+            raise ConfigError(f"child-aware BLD's refit needs refit and refit_select bools, refit_drift in [0, 1] and "
+                              f"refit_ridge > 0, got {self.refit!r}, {self.refit_select!r}, {self.refit_drift} and "
+                              f"{self.refit_ridge}")
 
     @property
     def step_batch(self) -> int:
@@ -164,7 +169,7 @@ def train_child_blocks(child: Any, parent: Any, ids: torch.Tensor, config: Child
         from puzzle.distill.child_refit import refit_child_ffns
 
         refit = refit_child_ffns(child, parent, ids[:n_rows], ridge=config.refit_ridge, drift=config.refit_drift,
-                                 batch=config.batch, progress=progress).summary()
+                                 select=config.refit_select, batch=config.batch, progress=progress).summary()
     keys = [f"L{l:03d}.{sub}" for l, sub in parts]
     modules = {k: nn.ModuleDict({name: getattr(child.model.layers[l], name) for name in SUBBLOCKS[sub]})
                for k, (l, sub) in zip(keys, parts)}
@@ -238,7 +243,7 @@ def _fingerprint(config: ChildBLDConfig, keys: list[str], modules: dict[str, nn.
     """What a run starts from: the settings, the trained sub-blocks' initial weights and the tokens."""
     settings = asdict(config)
     if not config.refit:  # as before the refit existed: those checkpoints still resume
-        for name in ("refit", "refit_drift", "refit_ridge"):
+        for name in ("refit", "refit_drift", "refit_ridge", "refit_select"):
             settings.pop(name)
     h = hashlib.sha256(json.dumps([settings, keys]).encode())
     for key in keys:

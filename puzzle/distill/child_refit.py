@@ -12,17 +12,26 @@ the same tokens as child-aware BLD (:mod:`puzzle.distill.child_bld`):
     down' = argmin ||a d^T - t'||^2 + lam ||d - down||^2 = (C + lam down^T)^T (G + lam I)^-1
 
 with ``G = a^T a`` (k, k) and ``C = a^T t'`` (k, H) accumulated in float64 and ``lam = ridge * mean diag G``.
+
+With ``select`` (the default), the kept channels are chosen again too: ``a`` is then the parent's FFN's whole
+intermediate (N, D) on the child's stream (through the parent's norm), ``t`` is what that FFN writes, and
+:func:`puzzle.distill.channel_select.obs_select` drops the ``D - k`` channels whose removal costs the fit least,
+ridge towards the parent's down projection. The child's pruned FFN becomes the parent's norm, the kept rows of its
+gate and up projections and the fitted down projection: a block whose channels were picked for the *parent's*
+stream (the library's FFN initializer) is replaced by one picked for this child's.
 With ``drift`` 0 it is child-aware BLD's local target (the parent's FFN on the child's input), reached in one
 forward pass and one solve per layer instead of gradient steps; ``drift`` 1 asks the FFN to bring the child's
 stream back to the parent's (the parent then runs alongside, on its own stream). GPTQ-style, each layer is fit
 on the stream that the already-refit layers before it produce.
 
 Measured on SmolLM2-135M (``benchmarks/quality.py``'s held-out text), the MIP's child at 81% of the decoder
-FLOPs over the quick library: KL 0.438 -> 0.266 with the refit on 16,384 tokens (about 1 min), against 0.312
-after child-aware BLD's gradient steps on the same tokens (about 2 min).
+FLOPs over the quick library, 16,384 tokens: KL 0.438 -> 0.266 with the down projections refit (drift 0),
+0.239 with drift 0.5, 0.190 with the channels selected again (drift 0.5; about 3 min on 2 cores), against 0.312
+after child-aware BLD's gradient steps on the same tokens.
 
-Memory: the child's stream for every sequence (N, T, H) in the model's dtype on its device, one chunk's
-intermediate activations, and ``G`` and ``C`` of one layer (see :func:`refit_bytes`).
+Memory: the child's stream for every sequence (N, T, H) in the model's dtype on its device (with drift the
+parent's too), one chunk's intermediate activations, and ``G`` and ``C`` of one layer (with ``select``, at the
+parent's width, plus the elimination's inverse and fit; see :func:`refit_bytes`).
 """
 
 from __future__ import annotations
@@ -53,21 +62,31 @@ class RefitResult:
                 "refit_error_before": mean(self.error_before), "refit_error_after": mean(self.error_after)}
 
 
-def refit_bytes(tokens: int, hidden: int, intermediate: int, dtype_bytes: int, chunk_tokens: int, drift: bool) -> int:
+def refit_bytes(tokens: int, hidden: int, intermediate: int, dtype_bytes: int, chunk_tokens: int, drift: bool,
+                select: bool = True) -> int:
     """Peak bytes of :func:`refit_child_ffns` beyond the two models: the child's stream of ``tokens`` (dtype; with
     ``drift`` the parent's too), one chunk's activations (float64 ``a`` and targets, the normed input) and ``G``
-    and ``C`` (float64)."""
+    and ``C`` (float64; ``intermediate`` is the parent's width), with ``select`` the elimination's ``G + lam I``,
+    its inverse, the fit and ``C + lam w0`` too."""
     stream = tokens * hidden * dtype_bytes * (2 if drift else 1)
     chunk = chunk_tokens * (intermediate + 2 * hidden) * (8 + dtype_bytes) + chunk_tokens * hidden * dtype_bytes
-    return stream + chunk + (intermediate * intermediate + intermediate * hidden) * 8
+    gram = (intermediate * intermediate + intermediate * hidden) * 8
+    return stream + chunk + gram * (3 if select else 1)
+
+
+def refit_flops(tokens: int, hidden: int, intermediate: int, select: bool = True) -> float:
+    """Multiply-adds x 2 of one layer's refit beyond the forward passes: ``G`` and ``C`` over ``tokens``, and the
+    solve (with ``select`` the elimination, at most ``2 D^3`` for the parent's width ``D``)."""
+    D = intermediate
+    return 2.0 * tokens * (D * D + D * hidden) + (2.0 * D ** 3 + 2.0 * D * D * hidden if select else 2.0 * D * D * hidden)
 
 
 @torch.no_grad()
 def refit_child_ffns(child: Any, parent: Any, ids: torch.Tensor, *, ridge: float = 0.1, drift: float = 0.0,
-                     batch: int = 4, progress: bool = False) -> RefitResult:
-    """Refit, in place, the down projection of every FFN of ``child`` that is a pruned swiglu (narrower than the
-    parent's) on ``ids`` (N, T) run through ``child``, ``batch`` sequences at a time; ``drift`` in [0, 1] blends
-    the parent's own next stream into the target."""
+                     select: bool = True, batch: int = 4, progress: bool = False) -> RefitResult:
+    """Refit, in place, every FFN of ``child`` that is a pruned swiglu (narrower than the parent's) on ``ids`` (N, T)
+    run through ``child``, ``batch`` sequences at a time: its down projection, and with ``select`` its kept
+    channels too; ``drift`` in [0, 1] blends the parent's own next stream into the target."""
     from puzzle.distill.child_bld import replaced_subblocks
 
     if not ridge > 0 or not 0.0 <= drift <= 1.0:
@@ -75,8 +94,9 @@ def refit_child_ffns(child: Any, parent: Any, ids: torch.Tensor, *, ridge: float
     if ids.dim() != 2 or ids.shape[0] < 1 or batch < 1:
         raise ConfigError(f"the child-stream refit needs (N, T) token ids and batch >= 1, got {tuple(ids.shape)}, {batch}")
     body, teacher = child.model, parent.model
-    todo = {l for l, sub in replaced_subblocks(child, parent)
-            if sub == "ffn" and body.layers[l].spec["ffn"] == "swiglu" and teacher.layers[l].spec["ffn"] == "swiglu"}
+    todo = {l for l, sub in replaced_subblocks(child, parent)  # bias-free (Llama) FFNs: the fit has no intercept
+            if sub == "ffn" and body.layers[l].spec["ffn"] == "swiglu" and teacher.layers[l].spec["ffn"] == "swiglu"
+            and body.layers[l].mlp.down_proj.bias is None}
     t0 = time.perf_counter()
     result = RefitResult(layers=sorted(todo), tokens=ids.numel(), seconds=0.0)
     if not todo:
@@ -94,7 +114,7 @@ def refit_child_ffns(child: Any, parent: Any, ids: torch.Tensor, *, ridge: float
         stream = [_sub(mine, "attention", x, ctx) for x in stream]
         pstream = [_sub(theirs, "ffn", _sub(theirs, "attention", p, ctx), ctx) for p in pstream]  # after layer l
         if l in todo:
-            _refit_layer(mine, theirs, stream, pstream, ridge, drift, result, l)
+            (_select_layer if select else _refit_layer)(mine, theirs, stream, pstream, ridge, drift, result, l)
         if l < last:
             stream = [_sub(mine, "ffn", x, ctx) for x in stream]
     result.seconds = time.perf_counter() - t0
@@ -139,3 +159,40 @@ def _refit_layer(mine: Any, theirs: Any, stream: list[torch.Tensor], pstream: li
 
     result.error_before[layer], result.error_after[layer] = error(w0), error(w)
     down.copy_(w.to(down.dtype))
+
+
+def _select_layer(mine: Any, theirs: Any, stream: list[torch.Tensor], pstream: list[torch.Tensor], ridge: float,
+                  drift: float, result: RefitResult, layer: int) -> None:
+    """Layer ``layer``'s pruned FFN chosen again from the parent's: ``G`` (D, D) and ``C`` (D, H) of the parent's
+    intermediate on the child's stream, OBS elimination down to the child's width, the parent's rows copied."""
+    from block_library.linear import ridge_lambda
+    from puzzle.distill.channel_select import lstsq_error, obs_select
+
+    mlp, pm = mine.mlp, theirs.mlp
+    H, k = mlp.down_proj.weight.shape
+    D = pm.down_proj.weight.shape[1]
+    dev = pm.down_proj.weight.device
+    g = torch.zeros(D, D, dtype=torch.float64, device=dev)
+    c = torch.zeros(D, H, dtype=torch.float64, device=dev)
+    tt = miss = 0.0
+    for i, x in enumerate(stream):
+        n = theirs.post_attention_layernorm(x).reshape(-1, H)  # (b*T, H)
+        a = torch.nn.functional.silu(pm.gate_proj(n)) * pm.up_proj(n)  # (b*T, D)
+        t = pm.down_proj(a).double()  # (b*T, H)
+        if drift:  # towards the parent's next stream: p_next - h
+            t = t + drift * ((pstream[i] - x).reshape(-1, H).double() - t)
+        mine_out = mlp(mine.post_attention_layernorm(x)).reshape(-1, H).double()  # before: the child's own FFN
+        a = a.double()
+        g += a.T @ a
+        c += a.T @ t
+        tt += float(t.pow(2).sum())
+        miss += float((mine_out - t).pow(2).sum())
+    w0 = pm.down_proj.weight.double().T  # (D, H)
+    lam = ridge_lambda(g, ridge) + 1e-12  # + a floor: a layer whose channels never fired
+    keep, w = obs_select(g, c, w0, k, lam, group=max(1, -(-(D - k) // 256)))  # 256 steps  # (k,), (k, H)
+    result.error_before[layer] = miss / max(tt, 1e-30)
+    result.error_after[layer] = lstsq_error(g[keep][:, keep], c[keep], tt, w)
+    mlp.gate_proj.weight.copy_(pm.gate_proj.weight[keep])
+    mlp.up_proj.weight.copy_(pm.up_proj.weight[keep])
+    mlp.down_proj.weight.copy_(w.T.to(mlp.down_proj.weight.dtype))
+    mine.post_attention_layernorm.load_state_dict(theirs.post_attention_layernorm.state_dict())

@@ -98,7 +98,7 @@ def child_refit_key(plan: Plan) -> dict[str, Any]:
     if not plan.child_refit:
         return {}
     cfg = ChildBLDConfig(tokens=1)
-    return {"child_refit": {"drift": cfg.refit_drift, "ridge": cfg.refit_ridge}}
+    return {"child_refit": {"drift": cfg.refit_drift, "ridge": cfg.refit_ridge, "select": cfg.refit_select}}
 
 
 def gkd_teacher(ctx: StageContext, cfg: Any) -> Any:

@@ -420,12 +420,13 @@ def child_bld_use(config: Any, sizes: Sequence[LayerSizes], w: Work, cluster: Cl
     peak = _base(cluster) + (P + C) * 4 + TRAIN_BYTES_PER_PARAM * trained + activations
     flops = cfg.steps * B * T * (2 * sum(s.parent_params for s in sizes) + 2 * decoder + 4 * trained)
     if w.child_refit:  # before the training: the streams, one chunk, one layer's G and C; forward passes only
-        from puzzle.distill.child_refit import refit_bytes
+        from puzzle.distill.child_refit import refit_bytes, refit_flops
 
         n = cfg.steps * B * T
-        refit = refit_bytes(n, H, I, 4, B * T, drift=ChildBLDConfig(tokens=1).refit_drift > 0)
+        rc = ChildBLDConfig(tokens=1)
+        refit = refit_bytes(n, H, I, 4, B * T, drift=rc.refit_drift > 0, select=rc.refit_select)
         peak = max(peak, _base(cluster) + (P + C) * 4 + refit)
-        flops += n * (2 * decoder + 4 * sum(s.parent_params for s in sizes) + 2 * len(sizes) * (I * I + I * H))
+        flops += n * (2 * decoder + 4 * sum(s.parent_params for s in sizes)) + len(sizes) * refit_flops(n, H, I, rc.refit_select)
     return _stage("child_bld", "one process: parent and child whole, the replaced sub-blocks trained"
                   + (", after the child-stream refit" if w.child_refit else ""),
                   [RankUse(0, (0, len(sizes)), peak, _host(cluster, peak), C * 4,

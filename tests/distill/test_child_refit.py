@@ -53,7 +53,7 @@ def test_each_pruned_ffn_is_the_ridge_fit_on_the_stream_the_refit_layers_before_
     child = carved(parent, narrow_ffn=(0, 2), no_attention=(), one_kv_head=(1,))
     ids = _ids(6)
     before = snapshot(child)
-    result = refit_child_ffns(child, parent, ids, drift=drift, batch=4)  # two chunks: 4 and 2 sequences
+    result = refit_child_ffns(child, parent, ids, drift=drift, select=False, batch=4)  # chunks of 4 and 2 sequences
     assert result.layers == [0, 2] and result.tokens == 6 * 32
     after = child.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
@@ -69,14 +69,54 @@ def test_each_pruned_ffn_is_the_ridge_fit_on_the_stream_the_refit_layers_before_
         assert result.error_after[layer] < result.error_before[layer]
 
 
+@pytest.mark.parametrize("drift", [0.0, 0.5])
+def test_with_select_each_pruned_ffn_is_the_parents_obs_choice_on_the_childs_stream(drift):
+    from block_library.linear import ridge_lambda
+    from puzzle.distill.channel_select import obs_select
+
+    torch.manual_seed(0)
+    parent = tiny_parent()
+    child = carved(parent, narrow_ffn=(0, 2), no_attention=(), one_kv_head=(1,))
+    ids = _ids(6)
+    before = snapshot(child)
+    result = refit_child_ffns(child, parent, ids, drift=drift, batch=4)
+    assert result.layers == [0, 2]
+    after = child.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved <= {f"model.layers.{l}.{n}" for l in (0, 2) for n in
+                     ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "post_attention_layernorm.weight")}
+    assert "model.layers.2.mlp.down_proj.weight" in moved
+    for layer in (0, 2):  # what the elimination chooses from the stream the child's own forward now produces
+        h, _ = _captured(child, ids, layer)
+        _, p_next = _captured(parent, ids, layer)
+        theirs, mine = parent.model.layers[layer], child.model.layers[layer].mlp
+        with torch.no_grad():
+            n = theirs.post_attention_layernorm(h.float())
+            a = (torch.nn.functional.silu(theirs.mlp.gate_proj(n)) * theirs.mlp.up_proj(n)).double()  # (N, D)
+            t = theirs.mlp.down_proj(a.float()).double()
+        t = t + drift * (p_next - h - t)
+        g = a.T @ a
+        D, k = a.shape[1], mine.down_proj.weight.shape[1]
+        keep, w = obs_select(g, a.T @ t, theirs.mlp.down_proj.weight.double().T, k, ridge_lambda(g, 0.1),
+                             group=-(-(D - k) // 256))
+        torch.testing.assert_close(mine.gate_proj.weight, theirs.mlp.gate_proj.weight[keep])
+        torch.testing.assert_close(mine.up_proj.weight, theirs.mlp.up_proj.weight[keep])
+        torch.testing.assert_close(mine.down_proj.weight.detach().double(), w.T, rtol=1e-4, atol=1e-5)
+        assert result.error_after[layer] < result.error_before[layer]
+
+
 def test_the_refit_brings_the_child_closer_on_held_out_tokens_and_leaves_unpruned_children_alone():
     parent = tiny_parent()
     child = carved(parent, narrow_ffn=(0, 1, 2), no_attention=(), one_kv_head=())
     held_out = _ids(8, seed=99)
     kl_before = evaluate_quality(child, held_out, parent=parent)["kl"]
+    plain = carved(parent, narrow_ffn=(0, 1, 2), no_attention=(), one_kv_head=())
+    refit_child_ffns(plain, parent, _ids(16), drift=0.5, select=False)
+    kl_plain = evaluate_quality(plain, held_out, parent=parent)["kl"]
     refit_child_ffns(child, parent, _ids(16), drift=0.5)
     kl_after = evaluate_quality(child, held_out, parent=parent)["kl"]
-    assert kl_after < 0.9 * kl_before, (kl_before, kl_after)  # measured 0.207 -> 0.174 (random weights and tokens)
+    assert kl_plain < 0.9 * kl_before, (kl_before, kl_plain)  # measured 0.207 -> 0.174 (random weights and tokens)
+    assert kl_after < 0.85 * kl_plain, (kl_plain, kl_after)  # the channels chosen again too: 0.130
     same = carved(parent, narrow_ffn=(), no_attention=(1,), one_kv_head=(2,))  # no pruned FFN: nothing to refit
     before = snapshot(same)
     assert refit_child_ffns(same, parent, _ids(4)).layers == []
@@ -92,8 +132,9 @@ def test_bad_settings_are_config_errors_before_any_change():
             refit_child_ffns(child, parent, _ids(4), **kw)
     with pytest.raises(ConfigError, match="refit_drift in"):
         ChildBLDConfig(tokens=64, refit=True, refit_drift=-0.1)
-    with pytest.raises(ConfigError, match="refit a bool"):
-        ChildBLDConfig(tokens=64, refit="yes")
+    for bad in ({"refit": "yes"}, {"refit_select": 1}):
+        with pytest.raises(ConfigError, match="refit and refit_select bools"):
+            ChildBLDConfig(tokens=64, **bad)
     assert_same(child, before)
 
 
@@ -135,8 +176,12 @@ def test_on_smollm2_the_refit_lowers_a_library_childs_held_out_kl(smollm2, smoll
     held_out = load_sequences(["stdlib"], tok, seq_len=128, num_sequences=2, split="validation")
     train = load_sequences(["stdlib"], tok, seq_len=128, num_sequences=24, split="train")[8:]  # after calibration
     kl_before = evaluate_quality(child, held_out, parent=smollm2)["kl"]
+    plain = lib.assemble(blocks)
+    refit_child_ffns(plain, smollm2, train, drift=0.5, select=False)
+    kl_plain = evaluate_quality(plain, held_out, parent=smollm2)["kl"]
     result = refit_child_ffns(child, smollm2, train, drift=0.5)
     kl_after = evaluate_quality(child, held_out, parent=smollm2)["kl"]
     assert result.layers == list(range(8, 22))
     assert all(result.error_after[l] < result.error_before[l] for l in result.layers), result.summary()
-    assert kl_after < 0.8 * kl_before, (kl_before, kl_after)
+    assert kl_plain < 0.9 * kl_before, (kl_before, kl_plain)  # measured 0.698 -> 0.600 (2,048 tokens)
+    assert kl_after < 0.97 * kl_plain, (kl_plain, kl_after)  # the channels chosen again too: 0.569
