@@ -46,17 +46,23 @@ def _expected(child, parent, ids, layer, w0, drift, ridge=0.1):  # noqa: ANN001,
     return torch.linalg.lstsq(stacked_a, stacked_t).solution.T, a, t  # (H, k)
 
 
-@pytest.mark.parametrize("drift", [0.0, 0.5, 1.0])
-def test_each_pruned_ffn_is_the_ridge_fit_on_the_stream_the_refit_layers_before_it_produce(drift):
+def _refit(drift: float, select: bool):  # noqa: ANN202
+    """A tiny child with pruned FFNs in layers 0 and 2 refit on 6 sequences in chunks of 4 and 2: (parent, child,
+    ids, the weights before, the result, the names of the tensors that moved)."""
     torch.manual_seed(0)
     parent = tiny_parent()
     child = carved(parent, narrow_ffn=(0, 2), no_attention=(), one_kv_head=(1,))
     ids = _ids(6)
     before = snapshot(child)
-    result = refit_child_ffns(child, parent, ids, drift=drift, select=False, batch=4)  # chunks of 4 and 2 sequences
-    assert result.layers == [0, 2] and result.tokens == 6 * 32
+    result = refit_child_ffns(child, parent, ids, drift=drift, select=select, batch=4)
     after = child.state_dict()
-    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    return parent, child, ids, before, result, {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.mark.parametrize("drift", [0.0, 0.5, 1.0])
+def test_each_pruned_ffn_is_the_ridge_fit_on_the_stream_the_refit_layers_before_it_produce(drift):
+    parent, child, ids, before, result, moved = _refit(drift, select=False)
+    assert result.layers == [0, 2] and result.tokens == 6 * 32
     assert moved == {"model.layers.0.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
     for layer in (0, 2):  # layer 2's input comes through layer 0's refit FFN: the child's forward now computes it
         w0 = before[f"model.layers.{layer}.mlp.down_proj.weight"]
@@ -74,15 +80,8 @@ def test_with_select_each_pruned_ffn_is_the_parents_obs_choice_on_the_childs_str
     from block_library.linear import ridge_lambda
     from puzzle.distill.channel_select import obs_select
 
-    torch.manual_seed(0)
-    parent = tiny_parent()
-    child = carved(parent, narrow_ffn=(0, 2), no_attention=(), one_kv_head=(1,))
-    ids = _ids(6)
-    before = snapshot(child)
-    result = refit_child_ffns(child, parent, ids, drift=drift, batch=4)
+    parent, child, ids, before, result, moved = _refit(drift, select=True)
     assert result.layers == [0, 2]
-    after = child.state_dict()
-    moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved <= {f"model.layers.{l}.{n}" for l in (0, 2) for n in
                      ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "post_attention_layernorm.weight")}
     assert "model.layers.2.mlp.down_proj.weight" in moved
