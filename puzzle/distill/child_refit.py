@@ -1,4 +1,4 @@
-"""Child-stream refit: the child's pruned FFNs' down projections solved by least squares on the child's own stream.
+"""Child-stream refit: the child's pruned FFNs rebuilt by least squares on the child's own stream (channels and down projections).
 
 The library's FFN refit (``bld.ffn_refit``, :func:`block_library.ffn.refit_down`) fits a pruned FFN to the whole
 FFN on the *parent's* activations, before the MIP. Once the MIP has chosen, each pruned FFN sees the *child's*
@@ -13,16 +13,17 @@ the same tokens as child-aware BLD (:mod:`puzzle.distill.child_bld`):
 
 with ``G = a^T a`` (k, k) and ``C = a^T t'`` (k, H) accumulated in float64 and ``lam = ridge * mean diag G``.
 
+With ``drift`` 0 it is child-aware BLD's local target (the parent's FFN on the child's input), reached in one
+forward pass and one solve per layer instead of gradient steps; ``drift`` 1 asks the FFN to bring the child's
+stream back to the parent's (the parent then runs alongside, on its own stream). GPTQ-style, each layer is fit
+on the stream that the already-refit layers before it produce.
+
 With ``select`` (the default), the kept channels are chosen again too: ``a`` is then the parent's FFN's whole
 intermediate (N, D) on the child's stream (through the parent's norm), ``t`` is what that FFN writes, and
 :func:`puzzle.distill.channel_select.obs_select` drops the ``D - k`` channels whose removal costs the fit least,
 ridge towards the parent's down projection. The child's pruned FFN becomes the parent's norm, the kept rows of its
 gate and up projections and the fitted down projection: a block whose channels were picked for the *parent's*
 stream (the library's FFN initializer) is replaced by one picked for this child's.
-With ``drift`` 0 it is child-aware BLD's local target (the parent's FFN on the child's input), reached in one
-forward pass and one solve per layer instead of gradient steps; ``drift`` 1 asks the FFN to bring the child's
-stream back to the parent's (the parent then runs alongside, on its own stream). GPTQ-style, each layer is fit
-on the stream that the already-refit layers before it produce.
 
 Measured on SmolLM2-135M (``benchmarks/quality.py``'s held-out text), the MIP's child at 81% of the decoder
 FLOPs over the quick library, 16,384 tokens: KL 0.438 -> 0.266 with the down projections refit (drift 0),
@@ -67,11 +68,11 @@ def refit_bytes(tokens: int, hidden: int, intermediate: int, dtype_bytes: int, c
     """Peak bytes of :func:`refit_child_ffns` beyond the two models: the child's stream of ``tokens`` (dtype; with
     ``drift`` the parent's too), one chunk's activations (float64 ``a`` and targets, the normed input) and ``G``
     and ``C`` (float64; ``intermediate`` is the parent's width), with ``select`` the elimination's ``G + lam I``,
-    its inverse, the fit and ``C + lam w0`` too."""
+    its inverse, one rank-``m`` update of it, the fit and ``C + lam w0`` too."""
     stream = tokens * hidden * dtype_bytes * (2 if drift else 1)
     chunk = chunk_tokens * (intermediate + 2 * hidden) * (8 + dtype_bytes) + chunk_tokens * hidden * dtype_bytes
     gram = (intermediate * intermediate + intermediate * hidden) * 8
-    return stream + chunk + gram * (3 if select else 1)
+    return stream + chunk + gram * (4 if select else 1)
 
 
 def refit_flops(tokens: int, hidden: int, intermediate: int, select: bool = True) -> float:
@@ -189,7 +190,7 @@ def _select_layer(mine: Any, theirs: Any, stream: list[torch.Tensor], pstream: l
         miss += float((mine_out - t).pow(2).sum())
     w0 = pm.down_proj.weight.double().T  # (D, H)
     lam = ridge_lambda(g, ridge) + 1e-12  # + a floor: a layer whose channels never fired
-    keep, w = obs_select(g, c, w0, k, lam, group=max(1, -(-(D - k) // 256)))  # 256 steps  # (k,), (k, H)
+    keep, w = obs_select(g, c, w0, k, lam, group=max(1, -(-(D - k) // 256)))  # (k,), (k, H); 256 steps
     result.error_before[layer] = miss / max(tt, 1e-30)
     result.error_after[layer] = lstsq_error(g[keep][:, keep], c[keep], tt, w)
     mlp.gate_proj.weight.copy_(pm.gate_proj.weight[keep])

@@ -102,7 +102,7 @@ def test_the_child_refit_is_planned_in_the_child_bld_stage():
 
     plain = 1000 * 8 * 4 + 10 * (16 + 16) * 12 + 10 * 8 * 4 + (256 + 128) * 8
     assert refit_bytes(1000, 8, 16, 4, 10, drift=False, select=False) == plain
-    assert refit_bytes(1000, 8, 16, 4, 10, drift=False) == plain + 2 * (256 + 128) * 8  # G + lam I and its inverse, the fit
+    assert refit_bytes(1000, 8, 16, 4, 10, drift=False) == plain + 3 * (256 + 128) * 8  # G + lam I, its inverse, an update
     assert refit_bytes(1000, 8, 16, 4, 10, drift=True) - refit_bytes(1000, 8, 16, 4, 10, drift=False) == 1000 * 8 * 4
     for name in ("llama-3.2-1b", "llama-3.1-8b"):
         config, cluster = _config(name), parse_cluster("1xcpu", max_memory="2000GiB")
