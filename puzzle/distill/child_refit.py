@@ -1,4 +1,4 @@
-"""Child-stream refit: the child's pruned FFNs rebuilt by least squares on the child's own stream (channels and down projections).
+"""Child-stream refit: the child's pruned FFNs rebuilt by least squares on the child's own stream.
 
 The library's FFN refit (``bld.ffn_refit``, :func:`block_library.ffn.refit_down`) fits a pruned FFN to the whole
 FFN on the *parent's* activations, before the MIP. Once the MIP has chosen, each pruned FFN sees the *child's*
@@ -79,7 +79,7 @@ def refit_flops(tokens: int, hidden: int, intermediate: int, select: bool = True
     """Multiply-adds x 2 of one layer's refit beyond the forward passes: ``G`` and ``C`` over ``tokens``, and the
     solve (with ``select`` the elimination, at most ``2 D^3`` for the parent's width ``D``)."""
     D = intermediate
-    return 2.0 * tokens * (D * D + D * hidden) + (2.0 * D ** 3 + 2.0 * D * D * hidden if select else 2.0 * D * D * hidden)
+    return 2.0 * tokens * (D * D + D * hidden) + 2.0 * D * D * hidden + (2.0 * D ** 3 if select else 0.0)
 
 
 @torch.no_grad()
