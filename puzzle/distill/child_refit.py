@@ -135,6 +135,7 @@ def _refit_layer(mine: Any, theirs: Any, stream: list[torch.Tensor], pstream: li
                  drift: float, result: RefitResult, layer: int) -> None:
     """Accumulate ``G``, ``C`` and ``||t'||^2`` over the stream's chunks and solve layer ``layer``'s down projection."""
     from block_library.linear import ridge_lambda
+    from puzzle.distill.channel_select import lstsq_error
 
     mlp = mine.mlp
     down = mlp.down_proj.weight  # (H, k)
@@ -154,11 +155,8 @@ def _refit_layer(mine: Any, theirs: Any, stream: list[torch.Tensor], pstream: li
     w0 = down.double()
     lam = ridge_lambda(g, ridge) + 1e-12  # + a floor: a layer whose kept channels never fired
     w = torch.linalg.solve(g + lam * torch.eye(k, dtype=torch.float64, device=g.device), c + lam * w0.T).T  # (H, k)
-
-    def error(d: torch.Tensor) -> float:  # ||a d^T - t'||^2 / ||t'||^2 from G, C and ||t'||^2
-        return float(((d @ g) * d).sum() - 2 * (d * c.T).sum() + tt) / max(tt, 1e-30)
-
-    result.error_before[layer], result.error_after[layer] = error(w0), error(w)
+    result.error_before[layer] = lstsq_error(g, c, tt, w0.T)  # ||a d^T - t'||^2 / ||t'||^2 from G, C and ||t'||^2
+    result.error_after[layer] = lstsq_error(g, c, tt, w.T)
     down.copy_(w.to(down.dtype))
 
 
