@@ -64,7 +64,7 @@ class ChildBLDConfig:
     refit: bool = False
     """First refit the pruned FFNs' down projections by least squares on the child's stream, on the same tokens
     (:mod:`puzzle.distill.child_refit`), then take the gradient steps."""
-    refit_drift: float = 0.5
+    refit_drift: float = 0.75
     """The refit's blend of the parent's own next stream into its target (0: the parent's FFN on the child's input)."""
     refit_ridge: float = 0.1
     refit_select: bool = True

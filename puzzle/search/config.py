@@ -33,7 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"bld_tokens": 4096, "bld_eval_sequences": 16, "score_sequences": 2, "score_seq_len": 128, "fuse_sequences": 4,
               "finalists": 4, "refine_rounds": 0, "child_bld_tokens": 16384, "child_refit": False, "gkd_steps": 16, "gkd_batch": 2, "eval_sequences": 4},
     "full": {"bld_tokens": 65536, "bld_eval_sequences": 16, "score_sequences": 8, "score_seq_len": 256, "fuse_sequences": 8,
-             "finalists": 8, "refine_rounds": 0, "child_bld_tokens": 65536, "child_refit": True, "gkd_steps": 200, "gkd_batch": 4, "eval_sequences": 16},
+             "finalists": 8, "refine_rounds": 0, "child_bld_tokens": 131072, "child_refit": True, "gkd_steps": 200, "gkd_batch": 4, "eval_sequences": 16},
 }
 SOURCES = ("default", "preset", "derived", "file", "flag", "keyword")
 """Where a setting's value came from, as a plan reports it."""

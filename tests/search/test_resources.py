@@ -97,10 +97,10 @@ def test_a_search_under_torchrun_must_match_the_planned_cluster():
 
 def test_the_child_refit_is_planned_in_the_child_bld_stage():
     """The child-stream refit holds the child's and the parent's streams of the training tokens and one layer's
-    float64 G and C (at the parent's width; with the channel selection the elimination's arrays too); it runs before the training, so the stage's peak is the larger of the two; it adds time."""
+    float64 G and C (at the parent's width, one chunk's products in float32; with the channel selection the elimination's arrays too); it runs before the training, so the stage's peak is the larger of the two; it adds time."""
     from puzzle.distill.child_refit import refit_bytes
 
-    plain = 1000 * 8 * 4 + 10 * (16 + 16) * 12 + 10 * 8 * 4 + (256 + 128) * 8
+    plain = 1000 * 8 * 4 + 10 * (16 + 16) * 8 + 10 * 8 * 4 + (256 + 128) * 4 + (256 + 128) * 8  # chunk's products in float32
     assert refit_bytes(1000, 8, 16, 4, 10, drift=False, select=False) == plain
     assert refit_bytes(1000, 8, 16, 4, 10, drift=False) == plain + 3 * (256 + 128) * 8  # G + lam I, its inverse, an update
     assert refit_bytes(1000, 8, 16, 4, 10, drift=True) - refit_bytes(1000, 8, 16, 4, 10, drift=False) == 1000 * 8 * 4
