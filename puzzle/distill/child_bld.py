@@ -262,7 +262,7 @@ def _step(child: Any, parent: Any, ids: torch.Tensor, parts: dict[str, tuple[int
     ids = ids.to(device)
     B, T = ids.shape
     pos = torch.arange(T, device=device)[None].expand(B, T)
-    cos, sin = body.rotary_emb(pos, torch.float32)  # (B, T, hd) each
+    cos, sin = body.rotary_emb(pos, body.embed_tokens.weight.dtype)  # (B, T, hd) each, in the stream's dtype
     ctx = {"cos": cos, "sin": sin, "mask": None, "cache": None}
     losses: dict[str, float] = {}
     with torch.no_grad():

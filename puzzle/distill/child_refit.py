@@ -109,7 +109,7 @@ def refit_child_ffns(child: Any, parent: Any, ids: torch.Tensor, *, ridge: float
     device = next(body.parameters()).device
     T = ids.shape[1]
     pos = torch.arange(T, device=device)[None]
-    cos, sin = body.rotary_emb(pos, torch.float32)  # (1, T, hd) each: broadcast over the batch
+    cos, sin = body.rotary_emb(pos, body.embed_tokens.weight.dtype)  # (1, T, hd) each, broadcast over the batch
     ctx = {"cos": cos, "sin": sin, "mask": None, "cache": None}
     stream = [body.embed_tokens(ids[i:i + batch].to(device)) for i in range(0, ids.shape[0], batch)]  # (b, T, H)
     pstream = [teacher.embed_tokens(ids[i:i + batch].to(device)) for i in range(0, ids.shape[0], batch)] if drift else []
@@ -180,8 +180,9 @@ def _select_layer(mine: Any, theirs: Any, stream: list[torch.Tensor], pstream: l
     tt = miss = 0.0
     for i, x in enumerate(stream):
         n = theirs.post_attention_layernorm(x).reshape(-1, H)  # (b*T, H)
-        a = (torch.nn.functional.silu(pm.gate_proj(n)) * pm.up_proj(n)).float()  # (b*T, D)
+        a = torch.nn.functional.silu(pm.gate_proj(n)) * pm.up_proj(n)  # (b*T, D) in the model's dtype
         t = pm.down_proj(a).float()  # (b*T, H)
+        a = a.float()
         if drift:  # towards the parent's next stream: p_next - h
             t = t + drift * ((pstream[i] - x).reshape(-1, H).float() - t)
         mine_out = mlp(mine.post_attention_layernorm(x)).reshape(-1, H).float()  # before: the child's own FFN

@@ -122,6 +122,24 @@ def test_the_refit_brings_the_child_closer_on_held_out_tokens_and_leaves_unprune
     assert_same(same, before)
 
 
+@pytest.mark.parametrize("select", [False, True])
+def test_a_bfloat16_child_is_refit_in_its_own_dtype_to_what_float32_gives(select):
+    """Models in bfloat16 (as on a GPU): the chunks' sums are float32 whatever the model's dtype, the weights stay
+    bfloat16, and the fit is the float32 one to bfloat16's precision."""
+    parent = tiny_parent()
+    ids = _ids(6)
+    fits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        p = parent.to(dtype)
+        child = carved(p, narrow_ffn=(0, 2), no_attention=(), one_kv_head=()).to(dtype)
+        result = refit_child_ffns(child, p, ids, drift=0.75, select=select, batch=4)
+        assert result.layers == [0, 2] and all(result.error_after[l] < result.error_before[l] for l in (0, 2))
+        fits[dtype] = child.model.layers[2].mlp.down_proj.weight.detach()
+    assert fits[torch.bfloat16].dtype == torch.bfloat16
+    err = (fits[torch.bfloat16].float() - fits[torch.float32]).norm() / fits[torch.float32].norm()
+    assert err < 0.05, err
+
+
 def test_bad_settings_are_config_errors_before_any_change():
     parent = tiny_parent()
     child = carved(parent)
