@@ -186,7 +186,7 @@ def _select_layer(mine: Any, theirs: Any, stream: list[torch.Tensor], pstream: l
         if drift:  # towards the parent's next stream: p_next - h
             t = t + drift * ((pstream[i] - x).reshape(-1, H).float() - t)
         mine_out = mlp(mine.post_attention_layernorm(x)).reshape(-1, H).float()  # before: the child's own FFN
-        g += a.T @ a  # one chunk's sums in float32 (twice as fast), the running sums in float64
+        g += a.T @ a  # one chunk's sums in float32, the running sums in float64
         c += a.T @ t
         tt += float(t.double().pow(2).sum())
         miss += float((mine_out - t).double().pow(2).sum())
