@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from puzzle.engines.rules import DEFAULT_ENGINE, ENGINE_NAMES
+from puzzle.profiler.hardware import DEFAULT_TARGET
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,8 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distill-steps", type=int, default=0, help="local distillation steps of each fused block "
                    "against its sequential run (default: 0, exact fusion only)")
     p.add_argument("--distill-lr", type=float, default=1e-4, help="learning rate of that distillation (default: 1e-4)")
-    p.add_argument("--target", action="append", default=None, help="target whose latency to predict, repeatable "
-                   "(default: 8xH100 and cpu)")
+    p.add_argument("--target", action="append", default=None, help="target whose latency to predict, repeatable: "
+                   f"COUNTxGPU (one node of COUNT GPUs) or cpu for this machine (default: {DEFAULT_TARGET})")
     p.add_argument("--dtype", choices=("bf16", "fp8"), default="bf16", help="GPU targets' dtype (default: bf16)")
     p.add_argument("--no-measure", action="store_true", help="do not time the models on this machine")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out (never the source)")
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                        segments=tuple(parse_segments(args.segments)) if args.segments else None,
                        sources=tuple(args.data), seq_len=args.seq_len, calib_sequences=args.sequences,
                        eval_sequences=args.sequences, distill_steps=args.distill_steps, distill_lr=args.distill_lr,
-                       targets=tuple(args.target or ("8xH100", "cpu")), dtype=args.dtype, measure=not args.no_measure)
+                       targets=tuple(args.target or (DEFAULT_TARGET,)), dtype=args.dtype, measure=not args.no_measure)
     runs = find_runs(model.config.blocks)
     print(f"{model.config.num_hidden_layers} layers; attention-free SwiGLU runs: "
           f"{', '.join(r.label for r in runs) or 'none'}")

@@ -15,6 +15,8 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from puzzle.profiler.hardware import DEFAULT_TARGET
+
 log = logging.getLogger(__name__)
 
 
@@ -26,8 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "plus parameters, weight bytes and KV-cache bytes per token. Writes the costs table the MIP reads.")
     p.add_argument("source", help="a block library (its variants) or a parent model (embedded name or directory; "
                    "then the default search space, or --space)")
-    p.add_argument("--target", default="1xH100", help="COUNTxGPU (tensor-parallel degree x accelerator), e.g. "
-                   "8xH100, 1xH200, 4xB200, 2xA100, 1xL40S; or cpu for this machine (default: 1xH100)")
+    p.add_argument("--target", default=DEFAULT_TARGET, help="COUNTxGPU, one node of COUNT GPUs (the tensor-parallel "
+                   "degree is --tp), e.g. 8xH100, 1xH200, 4xB200, 2xA100, 1xL40S; or cpu for this machine "
+                   f"(default: {DEFAULT_TARGET})")
     p.add_argument("--dtype", choices=("bf16", "fp8", "fp32"), default=None,
                    help="weight / GEMM dtype (default: bf16 on GPUs, fp32 on cpu)")
     p.add_argument("--scenario", action="append", default=None, metavar="SPEC",

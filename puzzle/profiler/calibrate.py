@@ -17,7 +17,7 @@ from typing import Any
 
 from puzzle.errors import UnknownTargetError
 from puzzle.profiler.counts import ModelShape
-from puzzle.profiler.hardware import Target
+from puzzle.profiler.devices import Target
 from puzzle.profiler.scenario import Scenario
 from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig
 

@@ -85,6 +85,7 @@ def h100_rows(path: str | Path = H100_CSV, *, target: Target | None = None) -> l
     rows = []
     for r in csv.DictReader(lines):
         dtype = _dtype(r["dtype"])
+        # One H100, not the default target: the CSV was measured on a single GPU.
         tgt = target or parse_target("1xH100", dtype=dtype if dtype in ("bf16", "fp8") else "bf16")
         if target is not None and dtype != tgt.dtype and dtype in tgt.accelerator.tflops:
             tgt = Target(accelerator=tgt.accelerator, count=tgt.count, tensor_parallel=tgt.tp, dtype=dtype)

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from puzzle.profiler.hardware import DTYPE_BYTES
+from puzzle.profiler.devices import DTYPE_BYTES
 from puzzle.profiler.scenario import Scenario
 from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.summary import attention_params, ffn_params

@@ -4,7 +4,7 @@ The ``cpu`` target has no datasheet: :func:`measure_cpu_peaks` times a large squ
 and bf16 where the CPU has fast bf16 units) and a copy of a tensor far larger than the caches,
 at torch's current thread count, plus the eager runtime's cost per kernel (a decoder block too
 small to compute anything, divided by its kernel count).
-:func:`cpu_accelerator` returns an :class:`~puzzle.profiler.hardware.Accelerator` whose peaks are
+:func:`cpu_accelerator` returns an :class:`~puzzle.profiler.devices.Accelerator` whose peaks are
 those measurements, so efficiencies near 1.0 are the honest default; a calibration fitted by
 ``puzzle profile --target cpu --measure`` (:mod:`puzzle.profiler.fit`) replaces them when one
 exists for this machine's fingerprint (CPU model, thread count, torch version).
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.errors import CorruptArtifactError
-from puzzle.profiler.hardware import Accelerator, Efficiency
+from puzzle.profiler.devices import CPU, Accelerator, Efficiency
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def cpu_accelerator(*, refresh: bool = False) -> Accelerator:
             bandwidth_tbs = float(cal.peaks.get("bandwidth_tbs") or bandwidth_tbs)
         except CorruptArtifactError as e:
             log.warning("%s; using the uncalibrated CPU efficiencies", e)
-    acc = Accelerator(name="cpu", tflops=tflops, memory_gb=total_ram_gb(), bandwidth_tbs=bandwidth_tbs,
+    acc = Accelerator(name=CPU, tflops=tflops, memory_gb=total_ram_gb(), bandwidth_tbs=bandwidth_tbs,
                       link_gbs=0.0, efficiency=efficiency)
     _MEMO[key] = acc
     return acc

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from puzzle.errors import UnknownTargetError
 from puzzle.profiler.counts import ModelShape, block_weight_bytes, fixed_weight_bytes, kv_bytes_per_token
-from puzzle.profiler.hardware import Target
+from puzzle.profiler.devices import Target
 from puzzle.schema import BlockConfig
 
 NODE_DEVICES = 8

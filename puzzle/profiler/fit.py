@@ -12,7 +12,7 @@ block's time is linear in ``o``, so ``o`` has a closed form (weighted least squa
 around the best point. Deterministic, numpy only.
 
 A calibration file (``cache_root()/calibration/<fingerprint>.json`` by default) holds the fitted
-:class:`~puzzle.profiler.hardware.Efficiency`, the peaks it is relative to and the measurements.
+:class:`~puzzle.profiler.devices.Efficiency`, the peaks it is relative to and the measurements.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import numpy as np
 from puzzle.errors import CorruptArtifactError
 from puzzle.io import atomic_write_json
 from puzzle.profiler.counts import Op
-from puzzle.profiler.hardware import Efficiency, Target
+from puzzle.profiler.devices import Efficiency, Target
+from puzzle.profiler.roofline import ops_ms
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,6 @@ def fit_efficiency(records: Sequence[Timed], target: Target, *, base: Efficiency
 
 def relative_errors(records: Sequence[Timed], target: Target) -> np.ndarray:
     """(predicted - measured) / measured per record, priced by roofline with ``target``'s efficiency."""
-    from puzzle.profiler.roofline import ops_ms
-
     return np.array([ops_ms(r.ops, target) / r.measured_ms - 1.0 for r in records])
 
 

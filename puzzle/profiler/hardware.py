@@ -1,97 +1,32 @@
-"""Hardware targets: the accelerators the profiler knows, their efficiencies, and budget strings.
+"""Hardware targets: the accelerators the profiler knows, the default target, and the one parser of target strings.
 
 A target is ``COUNTxNAME`` (``8xH100``, ``1xH200``, ``4xB200``) or ``cpu`` / ``1xcpu`` (the machine
 the profiler runs on), with a dtype (``bf16`` or ``fp8``; ``fp32`` on the CPU). The count is the
-number of GPUs (``8xH100`` is one node of eight); ``tensor_parallel`` of them share every layer
-(weights and heads are split across them) and the other ``count // tensor_parallel`` groups serve
-replicas. :func:`parse_target` reads the string once; :mod:`puzzle.profiler.deployment` picks the
-tensor-parallel degree that serving engines accept for a given model.
+number of GPUs of one node (``8xH100`` is one node of eight), not a tensor-parallel degree:
+:func:`puzzle.profiler.deployment.choose_tensor_parallel` picks how many of them share every layer
+for a given model, and the others serve replicas. :func:`parse_target` is the only reader of these
+strings and :data:`DEFAULT_TARGET` the only default: every command that takes a target uses both.
 
 Datasheet figures are dense (no 2:4 sparsity) tensor-core FLOP/s, HBM capacity and bandwidth,
-and GPU-to-GPU bandwidth per direction. :class:`Efficiency` holds the fractions of those peaks
-that real kernels reach; the GPU defaults were read off ``h100_measured.csv`` (the calibration
-points this project ships, ``puzzle/profiler/data/``): a large BF16 GEMM reaches 787.3 / 989.4 =
-0.796 of the peak, FP8 1421.7 / 1978.9 = 0.718, and streaming reaches 2.99 / 3.35 = 0.89 of the
-bandwidth. The same fractions are assumed for the other GPUs until a measured calibration
-(``puzzle profile --measure`` on that GPU) replaces them.
+and GPU-to-GPU bandwidth per direction; the fractions of those peaks that real kernels reach are
+the :class:`Efficiency` defaults (:mod:`puzzle.profiler.devices`, which holds the data classes
+re-exported here).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from puzzle.errors import UnknownTargetError
+from puzzle.profiler import cpu
+from puzzle.profiler.devices import CPU, DTYPE_BYTES, Accelerator, Efficiency, Target
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-"""Bytes per weight element for each serving dtype."""
+__all__ = ["ACCELERATORS", "ALIASES", "CPU", "DEFAULT_TARGET", "DTYPE_BYTES", "Accelerator", "Efficiency", "Target",
+           "known_targets", "lookup_accelerator", "parse_target"]
 
-
-@dataclass(frozen=True, kw_only=True)
-class Efficiency:
-    """Fractions of the datasheet peaks that kernels reach, and fixed per-kernel costs."""
-
-    compute: Mapping[str, float] = field(default_factory=lambda: {"bf16": 0.796, "fp8": 0.718})
-    """Per dtype: achieved / peak FLOP/s of a large GEMM."""
-    memory: float = 0.89
-    """Achieved / peak memory bandwidth when streaming weights, activations or KV cache."""
-    kernel_overhead_us: float = 0.25
-    """Fixed cost per kernel of the eager runtime's count, in microseconds. On GPUs the lean runtime
-    (CUDA graphs / torch.compile) fuses the ~39 eager kernels of a layer into about 10 of ~1 us each,
-    hence 0.25 us per eager kernel; on the CPU it is the eager dispatch cost, fitted by ``--measure``."""
-    overlap: float = 1.0
-    """How far an op's compute hides its memory traffic: 1 = fully (time is the larger of the two,
-    the roofline; GPUs), 0 = not at all (time is their sum; CPU GEMMs pack weight panels before
-    computing on them). Fitted by ``--measure`` on the CPU."""
-    link: float = 0.8
-    """Achieved / peak GPU-to-GPU bandwidth in an all-reduce."""
-    allreduce_latency_us: float = 8.0
-    """Fixed latency of one all-reduce (NCCL small-message latency on NVLink)."""
-
-    def replace(self, **changes: object) -> Efficiency:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, object]:
-        return {**dataclasses.asdict(self), "compute": dict(self.compute)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, object]) -> Efficiency:
-        return cls(**{**data, "compute": dict(data["compute"])})  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Accelerator:
-    """One device type: its peaks and the efficiencies reached on it."""
-
-    name: str
-    """Canonical name, e.g. ``H100-SXM``."""
-    tflops: Mapping[str, float]
-    """Dense peak TFLOP/s per dtype (a dtype missing here is not supported)."""
-    memory_gb: float
-    """Device memory in GB (1e9 bytes), as datasheets give it."""
-    bandwidth_tbs: float
-    """Peak memory bandwidth, TB/s (1e12 bytes/s)."""
-    link_gbs: float = 0.0
-    """GPU-to-GPU bandwidth per direction, GB/s (NVLink; PCIe where there is none)."""
-    efficiency: Efficiency = field(default_factory=Efficiency)
-
-    def peak_flops(self, dtype: str) -> float:
-        """Dense peak FLOP/s for ``dtype``; :class:`UnknownTargetError` if it has no such units."""
-        if dtype not in self.tflops:
-            raise UnknownTargetError(f"{self.name} does not support {dtype}; it supports {sorted(self.tflops)}")
-        return self.tflops[dtype] * 1e12
-
-    @property
-    def bandwidth(self) -> float:
-        """Peak memory bandwidth in bytes/s."""
-        return self.bandwidth_tbs * 1e12
-
-    @property
-    def memory_bytes(self) -> float:
-        return self.memory_gb * 1e9
-
+DEFAULT_TARGET = "8xH100"
+"""The target of every command that takes one (``puzzle profile``, ``puzzle fuse``, ``puzzle search`` /
+``plan``): one node of eight H100s."""
 
 # Dense tensor-core peaks (NVIDIA datasheets; SXM parts), HBM, NVLink per direction.
 ACCELERATORS: dict[str, Accelerator] = {
@@ -110,63 +45,6 @@ ACCELERATORS: dict[str, Accelerator] = {
                         link_gbs=32),
 }
 ALIASES = {"A100": "A100-80GB", "A100-SXM": "A100-80GB", "H100": "H100-SXM", "H100-80GB": "H100-SXM"}
-CPU = "cpu"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Target:
-    """What the child is served on: ``count`` devices of one kind, ``tensor_parallel`` per replica, in ``dtype``."""
-
-    accelerator: Accelerator
-    count: int = 1
-    """Devices of the target (``8xH100``: 8)."""
-    dtype: str = "bf16"
-    """Weight and GEMM dtype: ``bf16`` or ``fp8`` on GPUs, ``fp32`` (or ``bf16``) on the CPU."""
-    tensor_parallel: int | None = None
-    """Devices sharing every layer of one replica (default: all ``count``)."""
-
-    def __post_init__(self) -> None:
-        if self.count < 1:
-            raise UnknownTargetError(f"the device count must be >= 1, got {self.count}")
-        if self.tensor_parallel is None:
-            object.__setattr__(self, "tensor_parallel", self.count)
-        if not 1 <= self.tensor_parallel <= self.count:  # type: ignore[operator]
-            raise UnknownTargetError(f"tensor parallelism must be between 1 and the {self.count} devices of the "
-                                     f"target, got {self.tensor_parallel}")
-        self.accelerator.peak_flops(self.dtype)  # raises for an unsupported dtype
-
-    @property
-    def is_cpu(self) -> bool:
-        return self.accelerator.name == CPU
-
-    @property
-    def tp(self) -> int:
-        """Tensor-parallel degree of one replica."""
-        return int(self.tensor_parallel)  # type: ignore[arg-type]
-
-    @property
-    def replicas(self) -> int:
-        """Model copies served side by side: the devices not in one tensor-parallel group form more groups."""
-        return self.count // self.tp
-
-    @property
-    def name(self) -> str:
-        """``8xH100-SXM:bf16`` / ``8xH100-SXM:tp1:bf16`` (tensor parallelism below the count) / ``cpu:fp32``."""
-        prefix = CPU if self.is_cpu else f"{self.count}x{self.accelerator.name}"
-        tp = f":tp{self.tp}" if self.tp != self.count else ""
-        return f"{prefix}{tp}:{self.dtype}"
-
-    def with_tensor_parallel(self, tp: int) -> Target:
-        return dataclasses.replace(self, tensor_parallel=tp)
-
-    def to_dict(self) -> dict[str, object]:
-        """What a plan records: ``accelerator``, ``count``, ``tensor_parallel``, ``replicas``, ``dtype``."""
-        return {"accelerator": self.accelerator.name, "count": self.count, "tensor_parallel": self.tp,
-                "replicas": self.replicas, "dtype": self.dtype, "name": self.name}
-
-    def with_efficiency(self, efficiency: Efficiency) -> Target:
-        acc = dataclasses.replace(self.accelerator, efficiency=efficiency)
-        return dataclasses.replace(self, accelerator=acc)
 
 
 def known_targets() -> list[str]:
@@ -186,9 +64,11 @@ _BUDGET = re.compile(r"^\s*(?:(?P<n>\d+)\s*[xX*]\s*)?(?P<name>[A-Za-z][\w.-]*)\s
 
 
 def parse_target(text: str, *, dtype: str | None = None) -> Target:
-    """``"8xH100"`` -> 8 tensor-parallel H100s; ``"cpu"`` -> this machine (measured once, cached).
+    """``"8xH100"`` -> one node of eight H100s; ``"cpu"`` -> this machine (measured once, cached).
 
-    ``dtype`` defaults to ``bf16`` on GPUs and ``fp32`` on the CPU.
+    ``dtype`` defaults to ``bf16`` on GPUs and ``fp32`` on the CPU. The target's ``tensor_parallel`` is
+    all its devices until :func:`~puzzle.profiler.deployment.choose_tensor_parallel` picks the degree
+    for a model. :class:`UnknownTargetError` names the known accelerators for an unreadable string.
     """
     m = _BUDGET.match(text or "")
     if m is None:
@@ -200,7 +80,5 @@ def parse_target(text: str, *, dtype: str | None = None) -> Target:
     if m.group("name").lower() == CPU:
         if count != 1:
             raise UnknownTargetError(f"target {text!r}: the cpu target is this one machine; write just 'cpu'")
-        from puzzle.profiler.cpu import cpu_accelerator
-
-        return Target(accelerator=cpu_accelerator(), count=1, dtype=dtype or "fp32")
+        return Target(accelerator=cpu.cpu_accelerator(), count=1, dtype=dtype or "fp32")
     return Target(accelerator=lookup_accelerator(m.group("name")), count=count, dtype=dtype or "bf16")

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from puzzle.profiler.counts import ModelShape, Op, block_ops, fixed_ops
-from puzzle.profiler.hardware import Target
+from puzzle.profiler.devices import Target
 from puzzle.profiler.scenario import Scenario
 from puzzle.schema import BlockConfig
 

@@ -19,7 +19,7 @@ import pandas as pd
 from puzzle.engines import allowed, engine_rules
 from puzzle.profiler.counts import (ModelShape, block_params, block_weight_bytes, fixed_params,
                                     fixed_weight_bytes, kv_bytes_per_token)
-from puzzle.profiler.hardware import Target
+from puzzle.profiler.devices import Target
 from puzzle.profiler.roofline import block_ms, fixed_ms
 from puzzle.profiler.scenario import Scenario
 from puzzle.schema import BlockConfig

@@ -13,9 +13,10 @@ from puzzle.fusion import Segment, fuse_model
 from puzzle.fusion.derive import derive_model, without_attention
 from puzzle.fusion.fuse import parallel_reference
 from puzzle.loading import load_model
+from puzzle.profiler.hardware import DEFAULT_TARGET
 from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig, save_blocks
 
-FAST = ["--sequences", "2", "--seq-len", "32", "--target", "8xH100", "--no-measure", "--no-progress",
+FAST = ["--sequences", "2", "--seq-len", "32", "--no-measure", "--no-progress",
         "--engine", "transformers"]  # the tiny parent's widths are not multiples of 256
 
 
@@ -44,6 +45,7 @@ def test_fuse_by_hand_on_a_tiny_parent(tiny_text_parent, tmp_path, capsys):
     assert all_row.kl > 0 and all_row.kl_to_parent > 0
     latency = pd.read_csv(out / "latency.csv")
     assert set(latency.scenario) == {"prefill", "decode"} and (latency.fused_ms < latency.unfused_ms).all()
+    assert set(latency.target) == {f"{DEFAULT_TARGET}:bf16"}  # no --target: the one default target
     assert json.loads((out / "manifest.json").read_text())["segments"] == ["1-2"]
     assert (out / "dependency.png").stat().st_size > 1000
 

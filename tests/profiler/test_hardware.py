@@ -7,8 +7,12 @@ import importlib.util
 import pytest
 
 from puzzle.errors import PuzzleError, UnknownTargetError
-from puzzle.profiler.hardware import (ACCELERATORS, ALIASES, Accelerator, Efficiency, Target, known_targets,
-                                      parse_target)
+from puzzle.profiler import devices, hardware
+from puzzle.profiler.counts import ModelShape
+from puzzle.profiler.deployment import choose_tensor_parallel
+from puzzle.profiler.hardware import (ACCELERATORS, ALIASES, DEFAULT_TARGET, Accelerator, Efficiency, Target,
+                                      known_targets, parse_target)
+from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig
 
 EVERY_KNOWN_NAME = ["cpu", "A100-80GB", "H100-SXM", "H200", "B100", "B200", "L40S",
                     "A100", "A100-SXM", "H100", "H100-80GB"]
@@ -156,3 +160,22 @@ def test_target_checks_its_dtype_directly():
         Target(accelerator=ACCELERATORS["A100-80GB"], dtype="fp8")
     with pytest.raises(UnknownTargetError, match=">= 1"):
         Target(accelerator=ACCELERATORS["H100-SXM"], count=0)
+
+
+def test_the_default_target_is_one_node_of_eight_h100s_whose_tp_the_model_picks():
+    assert DEFAULT_TARGET == "8xH100"
+    target = parse_target(DEFAULT_TARGET)
+    assert (target.count, target.accelerator.name, target.dtype) == (8, "H100-SXM", "bf16")
+    # The count is GPUs, not tensor parallelism: SmolLM2-135M (9 heads, 3 KV heads) fits one H100, so it
+    # runs at tp 1 and the other seven GPUs serve replicas.
+    smol = ModelShape(hidden_size=576, num_attention_heads=9, head_dim=64, vocab_size=49152)
+    blocks = [BlockConfig(attention=AttentionConfig.gqa(3), ffn=FFNConfig.swiglu(1536))] * 30
+    served = choose_tensor_parallel(target, smol, blocks, batch=8, kv_tokens=1025)
+    assert (served.tp, served.replicas, served.name) == (1, 8, "8xH100-SXM:tp1:bf16")
+
+
+def test_hardware_hands_out_the_data_classes_of_devices():
+    # One class each, whichever module a caller names (search stage keys hash Target.to_dict()).
+    for name in ("Accelerator", "Efficiency", "Target", "DTYPE_BYTES", "CPU"):
+        assert getattr(hardware, name) is getattr(devices, name)
+    assert set(hardware.__all__) >= {"DEFAULT_TARGET", "parse_target", "Target", "ACCELERATORS"}

@@ -9,7 +9,7 @@ import pytest
 
 from puzzle.cli.main import main
 from puzzle.profiler.counts import ModelShape
-from puzzle.profiler.hardware import parse_target
+from puzzle.profiler.hardware import DEFAULT_TARGET, parse_target
 from puzzle.profiler.roofline import model_ms
 from puzzle.profiler.scenario import Scenario, default_scenarios, parse_scenario
 from puzzle.profiler.table import cost_table, layer_candidates, model_totals
@@ -72,6 +72,15 @@ def test_unknown_target_fails_with_the_list(capsys, tiny_llama_dir, tmp_path):
     assert main(["profile", str(tiny_llama_dir), "--target", "1xA100", "--dtype", "fp8",
                  "--out", str(tmp_path / "p")]) == 2
     assert "A100-80GB does not support fp8" in capsys.readouterr().err
+
+
+def test_profile_cli_defaults_to_the_one_default_target(capsys, tiny_llama_dir, tmp_path):
+    assert main(["profile", str(tiny_llama_dir), "--out", str(tmp_path / "costs")]) == 0
+    deployment = json.loads((tmp_path / "costs" / "profile.json").read_text())["deployment"]
+    assert parse_target(DEFAULT_TARGET).to_dict()["count"] == deployment["count"] == 8
+    # one node of eight H100s; the tiny model fits one, so the other seven serve replicas
+    assert (deployment["accelerator"], deployment["tensor_parallel"], deployment["replicas"]) == ("H100-SXM", 1, 8)
+    assert "8xH100-SXM:tp1:bf16" in capsys.readouterr().out
 
 
 def test_profile_cli_writes_a_table_the_solver_reads(capsys, tiny_llama_dir, tmp_path):
