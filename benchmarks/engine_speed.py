@@ -39,7 +39,7 @@ def run_child(speedup: float, run_dir: Path, *, quick: bool, rounds: int) -> dic
     from puzzle.evaluation.engine_speed import engine_speed
     from puzzle.loading import load_model, resolve_source
     from puzzle.search import SearchConfig
-    from puzzle.search.context import costing_target
+    from puzzle.search.stages.profile import costing_target
 
     cfg = SearchConfig(model="smollm2-135m", budget="cpu", engine="vllm", speedup=speedup, gkd_steps=0,
                        measure_speed=False, **(QUICK if quick else {}))

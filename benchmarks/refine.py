@@ -88,7 +88,7 @@ def study(run_dir: Path, *, quick: bool, preset: str, fractions: list[float], k:
         pct = 100.0 * decoder / parent_decoder
         problem = problem_from_tables(scores, costs, score_column="kl", budget=Budget(max_params=fixed + decoder))
         t0 = time.perf_counter()
-        fin = measure_finalists(lib, parent, diverse_solutions(problem, k, min_fraction=0.1, backend=plan.solver),
+        fin = measure_finalists(lib, parent, diverse_solutions(problem, k, min_fraction=0.1, backend=plan.value("solver")),
                                 fin_ids, progress=progress)
         t_fin = time.perf_counter() - t0
         best = fin[0]
@@ -106,7 +106,7 @@ def study(run_dir: Path, *, quick: bool, preset: str, fractions: list[float], k:
                "context_swaps": len(cs.halves), "context_s": round(cs.seconds, 1)}
         for name, pool in (("first4", [f for f in fin if f.mip_rank < 4]), ("all", fin)):
             start = df.set_index("mip_rank").loc[pool[0].mip_rank, "eval_kl"]
-            steps = refine(problem, lib, pool, fin_ids, fin_ref, rounds=rounds, backend=plan.solver, progress=progress)
+            steps = refine(problem, lib, pool, fin_ids, fin_ref, rounds=rounds, backend=plan.value("solver"), progress=progress)
             found = [{"flops_pct": round(pct, 1), "source": f"refined_{name}", "mip_rank": s.finalist.mip_rank,
                       "round": s.round, "predicted_kl": s.finalist.solution.objective,
                       "context_predicted_kl": s.context_predicted_kl, "finalist_kl": s.finalist.kl,

@@ -53,7 +53,7 @@ def sweep(run_dir: Path, *, quick: bool, budgets: int, score: str, progress: boo
     sols = []
     for f in fractions:
         problem = problem_from_tables(scores, costs, score_column=score, budget=Budget(max_params=fixed + f * decoder))
-        sols.append(solve(problem, backend=plan.solver))
+        sols.append(solve(problem, backend=plan.value("solver")))
     measured = sorted(measure_finalists(lib, parent, sols, ids, progress=progress), key=lambda m: m.mip_rank)
     rows = []
     for f, m in zip(fractions, measured, strict=True):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from puzzle.evaluation.engine_speed import ENGINES_TIMED
+from puzzle.engines.rules import ENGINES_TIMED
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

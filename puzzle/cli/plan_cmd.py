@@ -19,7 +19,7 @@ from puzzle.errors import PuzzleError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from puzzle.cli.search_cmd import add_search_flags
+    from puzzle.cli.search_flags import add_search_flags
 
     p = sub.add_parser("plan", help="print the resolved plan of a search (settings, target, stages, feasibility) "
                        "without running it", description="Resolve the settings of `puzzle search` (same flags) "
@@ -117,7 +117,7 @@ def print_plan(plan: Any, stages: list[dict[str, str]] | None, *, brief: bool = 
 
 
 def run(args: argparse.Namespace) -> int:
-    from puzzle.cli.search_cmd import config_from_args
+    from puzzle.cli.search_flags import config_from_args
     from puzzle.search import planned_stages, resolve
     from puzzle.search.preflight import check_plan, preflight
 

@@ -110,6 +110,8 @@ ENGINES: dict[str, EngineRules] = {r.name: r for r in (
         note="any width: an intermediate_size key overrides ffn_mult"),
 )}
 ENGINE_NAMES = tuple(ENGINES)
+ENGINES_TIMED = ("vllm",)
+"""Engines whose serving speed puzzle measures (:mod:`puzzle.evaluation.engine_speed`)."""
 DEFAULT_ENGINE = "vllm"
 
 

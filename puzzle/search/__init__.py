@@ -9,29 +9,35 @@
 
 This subpackage is callable: ``puzzle.search(config=None, run_dir="runs/search", *, progress=True,
 echo=None, **overrides)`` is :func:`puzzle.search.api.run_search`; attribute access works as for
-any module. The stages, for running or replacing one at a time: ``STAGES`` (their order) and
-``STAGE_FUNCTIONS`` (name -> ``stage_<name>(ctx, directory) -> outputs``, also reachable as
-``puzzle.search.pipeline.stage_library``, ``stage_bld``, ... ``stage_evaluate``).
+any module. ``STAGES`` names the stages every search runs, in order; ``REGISTRY[name]`` is the stage
+object (its settings section, key, run, resources), one file each in ``puzzle/search/stages/``.
 
-Modules: ``config`` (SearchConfig: what the user said, and presets), ``plan`` (``resolve(config) -> Plan``:
-every default, the target, the scenarios, feasibility), ``preflight`` (checks before any write),
-``stages`` (manifests, skip/resume/verify), ``context`` (what stages share), ``pipeline`` (the stage
-functions and ``search``), ``api`` (``run_search``), ``report`` (parent vs child table and PNG).
+Modules: ``settings`` (the table: every setting declared once), ``setting`` (a row, its check, typed
+sections), ``config`` (SearchConfig: what the user said), ``resolver`` (``resolve(config) -> Plan``: every
+default, the target, the scenarios, feasibility, resources), ``plan`` (the Plan), ``resources`` and
+``resource_plan`` (memory, disk, time per stage and rank), ``preflight`` (checks before any write),
+``manifest`` (skip/resume/verify), ``context`` (what stages share), ``stages/`` (one file per stage),
+``pipeline`` (the loop), ``usage`` (resources.csv), ``api`` (``run_search``), ``report`` (parent vs child).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from puzzle.search.api import run_search
-from puzzle.search.config import SearchConfig
-from puzzle.search.pipeline import STAGE_FUNCTIONS, STAGES, SearchRun, planned_stages, search
-from puzzle.search.plan import Plan, resolve
+if TYPE_CHECKING:
+    from puzzle.search.config import SearchConfig
+    from puzzle.search.pipeline import SearchRun
 
-__all__ = ["STAGES", "STAGE_FUNCTIONS", "Plan", "SearchConfig", "SearchRun", "planned_stages", "resolve", "run_search",
+_LAZY = {"run_search": "api", "SearchConfig": "config", "STAGES": "pipeline", "SearchRun": "pipeline",
+         "planned_stages": "pipeline", "search": "pipeline", "Plan": "plan", "resolve": "resolver",
+         "REGISTRY": "stages"}
+"""Names handed out on first use, so that reading the settings (``puzzle --help``) does not load torch."""
+
+__all__ = ["REGISTRY", "STAGES", "Plan", "SearchConfig", "SearchRun", "planned_stages", "resolve", "run_search",
            "search"]
 
 
@@ -40,9 +46,23 @@ class _CallableModule(types.ModuleType):
 
     def __call__(self, config: SearchConfig | None = None, run_dir: str | Path = "runs/search",
                  **kwargs: Any) -> SearchRun:
+        from puzzle.search.api import run_search
+
         return run_search(config, run_dir, **kwargs)
 
-    __call__.__doc__ = run_search.__doc__
+    def __getattr__(self, name: str) -> Any:
+        if name in _LAZY:
+            value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+            setattr(self, name, value)
+            return value
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _call_doc() -> str:
+    return """Run (or resume) a search: ``puzzle.search(config=None, run_dir="runs/search", *, progress=True,
+    echo=None, verify=False, force=False, **overrides)``; ``overrides`` are :class:`SearchConfig` settings
+    (see :func:`puzzle.search.api.run_search`)."""
+
+
+_CallableModule.__call__.__doc__ = _call_doc()
 sys.modules[__name__].__class__ = _CallableModule

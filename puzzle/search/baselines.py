@@ -22,13 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from puzzle.search.config import BASELINES
+from puzzle.search.settings import BASELINES
 
 NO_OP = "no_op"
 
@@ -172,3 +173,24 @@ def choose_baseline(name: str, problem: Any, influence: pd.DataFrame) -> Baselin
         rows = influence.dropna(subset=["attention_bi"]).sort_values(["attention_bi", "layer"])
         return remove_in_order(problem, name, rows["layer"].tolist(), lambda label: f"{NO_OP}|{_split(label)[1]}")
     raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
+
+
+def plot_baselines(df: pd.DataFrame, path: Path, title: str, scenario: str) -> None:
+    """KL to the parent against predicted (and, when measured, measured) speedup, one point per model."""
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
+
+    cols = [c for c in (f"pred_{scenario}_speedup", f"meas_{scenario}_speedup") if c in df]
+    fig = Figure(figsize=(4.2 * len(cols), 3.4))
+    axes = fig.subplots(1, len(cols), squeeze=False)
+    ok = df[df["feasible"].astype(bool) & df["kl_to_parent"].notna()] if "kl_to_parent" in df else df.iloc[:0]
+    ok = ok[ok["model"] != "parent"]
+    for ax, col in zip(axes[0], cols):
+        for _, r in ok.iterrows():
+            ax.scatter(r[col], r["kl_to_parent"], s=40, marker="*" if r["model"] == "puzzle" else "o")
+            ax.annotate(r["model"], (r[col], r["kl_to_parent"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(col.replace("_", " "))
+        ax.set_ylabel("KL to parent (lower is better)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

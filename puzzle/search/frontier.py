@@ -25,7 +25,7 @@ from puzzle.search.config import SearchConfig
 
 
 def _rows_of(run: object) -> pd.DataFrame:
-    if run.plan.baselines:  # type: ignore[attr-defined]
+    if run.plan.value("baselines"):  # type: ignore[attr-defined]
         return pd.read_csv(run.stages["baselines"].outputs["table"])  # type: ignore[attr-defined]
     df = run.report.copy()  # type: ignore[attr-defined]
     df["model"] = df["model"].replace({"child": "puzzle"})

@@ -1,43 +1,33 @@
-"""``resolve(config) -> Plan``: the one place where a search's settings get their defaults.
+"""``Plan``: a resolved search, read-only; every stage receives it.
 
     from puzzle.search import SearchConfig, resolve
     plan = resolve(SearchConfig(budget="8xH100", speedup=1.5))
-    plan.target            # Target: 8 H100s, tensor parallelism 1 (SmolLM2's 9 heads), 8 replicas, bf16
-    plan.gkd_steps         # 16 (from the quick preset); plan.settings["gkd_steps"].source == "preset"
-    plan.limits            # the MIP's budget: speedup >= 1.5 in plan.budget_scenario
-    plan.feasibility       # the analytic best the search space can reach on the target
+    plan.target                        # Target: 8 H100s, tensor parallelism 1 (SmolLM2's 9 heads), 8 replicas, bf16
+    plan.value("gkd_steps")            # 16 (from the quick preset); plan.settings["gkd_steps"].source == "preset"
+    GKDSettings.of(plan).gkd_steps     # the same, typed: what the gkd stage reads
+    plan.limits                        # the MIP's budget: speedup >= 1.5 in plan.budget_scenario
+    plan.feasibility                   # the analytic best the search space can reach on the target
+    plan.resources                     # every stage's memory, disk and time on every rank
 
-A :class:`SearchConfig` holds what the user said; the plan holds every setting with its value
-and where it came from (``default``, ``preset``, ``derived`` from the target, ``file``, ``flag``
-or ``keyword``), the deployment target parsed once (accelerator, count, tensor-parallel degree,
-replicas, dtype), the serving scenarios the profiler costs and the MIP constrains (one type,
-:class:`solvers.Scenario`), the MIP's limits, and whether they are reachable at all. Every stage
-reads the plan; nothing downstream parses a flag or a hardware string again.
+A :class:`SearchConfig` holds what the user said; the plan holds every setting with its value and
+where it came from (``default``, ``preset``, ``derived`` from the target or the cluster, ``file``,
+``flag`` or ``keyword``), the deployment target parsed once (accelerator, count, tensor-parallel
+degree, replicas, dtype), the serving scenarios the profiler costs and the MIP constrains (one type,
+:class:`solvers.Scenario`), the MIP's limits, whether they are reachable at all, and the resource
+plan. :func:`puzzle.search.resolver.resolve` makes it; nothing downstream parses a flag or a hardware
+string again. Stages read their typed section of it (:class:`puzzle.search.setting.Section`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from puzzle.errors import ConfigError, InfeasibleBudgetError
-from puzzle.search.config import PRESETS, SearchConfig, settings_fields
-
-DEFAULTS: dict[str, Any] = {
-    "model": "smollm2-135m", "data": ("stdlib",), "budget": "8xH100", "scenario": "decode", "batch": 8,
-    "context": 1024, "solver": "ortools-mip", "constraints": (), "baselines": (), "preset": "quick",
-    "fuse_distill_steps": 100, "gkd_top_k": 64, "seed": 0, "ffn_refit": False, "throughput": None, "memory": None, "space": None, "engine": "vllm",
-}
-"""Plain defaults; the preset's stage sizes and the target-derived settings are filled in by :func:`resolve`."""
-DEFAULT_SPEEDUP = 1.5
-OTHER_PHASE_BATCH = {"prefill": 1, "decode": 8}
-"""Batch of the phase the budget is not about (reported, not constrained): one prompt, or 8 sequences decoding."""
-CALIBRATED_SLACK = 2.0
-"""A calibrated CPU target is costed only after the profile stage fits it, so the preflight refuses a
-speedup only when it is this many times beyond the uncalibrated analytic best."""
+from puzzle.errors import InfeasibleBudgetError
+from puzzle.search.config import SearchConfig
+from puzzle.search.resources import ResourcePlan
 
 
 @dataclass(frozen=True)
@@ -78,14 +68,12 @@ class Feasibility:
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
-    """A resolved search: every setting, the target, the scenarios, the MIP's limits. Read-only.
-
-    A setting reads as an attribute (``plan.gkd_steps``); :attr:`settings` also says where each came from.
-    """
+    """A resolved search: every setting, the target, the scenarios, the MIP's limits, the resources. Read-only."""
 
     config: SearchConfig
     """What the user said."""
     settings: Mapping[str, Setting]
+    """Every setting's value and where it came from, in the settings table's order."""
     target: Any
     """The deployment hardware (:class:`puzzle.profiler.hardware.Target`), not to be confused with :attr:`limits`."""
     scenarios: tuple[Any, ...]
@@ -99,14 +87,30 @@ class Plan:
     """The parent's runtime config (:class:`puzzle.model.PuzzleConfig`), read from config.json or a shape name."""
     cluster: Any = None
     """The machines that run the search (:class:`puzzle.search.cluster.Cluster`), not the deployment target."""
-    resources: Any = None
-    """Memory, disk and time of every stage on every rank (:class:`puzzle.search.resources.ResourcePlan`)."""
+    resources: ResourcePlan | None = None
+    """Memory, disk and time of every stage on every rank."""
 
-    def __getattr__(self, name: str) -> Any:
-        settings = self.__dict__.get("settings") or {}
-        if name in settings:
-            return settings[name].value
-        raise AttributeError(f"{type(self).__name__} has no attribute or setting {name!r}")
+    def value(self, name: str) -> Any:
+        """Setting ``name``'s resolved value (stages read theirs through a typed section)."""
+        try:
+            return self.settings[name].value
+        except KeyError:
+            raise KeyError(f"the plan has no setting {name!r}") from None
+
+    @property
+    def model(self) -> str:
+        """The parent as the user named it (an embedded name, a directory, a shape name)."""
+        return str(self.value("model"))
+
+    @property
+    def data(self) -> tuple[str, ...]:
+        """The corpus every stage reads."""
+        return tuple(self.value("data"))
+
+    @property
+    def engine(self) -> str:
+        """The serving engine the child must load in."""
+        return str(self.value("engine"))
 
     @property
     def budget_scenario(self) -> Any:
@@ -133,91 +137,17 @@ class Plan:
         }
 
     def budget_text(self) -> str:
-        """``speedup >= 1.5x, memory <= 20 GiB/device in decode (batch 8, context 1024) on 8xH100-SXM:tp1:bf16``."""
+        """``speedup >= 1.5x, memory <= 20 GiB/device in decode (batch 8, length 1024) on 8xH100-SXM:tp1:bf16``."""
         parts = []
-        if self.speedup is not None:
-            parts.append(f"speedup >= {self.speedup:g}x")
-        if self.throughput is not None:
-            parts.append(f"throughput >= {self.throughput:g} tokens/s")
-        if self.memory is not None:
-            parts.append(f"memory <= {self.memory:g} GiB/device")
+        limits = self.limits
+        if limits.speedup is not None:
+            parts.append(f"speedup >= {limits.speedup:g}x")
+        if limits.throughput is not None:
+            parts.append(f"throughput >= {limits.throughput:g} tokens/s")
+        if limits.memory_bytes is not None:
+            parts.append(f"memory <= {limits.memory_bytes / 2**30:g} GiB/device")
         sc = self.budget_scenario
         return f"{', '.join(parts)} in {sc.phase} (batch {sc.batch}, length {sc.length}) on {self.target.name}"
-
-
-def resolve(config: SearchConfig | None = None) -> Plan:
-    """Fill in every default of ``config``, parse the target once and check the budget is reachable.
-
-    Reads the parent's ``config.json`` (no weights), or takes a shape name (``llama-3.1-70b``), and
-    plans every stage's memory and time on the cluster (:attr:`Plan.resources`). Raises a typed error for an unknown model,
-    target or dtype and for an invalid ``tp``; an unreachable budget is *reported* in
-    :attr:`Plan.feasibility` (:func:`check_feasible` raises it).
-    """
-    from puzzle.profiler.counts import ModelShape
-    from puzzle.profiler.deployment import choose_tensor_parallel
-    from puzzle.profiler.hardware import parse_target
-    from puzzle.search.cluster import default_cluster, parse_cluster
-    from puzzle.search.resources import Work, plan_resources
-    from solvers import Budget, Scenario
-
-    config = config or SearchConfig()
-    settings: dict[str, Setting] = {}
-    for f in settings_fields():
-        if getattr(config, f.name) is not None:
-            settings[f.name] = Setting(getattr(config, f.name), config.origin.get(f.name, "keyword"))
-        elif f.name in DEFAULTS:
-            settings[f.name] = Setting(DEFAULTS[f.name], "default")
-    for name, value in PRESETS[settings["preset"].value].items():
-        settings.setdefault(name, Setting(value, "preset"))
-    if all(k not in settings or settings[k].value is None for k in ("speedup", "throughput", "memory")):
-        settings["speedup"] = Setting(DEFAULT_SPEEDUP, "default")
-    settings.setdefault("speedup", Setting(None, "default"))
-    v = {k: s.value for k, s in settings.items()}
-
-    target = parse_target(v["budget"], dtype=config.dtype)  # a misspelled target fails before the model is read
-    cluster = parse_cluster(v.get("cluster") or default_cluster(), max_memory=v.get("max_memory_per_rank"))
-    parent, directory = parent_of(v["model"])
-    shape = ModelShape.from_config(parent)
-    phase = v["scenario"]
-    other = "prefill" if phase == "decode" else "decode"
-    budget_sc = Scenario(name=phase, phase=phase, batch=v["batch"], length=v["context"])
-    memory_bytes = None if v["memory"] is None else v["memory"] * 2**30
-    target = choose_tensor_parallel(target, shape, parent.blocks, batch=budget_sc.batch,
-                                    kv_tokens=budget_sc.kv_tokens, memory_bytes=memory_bytes, tp=config.tp)
-    whole = _whole_bytes(parent, 4)  # timed in fp32, as loaded
-    derived = {"dtype": target.dtype, "tp": target.tp, "calibrate": target.is_cpu,
-               "fuse_threshold": 0.0 if target.is_cpu else 0.2, "cluster": cluster.name,
-               "max_memory_per_rank": f"{cluster.memory_per_rank / 2**30:.1f}GiB",
-               # timing needs the parent and the child whole on one rank, one after the other
-               "measure_speed": 2 * whole <= cluster.memory_per_rank}
-    for name, value in derived.items():
-        settings.setdefault(name, Setting(value, "derived"))
-    for name, off in (("child_bld_tokens", 0), ("finalists", 1), ("refine_rounds", 0), ("gkd_top_k", 0)):  # one process only
-        if cluster.count > 1 and settings[name].value != off:
-            if settings[name].source not in ("preset", "default"):
-                raise ConfigError(f"{name} {settings[name].value}: it runs in one process and --cluster {cluster.name} "
-                                  f"has {cluster.count} ranks; set it to {off}")
-            settings[name] = Setting(off, "derived")
-    if settings["gkd_batch"].source in ("preset", "default") and settings["gkd_batch"].value % cluster.count:
-        n = cluster.count  # FSDP2 splits every GKD batch over the ranks
-        settings["gkd_batch"] = Setting(-(-settings["gkd_batch"].value // n) * n, "derived")
-    settings = {f.name: settings[f.name] for f in settings_fields()}  # field order
-
-    scenarios = (dataclasses.replace(budget_sc, replicas=target.replicas),
-                 Scenario(name=other, phase=other, batch=OTHER_PHASE_BATCH[other], length=v["context"],
-                          replicas=target.replicas))
-    limits = Budget(speedup=settings["speedup"].value, throughput=v["throughput"], memory_bytes=memory_bytes)
-    feasibility = _feasibility(parent, shape, target, scenarios[0], limits, approximate=bool(settings["calibrate"].value),
-                               space=search_space(v.get("space"), settings["engine"].value))
-    summary = {"model": v["model"], "directory": None if directory is None else str(directory),
-               "weights": directory is not None and _has_weights(directory), "layers": parent.num_hidden_layers,
-               "hidden_size": parent.hidden_size, "num_attention_heads": parent.num_attention_heads,
-               "num_key_value_heads": sorted({b.attention.num_key_value_heads for b in parent.blocks
-                                              if b.attention.kind == "gqa"})}
-    plan = Plan(config=config, settings=settings, target=target, scenarios=scenarios, limits=limits,
-                feasibility=feasibility, parent=summary, parent_config=parent, cluster=cluster)
-    resources = plan_resources(parent, Work.from_plan(plan), cluster, space=plan_space(plan))
-    return dataclasses.replace(plan, resources=resources)
 
 
 def search_space(space: Mapping[str, Any] | None, engine: str | None) -> Any:
@@ -229,74 +159,7 @@ def search_space(space: Mapping[str, Any] | None, engine: str | None) -> Any:
 
 def plan_space(plan: Plan) -> Any:
     """The plan's search space: its ``space`` setting, kept to what its ``engine`` loads."""
-    return search_space(plan.space, plan.engine)
-
-
-def parent_of(model: str) -> tuple[Any, Any]:
-    """The parent's runtime config and its directory; a shape name (``llama-3.1-70b``) has no directory."""
-    from pathlib import Path
-
-    from puzzle.loading import load_config, resolve_source
-    from puzzle.parents.embedded import canonical_name
-    from puzzle.parents.hf import puzzle_config_from_hf
-    from puzzle.parents.shapes import canonical_shape, shape_config_json
-
-    if not Path(model).expanduser().exists() and canonical_name(model) is None and canonical_shape(model):
-        return puzzle_config_from_hf(shape_config_json(model), where=model), None
-    source = resolve_source(model)
-    return load_config(source), source.directory
-
-
-def _has_weights(directory: Any) -> bool:
-    from pathlib import Path
-
-    return any(Path(directory).glob("*.safetensors"))
-
-
-def _whole_bytes(config: Any, dtype_bytes: int) -> float:
-    from puzzle.summary import totals
-
-    return float(totals(config).params * dtype_bytes)
-
-
-def _feasibility(config: Any, shape: Any, target: Any, scenario: Any, limits: Any, *, approximate: bool,
-                 space: Any = None) -> Feasibility:
-    """The cheapest child of the default search space against the parent, on ``target`` in ``scenario``."""
-    from puzzle.profiler.table import cost_table, space_candidates
-
-    candidates = space_candidates(config, space=space)
-    table = cost_table(shape, candidates, config.blocks, target=target, scenarios=[scenario])
-    col = scenario.column
-    fixed = table[table["layer"] == -1].iloc[0]
-    layers = table[table["layer"] >= 0]
-    parent_rows = layers[layers["is_parent"].astype(bool)]
-    kv = scenario.cache_tokens  # KV tokens per device: batch x tokens cached per sequence
-
-    def memory(rows: Any) -> float:
-        return float(rows["weight_bytes"].sum() + fixed["weight_bytes"] + kv * rows["kv_bytes_per_token"].sum())
-
-    parent_ms = float(parent_rows[col].sum() + fixed[col])
-    best_ms = float(layers.groupby("layer")[col].min().sum() + fixed[col])
-    mem = layers.assign(m=layers["weight_bytes"] + kv * layers["kv_bytes_per_token"])
-    min_memory = float(mem.groupby("layer")["m"].min().sum() + fixed["weight_bytes"])
-    max_speedup = parent_ms / best_ms
-    max_throughput = scenario.throughput(best_ms)
-    slack = CALIBRATED_SLACK if approximate else 1.0
-    problems = []
-    where = f"on {target.name} ({scenario.phase}, batch {scenario.batch}, length {scenario.length})"
-    if limits.speedup is not None and (math.isinf(limits.speedup) or limits.speedup > max_speedup * slack * (1 + 1e-9)):
-        problems.append(f"speedup >= {limits.speedup:g}x is infeasible: at most {max_speedup:.1f}x {where}, "
-                        f"with every layer at its cheapest variant")
-    if limits.throughput is not None and (math.isinf(limits.throughput)
-                                          or limits.throughput > max_throughput * slack * (1 + 1e-9)):
-        problems.append(f"throughput >= {limits.throughput:g} tokens/s is infeasible: at most {max_throughput:.4g} "
-                        f"tokens/s {where}")
-    if limits.memory_bytes is not None and limits.memory_bytes * (1 + 1e-9) < min_memory:  # bytes need no calibration
-        problems.append(f"memory <= {limits.memory_bytes / 2**30:g} GiB/device is infeasible: the smallest child "
-                        f"needs {min_memory / 2**30:.3g} GiB/device {where}")
-    return Feasibility(parent_ms=parent_ms, best_ms=best_ms, max_speedup=max_speedup, max_throughput=max_throughput,
-                       min_memory_gib=min_memory / 2**30, parent_memory_gib=memory(parent_rows) / 2**30,
-                       problems=tuple(problems), approximate=approximate)
+    return search_space(plan.value("space"), plan.engine)
 
 
 def check_feasible(plan: Plan) -> None:

@@ -1,6 +1,6 @@
 """Preflight: everything a search can check before it does any work or writes any file.
 
-The model's config and the target are read by :func:`puzzle.search.plan.resolve`; here the
+The model's config and the target are read by :func:`puzzle.search.resolver.resolve`; here the
 model's weights (present, safetensors), the data sources, the budget's feasibility, the resource
 plan (every stage fits the cluster's memory per rank) and the run directory are checked. Every refusal is a typed one-line
 error (the CLI prints it and exits 2). A run directory must be
@@ -10,15 +10,23 @@ error (the CLI prints it and exits 2). A run directory must be
   holding ``config.json``): puzzle never writes next to weights it reads;
 * new, empty, or a run directory of an earlier search (its ``run.json`` says ``"puzzle"``), unless
   ``force``: a folder holding other files is somebody else's.
+
+Under torchrun, :func:`check_group` holds the plan to the process group it runs in. Once every check
+passed, :func:`prepare` (rank 0) writes the run directory's first files: ``plan.json`` and ``run.json``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from puzzle.errors import ConfigError, EngineError, ModelFilesError, ResourceError
 from puzzle.search.plan import Plan, check_feasible
+
+log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 PLAN_FILE = "plan.json"
@@ -88,3 +96,38 @@ def preflight(plan: Plan, run_dir: str | Path, *, force: bool = False) -> Path:
     check_plan(plan)
     protected = [Path(plan.parent["directory"]), cache_root()]
     return check_run_directory(run_dir, protected=protected, force=force)
+
+
+def check_group(plan: Plan, group: Any) -> None:
+    """A search under ``torchrun`` runs on exactly the cluster the plan sized, on stages that shard."""
+    if group.world == 1:
+        return
+    if plan.cluster.count != group.world:
+        raise ConfigError(f"--cluster {plan.cluster.name} plans {plan.cluster.count} ranks but torchrun started "
+                          f"{group.world}; pass --cluster {group.world}x{plan.cluster.device}")
+    if plan.value("baselines"):
+        raise ConfigError("--baselines runs in one process; drop it under torchrun (or run the baselines later "
+                          "in one process on the same run directory, with --finalists 1 --child-bld-tokens 0 as this "
+                          "cluster has them)")
+    steps, batch = plan.value("gkd_steps"), plan.value("gkd_batch")
+    if steps and batch % group.world:
+        raise ConfigError(f"--gkd-batch {batch} does not split over {group.world} ranks; use a multiple "
+                          f"of {group.world}")
+
+
+def prepare(plan: Plan, run_dir: Path, shared: Path, *, shareable: Sequence[str]) -> None:
+    """Rank 0, after every check: clean leftovers of interrupted writes, write the plan and the run record."""
+    from puzzle import __version__
+    from puzzle.io import atomic_write_json
+    from puzzle.search.manifest import clean_temporaries
+
+    for root in {run_dir, shared}:
+        root.mkdir(parents=True, exist_ok=True)
+        # a shared root may be in use by another search right now: only leftovers older than an hour go
+        for path, size in clean_temporaries(root, min_age_s=0.0 if root == run_dir else 3600.0):
+            log.warning("removed %s (%.1f MiB) left by an interrupted run", path, size / 2**20)
+    if shared != run_dir and not (shared / RUN_FILE).is_file():  # marks it as a run directory for later preflights
+        atomic_write_json(shared / RUN_FILE, {"puzzle": __version__, "shared": list(shareable)})
+    atomic_write_json(run_dir / PLAN_FILE, plan.to_dict())
+    atomic_write_json(run_dir / RUN_FILE, {"puzzle": __version__, "config": plan.config.to_dict(),
+                                           "settings": plan.values()})

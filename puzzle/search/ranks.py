@@ -12,70 +12,31 @@ NCCL on GPUs (torch.distributed); the timeout is long, since ranks wait while ra
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import os
-from dataclasses import dataclass
-from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from block_library.distributed import Shard as Group
+from block_library.distributed import join_group
+
+__all__ = ["TIMEOUT", "Group", "join"]
 
 TIMEOUT = datetime.timedelta(hours=float(os.environ.get("PUZZLE_DIST_TIMEOUT_HOURS", "12")))
-
-
-@dataclass(frozen=True)
-class Group:
-    rank: int
-    world: int
-
-    @property
-    def first(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        if self.world == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj: Any) -> list[Any] | None:
-        """Every rank's ``obj``, on rank 0 (None elsewhere)."""
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] | None = [None] * self.world if self.first else None
-        dist.gather_object(obj, out, dst=0)
-        return out
+"""How long a rank waits in a collective (the others may be waiting for rank 0 to finish a stage alone)."""
 
 
 def join() -> Group:
-    """This process's place in ``torchrun``'s group (joined here, once), or a group of one."""
+    """This process's place in ``torchrun``'s group (joined here, once), or a group of one.
+
+    The search's group is the stages' :class:`~block_library.distributed.Shard` without layers: the stages that
+    shard join the same process group and take their layers themselves."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
-        import torch
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            cuda = torch.cuda.is_available()
-            if cuda:
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=TIMEOUT)
-            atexit.register(_leave)
+        cuda = torch.cuda.is_available()
+        if cuda and not dist.is_initialized():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        join_group(cuda=cuda, timeout=TIMEOUT)
     return Group(rank=rank, world=world)
-
-
-def _leave() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -85,7 +85,7 @@ def plot_report(df: pd.DataFrame, path: Path, title: str) -> None:
 
 def write_report(run: Any, ctx: Any) -> pd.DataFrame:
     from puzzle.loading import load_config
-    from puzzle.search.context import costing_target
+    from puzzle.search.stages.profile import costing_target
 
     child = load_config(run.stages["export"].outputs["model"])
     evaluation = json.loads(Path(run.stages["evaluate"].outputs["evaluation"]).read_text())

@@ -40,7 +40,7 @@ def test_the_table_is_the_issues_and_names_its_sources():
 
 @pytest.fixture(scope="module")
 def shape_1b():
-    from puzzle.search.plan import parent_of
+    from puzzle.search.resolver import parent_of
 
     return parent_of("llama-3.2-1b")[0]  # config only: 16 layers, 32 / 8 heads, FFN 8192
 

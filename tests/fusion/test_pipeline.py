@@ -12,7 +12,9 @@ from puzzle.errors import ConfigError
 from puzzle.fusion import FusionConfig, Segment, fuse_and_report, fuse_model
 from puzzle.fusion.dependency import parallel_error, run_dependency, run_inputs
 from puzzle.fusion.evaluate import kl_to_reference, reference_logprobs
+from puzzle.fusion.pipeline import resolved_targets
 from puzzle.fusion.runs import segment_score
+from puzzle.profiler.hardware import DEFAULT_TARGET, parse_target
 from tests.fusion.tiny import VOCAB, ids_for, tiny_model
 
 
@@ -126,6 +128,30 @@ def test_bad_configs():
             FusionConfig(**kw)
     with pytest.raises(ConfigError, match="attention"):
         run(tiny_model(), segments=(Segment(0, 2),))
+
+
+def test_targets_default_to_the_one_default_and_the_dtype_is_the_gpus(fake_cpu_peaks):
+    assert FusionConfig().targets == (DEFAULT_TARGET,)
+    planned = parse_target("2xH200").with_tensor_parallel(1)  # a search's plan: used as it is
+    cfg = FusionConfig(targets=("8xH100", "cpu", " 1xCPU", "1xH200", planned), dtype="fp8")
+    assert [(label, t.name) for label, t in resolved_targets(cfg)] == [
+        ("8xH100", "8xH100-SXM:fp8"), ("cpu", "cpu:fp32"), (" 1xCPU", "cpu:fp32"), ("1xH200", "1xH200:fp8"),
+        ("2xH200:tp1", "2xH200:tp1:bf16")]
+
+
+def test_a_target_string_serves_the_model_at_the_degree_a_plan_would_choose(fake_cpu_peaks):
+    """8xH100 is one node: SmolLM2's 9 query heads split over 1 or 3 GPUs only, so it is served at tensor
+    parallelism 1 with 8 replicas, as `puzzle plan` says, not at an impossible 8."""
+    from puzzle.parents.hf import puzzle_config_from_hf
+
+    smol = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+            "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "vocab_size": 49152, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
+    config = puzzle_config_from_hf(smol, where="smol")
+    cfg = FusionConfig(targets=("8xH100", "cpu"))
+    chosen = [t for _, t in resolved_targets(cfg, config)]
+    assert [(t.tp, t.replicas) for t in chosen] == [(1, 8), (1, 1)]
+    assert [t.tp for _, t in resolved_targets(cfg)][0] == 8  # without a model: every GPU, until a degree is chosen
 
 
 def test_the_kl_guard_leaves_a_damaging_segment_unfused():

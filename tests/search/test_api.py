@@ -11,7 +11,7 @@ import pytest
 import puzzle
 import puzzle.search.api as api
 from puzzle.errors import ConfigError
-from puzzle.search import STAGE_FUNCTIONS, STAGES, SearchConfig, run_search, search
+from puzzle.search import REGISTRY, STAGES, SearchConfig, run_search, search
 
 
 @pytest.fixture
@@ -40,8 +40,9 @@ def test_overrides_keep_what_was_said_and_the_plan_derives_the_rest(calls, tiny_
     base = SearchConfig(model=str(tiny_llama_dir), budget="8xH100", bld_tokens=2048, gkd_steps=16)
     run_search(base, "r", throughput=500.0, preset="full")
     plan = resolve(calls[0][0])
-    assert plan.speedup is None and plan.throughput == 500.0  # no default speedup next to a given budget
-    assert (plan.bld_tokens, plan.gkd_steps, plan.eval_sequences) == (2048, 16, 16)  # said sizes kept, others preset
+    assert plan.value("speedup") is None and plan.value("throughput") == 500.0  # no default speedup beside a budget
+    sizes = tuple(plan.value(n) for n in ("bld_tokens", "gkd_steps", "eval_sequences"))
+    assert sizes == (2048, 16, 16)  # said sizes kept, others preset
     assert plan.settings["gkd_steps"].source == "keyword" and plan.settings["eval_sequences"].source == "preset"
     run_search(SearchConfig(speedup=2.0), "r", memory=20.0)
     assert (calls[1][0].speedup, calls[1][0].memory) == (2.0, 20.0)  # a given speedup stays next to a new budget
@@ -60,8 +61,7 @@ def test_an_unknown_override_or_a_bad_constraint_is_a_config_error(calls):
 def test_it_is_still_the_subpackage():
     assert isinstance(puzzle.search, types.ModuleType) and puzzle.search.__name__ == "puzzle.search"
     assert puzzle.search.search is search and puzzle.search.SearchConfig is SearchConfig
-    assert set(STAGES) <= set(STAGE_FUNCTIONS)
-    assert puzzle.search.pipeline.stage_solve is STAGE_FUNCTIONS["solve"]
+    assert set(STAGES) <= set(REGISTRY.names()) and REGISTRY["solve"] is puzzle.search.stages.solve.STAGE
     assert "overrides" in puzzle.search.__call__.__doc__
 
 
@@ -77,7 +77,7 @@ def test_a_new_budget_rederives_its_defaults(tiny_llama_dir, fake_cpu_peaks):
 
     gpu = SearchConfig(model=str(tiny_llama_dir), budget="8xH100")
     cpu = resolve(gpu.merge({"budget": "cpu"}))
-    assert (cpu.calibrate, cpu.fuse_threshold) == (True, 0.0)
+    assert (cpu.value("calibrate"), cpu.value("fuse_threshold")) == (True, 0.0)
     assert (cpu.settings["calibrate"].source, cpu.settings["fuse_threshold"].source) == ("derived", "derived")
     kept = resolve(gpu.merge({"fuse_threshold": 0.3}).merge({"budget": "cpu"}))
-    assert kept.fuse_threshold == 0.3
+    assert kept.value("fuse_threshold") == 0.3

@@ -13,7 +13,7 @@ import pytest
 import puzzle
 from puzzle.errors import CorruptArtifactError
 from puzzle.io import read_json_file
-from puzzle.search.stages import (MANIFEST, clean_temporaries, inspect_stage, matching_files, run_stage)
+from puzzle.search.manifest import (MANIFEST, clean_temporaries, inspect_stage, matching_files, run_stage)
 
 
 def _tree(root: Path) -> dict[str, tuple[str, int]]:
@@ -68,7 +68,7 @@ def test_a_deleted_file_redoes_its_stage_and_the_ones_after_it(tmp_path, caplog)
     chain = Chain()
     chain.run(tmp_path)
     (tmp_path / "b" / "out" / "data.txt").unlink()
-    with caplog.at_level(logging.WARNING, logger="puzzle.search.stages"):
+    with caplog.at_level(logging.WARNING, logger="puzzle.search.manifest"):
         r = chain.run(tmp_path)
     assert chain.calls == ["a", "b", "c", "b", "c"]
     assert r["b"].reason == "b: b/out/data.txt is missing; redoing b" and r["b"].reason in caplog.text

@@ -13,7 +13,7 @@ from puzzle.errors import ConfigError, UnknownTargetError
 from puzzle.profiler.counts import ModelShape
 from puzzle.profiler.deployment import memory_per_device, valid_tensor_parallel
 from puzzle.search import SearchConfig, resolve
-from puzzle.search.config import settings_fields
+from puzzle.search.settings import SETTINGS
 
 SMOLLM2_SHAPE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
                  "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
@@ -45,8 +45,8 @@ def test_1xcpu_is_the_cpu_target_everywhere(smol_shape, fake_cpu_peaks):
                                                                                           budget="1xcpu"))
     for plan in (cpu, one):
         assert plan.target.is_cpu and plan.target.tp == 1 and plan.target.replicas == 1
-        assert plan.calibrate is True and plan.settings["calibrate"].source == "derived"
-        assert plan.fuse_threshold == 0.0 and plan.dtype == "fp32"
+        assert plan.value("calibrate") is True and plan.settings["calibrate"].source == "derived"
+        assert plan.value("fuse_threshold") == 0.0 and plan.value("dtype") == "fp32"
     assert {k: v for k, v in one.values().items() if k != "budget"} == {k: v for k, v in cpu.values().items()
                                                                         if k != "budget"}
     with pytest.raises(UnknownTargetError, match="one machine"):
@@ -117,14 +117,14 @@ def test_yaml_speedup_survives_a_memory_flag_and_a_memory_keyword(tmp_path, smol
     assert doc["settings"]["speedup"] == {"value": 2.0, "source": "file"}
     assert doc["settings"]["memory"] == {"value": 20.0, "source": "flag"}
     api = resolve(SearchConfig.from_file(path).merge({"memory": 20}))
-    assert (api.speedup, api.memory) == (2.0, 20.0)
+    assert (api.value("speedup"), api.value("memory")) == (2.0, 20.0)
 
 
 def test_an_explicit_value_equal_to_a_default_is_kept_across_a_preset_change(smol_shape):
     cfg = SearchConfig(model=smol_shape, gkd_steps=16).merge({"preset": "full"})
     plan = resolve(cfg)
-    assert plan.gkd_steps == 16 and plan.settings["gkd_steps"].source == "keyword"
-    assert plan.bld_tokens == 65536 and plan.settings["bld_tokens"].source == "preset"
+    assert plan.value("gkd_steps") == 16 and plan.settings["gkd_steps"].source == "keyword"
+    assert plan.value("bld_tokens") == 65536 and plan.settings["bld_tokens"].source == "preset"
 
 
 FLAG_VALUES = {  # a value for every setting, different from its default, and how to write it as a flag
@@ -154,9 +154,9 @@ def _plan_json(capsys, argv: list[str]) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("name", [f.name for f in settings_fields() if f.name != "model"])
+@pytest.mark.parametrize("name", [s.name for s in SETTINGS if s.name != "model"])
 def test_yaml_then_flag_equals_keyword_override_for_every_setting(name, tmp_path, smol_shape, capsys):
-    assert set(FLAG_VALUES) == {f.name for f in settings_fields()}, "every setting needs a flag"
+    assert set(FLAG_VALUES) == set(SETTINGS.names()), "every setting needs a flag"
     value, flag = FLAG_VALUES[name]
     if name == "space":  # a file holding the section
         (tmp_path / "space.yaml").write_text(yaml.safe_dump({"space": value}))
@@ -221,13 +221,13 @@ def test_profile_picks_a_tensor_parallel_degree_the_model_splits_into(smol_shape
 
 def test_the_one_process_stages_are_off_on_a_cluster_of_several_ranks(smol_shape):
     one = resolve(SearchConfig(model=smol_shape))
-    assert (one.finalists, one.child_bld_tokens, one.gkd_top_k) == (4, 16384, 64)  # the quick preset, the default
+    assert tuple(one.value(n) for n in ("finalists", "child_bld_tokens", "gkd_top_k")) == (4, 16384, 64)  # the quick preset, the default
     two = resolve(SearchConfig(model=smol_shape, cluster="2xcpu"))
-    assert (two.finalists, two.child_bld_tokens, two.gkd_top_k) == (1, 0, 0)
+    assert tuple(two.value(n) for n in ("finalists", "child_bld_tokens", "gkd_top_k")) == (1, 0, 0)
     assert {two.settings[n].source for n in ("finalists", "child_bld_tokens", "gkd_top_k")} == {"derived"}
     assert [s.how for s in two.resources.stages if s.stage in ("solve", "child_bld")] == [
         "rank 0: the MIP", "rank 0: the child assembled tensor by tensor (child-aware BLD off)"]
-    assert two.refine_rounds == 0
+    assert two.value("refine_rounds") == 0
     for name, value in (("finalists", 4), ("refine_rounds", 1), ("child_bld_tokens", 4096), ("gkd_top_k", 64)):
         with pytest.raises(ConfigError, match=f"^{name} {value}: it runs in one process .* set it to"):
             resolve(SearchConfig(model=smol_shape, cluster="2xcpu", **{name: value}))
@@ -260,31 +260,33 @@ def test_the_gkd_teacher_cache_is_planned_in_host_ram(smol_shape):
 
 
 def test_the_ffn_refit_reruns_the_library_and_everything_after_it(smol_shape):
-    from puzzle.search.pipeline import stage_key
-
     plain, refit = resolve(SearchConfig(model=smol_shape)), resolve(SearchConfig(model=smol_shape, ffn_refit=True))
     up = {"library": "L", "bld": "B"}
     for stage in ("library", "bld"):
-        assert stage_key(plain, stage, up, "parent") != stage_key(refit, stage, up, "parent"), stage
-    assert "ffn_refit" not in stage_key(plain, "library", up, "parent")  # runs from before the setting keep their key
-    assert stage_key(plain, "score", up, "parent") == stage_key(refit, "score", up, "parent")  # it reads bld's hash
+        assert _key(plain, stage, up) != _key(refit, stage, up), stage
+    assert "ffn_refit" not in _key(plain, "library", up)  # runs from before the setting keep their key
+    assert _key(plain, "score", up) == _key(refit, "score", up)  # it reads bld's hash
     with pytest.raises(ConfigError, match="ffn_refit"):
         resolve(SearchConfig(model=smol_shape, ffn_refit="yes"))
 
 
 def test_the_child_refit_reruns_child_bld_and_the_baselines_only(smol_shape):
-    from puzzle.search.pipeline import stage_key
-
     plain, refit = resolve(SearchConfig(model=smol_shape)), resolve(SearchConfig(model=smol_shape, child_refit=True))
-    assert (plain.child_refit, refit.child_refit) == (False, True)
+    assert (plain.value("child_refit"), refit.value("child_refit")) == (False, True)
     full = resolve(SearchConfig(model=smol_shape, preset="full")).settings["child_refit"]
     assert (full.value, full.source) == (True, "preset")
     up = {s: s.upper() for s in ("library", "bld", "score", "profile", "solve", "child_bld", "fuse", "gkd", "export",
                                  "evaluate")}
     for stage in ("child_bld", "baselines"):
-        assert stage_key(plain, stage, up, "parent") != stage_key(refit, stage, up, "parent"), stage
-        assert "child_refit" not in stage_key(plain, stage, up, "parent")  # runs from before the setting keep their key
+        assert _key(plain, stage, up) != _key(refit, stage, up), stage
+        assert "child_refit" not in _key(plain, stage, up)  # runs from before the setting keep their key
     for stage in ("library", "bld", "score", "solve", "gkd"):
-        assert stage_key(plain, stage, up, "parent") == stage_key(refit, stage, up, "parent"), stage
+        assert _key(plain, stage, up) == _key(refit, stage, up), stage
     with pytest.raises(ConfigError, match="child_refit"):
         resolve(SearchConfig(model=smol_shape, child_refit=1))
+
+
+def _key(plan, stage, upstream):
+    from puzzle.search import REGISTRY
+
+    return REGISTRY[stage].key(plan, {**upstream, "parent": "parent"})

@@ -10,7 +10,7 @@ from puzzle.cli.main import build_parser
 from puzzle.cli.search_cmd import config_from_args
 from puzzle.errors import ConfigError, CorruptArtifactError
 from puzzle.search import SearchConfig
-from puzzle.search.stages import MANIFEST, run_stage
+from puzzle.search.manifest import MANIFEST, run_stage
 
 
 def test_a_stage_runs_once_per_key(tmp_path):
@@ -49,10 +49,10 @@ def test_config_holds_what_was_said_and_the_plan_fills_in_defaults(tmp_path, tin
     c = SearchConfig()
     assert c.given() == [] and c.speedup is None and c.bld_tokens is None
     plan = resolve(SearchConfig(model=str(tiny_llama_dir)))
-    assert (plan.budget, plan.speedup, plan.preset, plan.bld_tokens, plan.gkd_steps) == ("8xH100", 1.5, "quick",
-                                                                                           4096, 16)
-    assert resolve(SearchConfig(model=str(tiny_llama_dir), throughput=100.0)).speedup is None
-    assert resolve(SearchConfig(model=str(tiny_llama_dir), preset="full")).bld_tokens == 65536
+    said = ("budget", "speedup", "preset", "bld_tokens", "gkd_steps")
+    assert tuple(plan.value(n) for n in said) == ("8xH100", 1.5, "quick", 4096, 16)
+    assert resolve(SearchConfig(model=str(tiny_llama_dir), throughput=100.0)).value("speedup") is None
+    assert resolve(SearchConfig(model=str(tiny_llama_dir), preset="full")).value("bld_tokens") == 65536
     with pytest.raises(ConfigError, match="unknown key"):
         SearchConfig.from_dict({"budgte": "8xH100"})
     with pytest.raises(ConfigError, match="preset"):

@@ -1,0 +1,70 @@
+"""The flags of ``puzzle search`` and ``puzzle plan``, made from the settings table.
+
+    puzzle search --budget 8xH100 --speedup 2.0            # the user's choices
+    puzzle search --gkd-top-k 32 --refine-rounds 1         # advanced knobs, listed apart in --help
+
+Each row of :data:`puzzle.search.settings.SETTINGS` is one flag (``--gkd-steps`` for ``gkd_steps``,
+or the row's own spelling), its help the row's help and default; a YAML file (``--config``) takes the
+same names as keys, and the flags given override it (the one merge rule of :class:`SearchConfig`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from puzzle.search.config import SearchConfig
+from puzzle.search.setting import Spec
+from puzzle.search.settings import SETTINGS
+
+
+def add_search_flags(p: argparse.ArgumentParser) -> None:
+    """Every setting's flag (the user's choices, then the advanced ones in their own group), and the run's."""
+    p.add_argument("--config", metavar="YAML", help="YAML file whose keys are these settings (advanced ones may "
+                   "sit under advanced:); flags given here override it")
+    p.add_argument("--out", default="runs/search", help="run directory (default: runs/search)")
+    user = p.add_argument_group("the search", "The parent, the data, the deployment budget and the cluster.")
+    advanced = p.add_argument_group("advanced", "Stage sizes and research knobs; the --preset sets most of them. "
+                                    "In a YAML file they may sit under advanced:.")
+    for spec in SETTINGS:
+        _add_flag(advanced if spec.advanced else user, spec)
+    p.add_argument("--verify", action="store_true", help="re-hash every recorded file before skipping a stage "
+                   "(file sizes are always checked)")
+    p.add_argument("--force", action="store_true", help="allow --out to be a directory that holds other files")
+
+
+def _add_flag(group: Any, spec: Spec) -> None:
+    kw: dict[str, Any] = {"dest": spec.name, "help": spec.help_text().replace("%", "%%")}
+    if spec.metavar:
+        kw["metavar"] = spec.metavar
+    if spec.kind == "bool":
+        kw.update(action=argparse.BooleanOptionalAction, default=None)
+    elif spec.kind == "strs" and spec.repeat:
+        kw.update(action="append")
+    elif spec.kind == "strs":
+        kw.update(nargs="+", choices=spec.choices or None)
+    elif spec.kind == "mapping":
+        kw.update(type=_yaml_mapping(spec.option))
+    else:
+        kw.update(type={"int": int, "float": float}.get(spec.kind, str), choices=spec.choices or None)
+    group.add_argument(spec.option, **kw)
+
+
+def _yaml_mapping(flag: str) -> Any:
+    def read(path: str) -> dict:
+        """The YAML file's mapping (``space:`` at the top, or the section itself)."""
+        from puzzle.errors import ConfigError
+        from puzzle.io import read_yaml_config
+
+        data = read_yaml_config(path)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{flag} {path}: expected a mapping such as {{ffn: {{sizes: [0.5]}}}}")
+        return data
+
+    return read
+
+
+def config_from_args(args: argparse.Namespace) -> SearchConfig:
+    """The YAML file's settings, then the flags' (the one merge rule: later sources override earlier ones)."""
+    cfg = SearchConfig.from_file(args.config) if args.config else SearchConfig()
+    return cfg.merge({spec.name: getattr(args, spec.name, None) for spec in SETTINGS}, source="flag")

@@ -1,0 +1,119 @@
+"""``evaluate``: the exported child against the parent on held-out text (KL, perplexity, top-1 agreement) and,
+where they fit a rank whole, their step times on this machine (and inside the serving engine when the
+budget's device is this one).
+
+    run/evaluate/evaluation.json   quality, speed, the data it read
+    run/evaluate/engine_speed.csv  parent and child timed inside the engine (cpu budgets with vLLM installed)
+
+Under torchrun every rank holds its layers of one model at a time (:mod:`puzzle.evaluation.sharded`);
+rank 0 times both whole if asked. The baselines are judged the same way (:meth:`quality`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from puzzle.search.cluster import Cluster
+from puzzle.search.context import StageContext
+from puzzle.search.plan import Plan
+from puzzle.search.resources import (SEQ_LEN, RankUse, Shapes, StageUse, base_bytes, device_kind, host_bytes,
+                                     layer_range, one_rank, stage_use)
+from puzzle.search.setting import Section
+from puzzle.search.stages.base import Stage
+from puzzle.search.stages.profile import ProfileSettings, costing_target
+
+SPEED_SECONDS = 120.0
+"""Planned time of timing the parent and the child on rank 0."""
+
+
+@dataclass(frozen=True)
+class EvaluateSettings(Section):
+    eval_sequences: int
+    measure_speed: bool
+    data: tuple[str, ...]
+    engine: str
+
+
+class EvaluateStage(Stage):
+    name, order = "evaluate", 100
+    sections = (EvaluateSettings, ProfileSettings)
+    sharded = True
+
+    def key(self, plan: Plan, upstream: Mapping[str, str]) -> dict[str, Any]:
+        s = EvaluateSettings.of(plan)
+        return {"export": upstream["export"], "sequences": s.eval_sequences, "speed": s.measure_speed,
+                "scenarios": [sc.to_dict() for sc in plan.scenarios]}
+
+    def quality(self, ctx: StageContext, model: Any) -> dict[str, Any]:
+        """One process: ``model``'s quality against the parent, as the child's evaluation measures it."""
+        from puzzle.evaluation import evaluate
+
+        s = EvaluateSettings.of(ctx.plan)
+        return evaluate(model, ctx.tokenizer, parent=ctx.parent, sources=s.data, num_sequences=s.eval_sequences).quality
+
+    def run(self, ctx: StageContext, directory: Path) -> dict[str, Any]:
+        from puzzle.evaluation import Evaluation, evaluate, evaluate_sharded, measure_speed
+        from puzzle.evaluation.engine_speed import ENGINES_TIMED, engine_available
+        from puzzle.io import atomic_write_json, atomic_write_text
+        from puzzle.loading import load_model
+
+        s, plan, model = EvaluateSettings.of(ctx.plan), ctx.plan, ctx.out("export", "model")
+        if ctx.world > 1:  # every rank holds its layers of one model at a time; rank 0 times them whole if asked
+            quality = evaluate_sharded(model, ctx.source.directory, ctx.tokenizer, sources=s.data,
+                                       num_sequences=s.eval_sequences, progress=ctx.progress)
+            data = {"sources": list(s.data), "split": "validation", "seq_len": SEQ_LEN, "sequences": s.eval_sequences}
+            if not ctx.first:
+                return {}
+            speed = None
+            if s.measure_speed:
+                speed = measure_speed({"parent": ctx.parent, "model": load_model(model)}, list(plan.scenarios))
+            ev = Evaluation(quality=quality, tasks={}, speed=speed, data=data)
+        else:
+            ev = evaluate(load_model(model), ctx.tokenizer, parent=ctx.parent, sources=s.data,
+                          num_sequences=s.eval_sequences, speed=s.measure_speed, scenarios=list(plan.scenarios))
+        doc = ev.to_dict()
+        if s.measure_speed and plan.target.is_cpu and s.engine in ENGINES_TIMED and engine_available(s.engine):
+            # the budget's device is this one: time parent and child inside the engine too, beside the prediction
+            from puzzle.evaluation.engine_speed import engine_speed
+
+            table = engine_speed(model, ctx.source.directory, list(plan.scenarios), engine=s.engine,
+                                 target=costing_target(plan, Path(ctx.out("profile", "costs")).parent),
+                                 progress=ctx.progress)
+            atomic_write_text(directory / "engine_speed.csv", table.to_csv(index=False))
+            doc["engine_speed"] = table.to_dict("records")
+        atomic_write_json(directory / "evaluation.json", doc)
+        return {"evaluation": str(directory / "evaluation.json"), **{k: v for k, v in doc.items() if k != "tasks"}}
+
+    def resources(self, plan: Plan, cluster: Cluster, shapes: Shapes) -> StageUse:
+        from block_library.distributed import split_layers
+        from puzzle.evaluation.memory import evaluate_rank_bytes, layer_params
+
+        s, config, sizes = EvaluateSettings.of(plan), shapes.parent, shapes.layers
+        child, C = shapes.child_config, shapes.child_params
+        P, world = shapes.parent_params, min(cluster.count, len(sizes), child.num_hidden_layers)
+        seconds = 2 * (P + C) * s.eval_sequences * SEQ_LEN / cluster.flops_per_rank / world
+        timing = SPEED_SECONDS if s.measure_speed else 0.0
+        if world == 1:
+            peak = base_bytes(cluster) + (P + C) * 4 + 5 * 256 * config.vocab_size * 4
+            return stage_use(self.name, "one process: parent and child whole",
+                             one_rank(cluster, device=peak, layers=(0, len(sizes)), seconds=seconds + timing), cluster)
+        ranges, child_ranges = split_layers(layer_params(config), world), split_layers(layer_params(child), world)
+        out = []
+        for rank, (layers, child_layers) in enumerate(zip(ranges, child_ranges)):
+            peak = evaluate_rank_bytes(config, child, layers, child_layers, first=rank == 0, last=rank == world - 1,
+                                       chunk=2, seq_len=SEQ_LEN, num_sequences=s.eval_sequences, dtype_bytes=4,
+                                       device=device_kind(cluster))
+            if rank == 0 and s.measure_speed:
+                peak = max(peak, base_bytes(cluster) + (P + C) * 4)  # parent and child whole on rank 0, timed
+            staged = 4 * sum(sizes[l].parent_params for l in layers)
+            out.append(RankUse(rank, layer_range(layers), peak, host_bytes(cluster, peak, staged), 0.0,
+                               seconds + (timing if rank == 0 else 0.0)))
+        how = "layers split over ranks, the parent's then the child's" + (", rank 0 times both whole"
+                                                                           if s.measure_speed else "")
+        return stage_use(self.name, how, out, cluster)
+
+
+STAGE = EvaluateStage()

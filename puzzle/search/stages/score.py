@@ -1,0 +1,75 @@
+"""``score``: replace-1-block scoring, every variant's KL to the parent when it alone replaces its block.
+
+    run/score/scores/scores.csv    one row per (layer, variant): kl, top-1 agreement, ... (the MIP's scores)
+
+Layers split over the ranks under torchrun; a replacement's activations stream through the ranks that
+hold the later layers (:mod:`puzzle.scoring.sharded`). Resumes from its finished layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from puzzle.search.cluster import Cluster
+from puzzle.search.context import StageContext, resume_or_restart
+from puzzle.search.plan import Plan
+from puzzle.search.resources import RankUse, Shapes, StageUse, device_kind, host_bytes, layer_range, stage_use
+from puzzle.search.setting import Section
+from puzzle.search.stages.base import Stage
+
+
+@dataclass(frozen=True)
+class ScoreSettings(Section):
+    data: tuple[str, ...]
+    score_sequences: int
+    score_seq_len: int
+
+
+class ScoreStage(Stage):
+    name, order = "score", 30
+    sections = (ScoreSettings,)
+    shareable = sharded = True
+
+    def key(self, plan: Plan, upstream: Mapping[str, str]) -> dict[str, Any]:
+        s = ScoreSettings.of(plan)
+        return {"bld": upstream["bld"], "data": list(s.data), "seq_len": s.score_seq_len,
+                "sequences": s.score_sequences}
+
+    def run(self, ctx: StageContext, directory: Path) -> dict[str, Any]:
+        from puzzle.scoring import ScoreConfig, score_library
+
+        s = ScoreSettings.of(ctx.plan)
+        cfg = ScoreConfig(sources=s.data, seq_len=s.score_seq_len, num_sequences=s.score_sequences)
+        result = resume_or_restart(score_library, ctx.out("bld", "library"), directory / "scores", cfg,
+                                   progress=ctx.progress)
+        return {"scores": str(result.directory / "scores.csv"), "rows": len(result.scores)}
+
+    def resources(self, plan: Plan, cluster: Cluster, shapes: Shapes) -> StageUse:
+        from block_library.distributed import split_layers
+        from puzzle.scoring.memory import score_layer_costs, score_rank_bytes
+
+        s, config, sizes = ScoreSettings.of(plan), shapes.parent, shapes.layers
+        V, H = config.vocab_size, config.hidden_size
+        world = min(cluster.count, len(sizes))
+        ranges = split_layers(score_layer_costs(config), world)
+        n, T = s.score_sequences, s.score_seq_len
+        total_flops = 0.0
+        for l, size in enumerate(sizes):  # a replacement at layer l runs its block, the later layers and the head
+            later = sum(x.parent_params for x in sizes[l + 1:]) + V * H
+            reps = 1 + len(size.trainable) + 2  # the parent block, every trained variant, the no-ops
+            total_flops += reps * 2 * (size.parent_params + later) * n * T
+        out = []
+        for rank, layers in enumerate(ranges):
+            peak = score_rank_bytes(config, sizes, layers, first=rank == 0, last=rank == world - 1, sequences=n,
+                                    seq_len=T, device=device_kind(cluster))
+            staged = 4 * sum(sizes[l].parent_params for l in layers)
+            out.append(RankUse(rank, layer_range(layers), peak, host_bytes(cluster, peak, staged), 0.0,
+                               total_flops / world / cluster.flops_per_rank))
+        return stage_use(self.name, "layers split over ranks; replacements stream through the later layers (fp32)",
+                         out, cluster)
+
+
+STAGE = ScoreStage()

@@ -1,0 +1,90 @@
+"""The move to stage objects (one file per stage, settings declared once) changed no stage key, no setting and no
+resource estimate, so run directories made before it still skip.
+
+``data/plans_before_stage_objects.json`` was written by the code before the move (commit fc47926: ``stage_key``
+in ``pipeline.py``, ``Work`` and ``plan_resources`` in ``resources.py``) for the cases below: every stage's key
+with made-up upstream hashes, every setting with its source, the resource plan, and the resource plan again for a
+child (odd layers' FFNs halved, attention removed in layers 3 and 5). This machine's CPU is replaced by a fixed one
+(1e11 FLOP/s, 24 GB) in both, so the figures do not depend on where the test runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from puzzle.schema import AttentionConfig, FFNConfig
+from puzzle.search import REGISTRY, SearchConfig, resolve
+from puzzle.search.resource_plan import plan_resources
+
+BEFORE = json.loads((Path(__file__).parent / "data" / "plans_before_stage_objects.json").read_text())
+
+
+@pytest.fixture
+def fixed_cpu(monkeypatch):
+    from puzzle.profiler import cpu
+
+    peaks = {"fp32_flops": 1e11, "bandwidth": 2e10, "kernel_overhead_us": 3.0, "threads": 1, "cpu": "fake",
+             "torch": torch.__version__}
+    monkeypatch.setattr(cpu, "_MEMO", {})
+    monkeypatch.setattr(cpu, "cpu_peaks", lambda **kw: dict(peaks))
+    monkeypatch.setattr(cpu, "fp32_flops", lambda: 1e11)
+    monkeypatch.setattr(cpu, "total_ram_gb", lambda: 24.0)
+
+
+def _child(parent):
+    blocks = []
+    for i, b in enumerate(parent.blocks):
+        ffn = FFNConfig.swiglu(b.ffn.intermediate_size // 2) if i % 2 == 1 and b.ffn.kind == "swiglu" else b.ffn
+        blocks.append(dataclasses.replace(b, attention=AttentionConfig.no_op() if i in (3, 5) else b.attention, ffn=ffn))
+    return parent.with_blocks(blocks)
+
+
+def _same(a, b, where):
+    """Equal JSON, floats within 1e-9 relative."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert isinstance(a, (int, float)) and isinstance(b, (int, float)), where
+        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), f"{where}: {a} != {b}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a) == sorted(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{where}: {a} != {b}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _now(overrides):
+    plan = resolve(SearchConfig.from_dict(overrides))
+    upstream = {"parent": "fingerprint", **{s: f"sha-{s}" for s in REGISTRY.names()}}
+    keys = {s.name: s.key(plan, upstream) for s in REGISTRY.all()}
+    child = plan_resources(plan, child=_child(plan.parent_config), search=False)
+    return {"config": overrides, "settings": plan.to_dict()["settings"], "keys": json.loads(json.dumps(keys, default=str)),
+            "resources": plan.resources.to_dict(), "child_resources": child.to_dict()}
+
+
+@pytest.mark.parametrize("case", sorted(BEFORE))
+def test_keys_settings_and_resources_are_what_they_were_before_the_move(case, fixed_cpu):
+    before = BEFORE[case]
+    now = _now(before["config"])
+    _same(before["keys"], now["keys"], f"{case} keys")
+    _same(before["settings"], now["settings"], f"{case} settings")
+    assert list(before["settings"]) == list(now["settings"])  # the same order in plan.json
+    _same(before["resources"], now["resources"], f"{case} resources")
+    _same(before["child_resources"], now["child_resources"], f"{case} child resources")
+
+
+def test_the_cases_cover_the_presets_the_options_and_a_70b_parent_on_8xh100():
+    configs = [c["config"] for c in BEFORE.values()]
+    assert {"preset": "full"} in configs and {} in configs
+    assert any(c.get("model") == "llama-3.1-70b" and c.get("cluster") == "8xH100" for c in configs)
+    assert any(c.get("baselines") and c.get("ffn_refit") and c.get("child_refit") and c.get("refine_rounds")
+               for c in configs)
