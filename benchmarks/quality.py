@@ -4,6 +4,7 @@ far the MIP's additive score can be trusted.
     python benchmarks/quality.py [--quick] [--preset quick] [--seed 0] [--fractions 0.75,0.5,0.25]
                                  [--finalists 24] [--child-bld-tokens N] [--ffn-refit] [--child-refit]
                                  [--run runs/quality-quick-s0]
+    python benchmarks/quality.py --plot-only
 
 One ``puzzle search --budget cpu`` on SmolLM2-135M gives the BLD-trained library, its replace-1 scores and
 its per-variant costs (fusion and GKD off: nothing after the MIP is used). Then, for every FFN keep-ratio
@@ -32,7 +33,10 @@ finalists of each budget.
 
 Writes ``benchmarks/results/quality.csv`` (method, preset, seed, budget, flops_pct, gkd, kl, ppl, top1,
 predicted_kl, finalists, spearman, detail), ``quality_fidelity.csv`` (every finalist: predicted and
-measured KL), keeping the rows of other presets and seeds, and ``quality.png`` (mean and spread over seeds).
+measured KL), keeping the rows of other presets and seeds, ``quality.png`` (one panel per preset: the search's
+child, uniform pruning and ShortGPT against decoder FLOPs, the band from the lowest to the highest seed) and
+``quality_fidelity.png`` (within each budget, the finalists' measured against predicted KL). ``--plot-only``
+redraws both from the committed CSVs without running anything.
 ``--no-controls`` skips the two control rows' child-aware BLD (uniform pruning, the MIP's optimum). ``--quick``: a random 3-layer parent with tiny sizes (under a minute; its
 numbers mean nothing), written to ``results/quality_quick.csv`` and ``quality_fidelity_quick.csv`` (plot: in
 the run directory).
@@ -78,7 +82,7 @@ def uniform_library(run: Any, out: Path, fractions: list[float], *, ffn_refit: b
     channels' down projection copied, or with ``ffn_refit`` refit by least squares)."""
     from block_library import build_library, open_library
     from block_library.space import SearchSpace
-    from puzzle.search.context import library_config
+    from puzzle.search.stages.library import library_config
 
     if not (out / "manifest.json").is_file():
         space = SearchSpace.from_dict({"attention": {"kv_heads": [], "linear": False, "no_op": False},
@@ -112,7 +116,8 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
     from puzzle.search import resolve
     from puzzle.search.baselines import block_influence, choose_baseline
     from puzzle.search.config import PRESETS
-    from puzzle.search.context import StageContext, child_bld_ids
+    from puzzle.search.context import StageContext
+    from puzzle.search.stages.child_bld import training_ids as child_bld_ids
     from puzzle.search.finalists import measure, measure_finalists, parent_logprobs, score_fidelity
     from solvers import Budget, solve
     from solvers.diverse import diverse_solutions
@@ -172,7 +177,7 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
             rows.append({**budget, "method": "uniform_ffn_refit", **_q(q),
                          "detail": f"every FFN {uniform_blocks[0].ffn.label}, untrained, least-squares refit"})
         problem = problem_from_tables(scores, costs, score_column="kl", budget=Budget(max_params=fixed + decoder))
-        best = solve(problem, backend=plan.solver)
+        best = solve(problem, backend=plan.value("solver"))
         child = lib.assemble(blocks_from_list(best.block_configs()))
         rows.append({**budget, "method": "puzzle", **_q(measure(child, eval_ids, eval_ref)),
                      "predicted_kl": best.objective, "detail": " ".join(best.layer_labels())})
@@ -181,7 +186,7 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
                      for row in _with_refit(child_bld("puzzle_child_bld", child, budget, "the MIP's optimum"))]
         del child
         t0 = time.perf_counter()
-        sols = diverse_solutions(problem, k, min_fraction=0.1, backend=plan.solver)
+        sols = diverse_solutions(problem, k, min_fraction=0.1, backend=plan.value("solver"))
         fin = measure_finalists(lib, parent, sols, fin_ids, progress=progress)
         rho = score_fidelity(fin)
         table = pd.DataFrame([f.row() for f in fin]).assign(budget=budget["budget"], seed=seed, preset=base["preset"])
@@ -252,30 +257,109 @@ def _q(q: dict[str, float]) -> dict[str, float]:
     return {"kl": q["kl"], "ppl": q["ppl"], "top1": q["top1_agreement"]}
 
 
-def plot(df: pd.DataFrame, fid: pd.DataFrame, path: Path) -> None:
-    """KL against decoder FLOPs per preset and method (the mean over seeds, bars from the lowest to the highest
-    seed), and the finalists' measured against predicted KL."""
+PRESET_TITLES = {
+    "quick": "quick preset",
+    "full+child-refit": "full preset as it ships",
+    "quick+refit": "quick, --ffn-refit",
+    "full": "full, before the child-stream refit",
+    "full+refit": "full, --ffn-refit, no child-stream refit",
+    "full+refit+child-refit": "full, --ffn-refit",
+}
+"""quality.csv's preset labels, in the order of the panels, with their titles."""
+
+PLOT_LINES = (  # method, legend, matplotlib style
+    ("puzzle_search_child_bld", "puzzle search's child", dict(color="C0", marker="*", ms=11, lw=2.2)),
+    ("uniform_ffn", "uniform FFN pruning", dict(color="C1", marker="o", lw=1.6)),
+    ("uniform_ffn_child_bld", "uniform pruning + the same child-aware BLD (control)",
+     dict(color="C1", marker="o", mfc="white", ls="--", lw=1.2)),
+    ("shortgpt", "ShortGPT (layer removal)", dict(color="C2", marker="s", lw=1.6)),
+)
+
+
+def _grid(n: int, *, width: float = 4.2, height: float = 3.4, **kw: Any) -> tuple[Any, list[Any]]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for (preset, method), d in df.dropna(subset=["kl"]).groupby(["preset", "method"]):
-        g = d.groupby("flops_pct").kl.agg(["mean", "min", "max"]).sort_index()
-        a.errorbar(g.index, g["mean"], yerr=[g["mean"] - g["min"], g["max"] - g["mean"]], capsize=3,
-                   marker="*" if method.startswith("puzzle") else "o", ls="-" if preset == "full" else "--",
-                   label=f"{method} ({preset}, {d.seed.nunique()} seed{'s' * (d.seed.nunique() > 1)})")
-    a.set(xlabel="decoder FLOPs (% of the parent's)", ylabel="KL to the parent (held-out, before GKD)", yscale="log")
-    a.grid(alpha=0.3)
-    a.legend(fontsize=6, ncol=2)
-    for (preset, budget), d in fid.groupby(["preset", "budget"]):
-        b.scatter(d.predicted_kl, d.kl, s=14, label=f"{preset} {budget}")
-    b.set(xlabel="MIP's predicted KL (summed replace-1 scores)", ylabel="measured KL (finalist tokens)")
-    b.grid(alpha=0.3)
-    b.legend(fontsize=7)
-    fig.suptitle("puzzle vs pruning at equal decoder FLOPs, before global distillation")
-    fig.tight_layout()
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 1.1), squeeze=False, **kw)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def plot(df: pd.DataFrame, fid: pd.DataFrame, path: Path) -> None:
+    """``path``: one panel per preset, KL to the parent against decoder FLOPs for the search's child, uniform FFN
+    pruning and ShortGPT (the mean over seeds, the band from the lowest to the highest seed). Beside it,
+    ``<stem>_fidelity.png``: within each budget, the finalists' measured KL against the MIP's prediction."""
+    import matplotlib.pyplot as plt
+
+    data = df.dropna(subset=["kl"])
+    presets = [p for p in PRESET_TITLES if p in set(data.preset)] + sorted(set(data.preset) - set(PRESET_TITLES))
+    fig, axes = _grid(len(presets), sharex=True, sharey=True)
+    drawn = [method for method, _, _ in PLOT_LINES]
+    for ax, preset in zip(axes, presets):
+        d = data[data.preset == preset]
+        for method, label, style in PLOT_LINES:
+            g = d[d.method == method].groupby("flops_pct").kl.agg(["mean", "min", "max"]).sort_index()
+            if g.empty:
+                continue
+            ax.plot(g.index, g["mean"], label=label, **style)
+            if d.seed.nunique() > 1:
+                ax.fill_between(g.index, g["min"], g["max"], color=style["color"], alpha=0.25, lw=0)
+        for x, y in d[d.method == "puzzle_search_child_bld"].groupby("flops_pct").kl.mean().items():
+            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, -13), ha="center", fontsize=8,
+                        color="C0")
+        seeds = d.seed.nunique()
+        ax.set_title(f"{PRESET_TITLES.get(preset, preset)} ({seeds} seed{'s' * (seeds > 1)})", fontsize=10)
+        ax.set(yscale="log", ylim=(0.6 * data.kl.min(), 1.6 * data[data.method.isin(drawn)].kl.max()))
+        ax.set_yticks(ticks := [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20) if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]],
+                      [f"{t:g}" for t in ticks])
+        ax.grid(alpha=0.3)
+    for ax in axes:
+        ax.set_xlabel("decoder FLOPs (% of the parent's)")
+        ax.set_ylabel("KL to the parent")
+        ax.label_outer()
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
+    fig.suptitle("KL to the parent at equal decoder FLOPs, held-out text, before GKD (lower is better; "
+                 "band: lowest to highest seed)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    plot_fidelity(fid, path.with_name(f"{path.stem}_fidelity.png"))
+
+
+def plot_fidelity(fid: pd.DataFrame, path: Path) -> None:
+    """One panel per budget: each finalist's predicted and measured KL, relative to the lowest of its search
+    (preset, seed), so that the spreads of different presets share the axes."""
+    import matplotlib.pyplot as plt
+
+    budgets = sorted(fid.budget.unique(), reverse=True)
+    presets = [p for p in PRESET_TITLES if p in set(fid.preset)] + sorted(set(fid.preset) - set(PRESET_TITLES))
+    fig, axes = _grid(len(budgets), sharey=True)
+    for ax, budget in zip(axes, budgets):
+        for i, preset in enumerate(presets):
+            d = fid[(fid.budget == budget) & (fid.preset == preset)]
+            if d.empty:
+                continue
+            by = d.groupby("seed")
+            x = 100 * (d.predicted_kl / by.predicted_kl.transform("min") - 1)
+            y = 100 * (d.kl / by.kl.transform("min") - 1)
+            ax.scatter(x, y, s=16, color=f"C{i}", alpha=0.75, label=PRESET_TITLES.get(preset, preset))
+        ax.set_title(f"{100 * float(budget.split('=')[1]):.1f}% of the decoder FLOPs", fontsize=10)
+        ax.set_xlabel("MIP's predicted KL, % above the lowest")
+        ax.set_ylabel("measured KL, % above the lowest")
+        ax.label_outer()
+        ax.grid(alpha=0.3)
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, len(handles)), frameon=False,
+               fontsize=9)
+    fig.suptitle("Within a budget the MIP's additive score cannot rank its finalists: predicted spread < 0.5%, "
+                 "measured up to 38%", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -299,9 +383,15 @@ def main() -> None:
     ap.add_argument("--child-refit", action=argparse.BooleanOptionalAction, default=None,
                     help="child-aware BLD starts with the child-stream refit (default: the preset's, full on, quick off; "
                     "--quick off); rows labelled PRESET+child-refit")
+    ap.add_argument("--plot-only", action="store_true", help="only redraw results/quality.png and "
+                    "quality_fidelity.png from the committed CSVs (seconds; runs nothing)")
     ap.add_argument("--run", default=None, help="run directory (default runs/quality-PRESET-sSEED, "
                     "runs/quality-PRESET-refit-sSEED with --ffn-refit; quick: a temp dir)")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(pd.read_csv(RESULTS / "quality.csv"), pd.read_csv(RESULTS / "quality_fidelity.csv"), RESULTS / "quality.png")
+        print(f"wrote {RESULTS / 'quality.png'} and {RESULTS / 'quality_fidelity.png'}")
+        return
     fractions = parse_fractions(args.fractions)
     if fractions is None:
         ap.error(f"--fractions must be comma-separated keep-ratios strictly between 0 and 1, got {args.fractions!r}")

@@ -20,6 +20,7 @@ from puzzle.search.settings import SETTINGS
 
 def add_search_flags(p: argparse.ArgumentParser) -> None:
     """Every setting's flag (the user's choices, then the advanced ones in their own group), and the run's."""
+    p.usage = "%(prog)s [--config YAML] [--out OUT] [SETTING ...] [--verify] [--force]"
     p.add_argument("--config", metavar="YAML", help="YAML file whose keys are these settings (advanced ones may "
                    "sit under advanced:); flags given here override it")
     p.add_argument("--out", default="runs/search", help="run directory (default: runs/search)")
@@ -35,8 +36,9 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_flag(group: Any, spec: Spec) -> None:
     kw: dict[str, Any] = {"dest": spec.name, "help": spec.help_text().replace("%", "%%")}
-    if spec.metavar:
-        kw["metavar"] = spec.metavar
+    metavar = spec.metavar or {"int": "N", "float": "X", "size": "SIZE"}.get(spec.kind)
+    if metavar and spec.kind != "bool":
+        kw["metavar"] = metavar
     if spec.kind == "bool":
         kw.update(action=argparse.BooleanOptionalAction, default=None)
     elif spec.kind == "strs" and spec.repeat:
@@ -68,3 +70,37 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
     """The YAML file's settings, then the flags' (the one merge rule: later sources override earlier ones)."""
     cfg = SearchConfig.from_file(args.config) if args.config else SearchConfig()
     return cfg.merge({spec.name: getattr(args, spec.name, None) for spec in SETTINGS}, source="flag")
+
+
+def settings_markdown() -> str:
+    """``docs/settings.md``: every setting of the table, the user's choices then the advanced ones."""
+    from puzzle.search.setting import DERIVED, shown
+
+    def default(spec: Spec) -> str:
+        if spec.presets:
+            return ", ".join(f"{k}: {shown(v)}" for k, v in spec.presets.items())
+        if spec.default_text:
+            return spec.default_text
+        return "" if spec.default is None or spec.default == DERIVED else f"`{shown(spec.default)}`"
+
+    lines = ["# Settings of `puzzle search` and `puzzle plan`", "",
+             "Generated from `puzzle/search/settings.py`, the one place a setting is declared "
+             "(`python -m puzzle.cli.search_flags > docs/settings.md` rewrites this page; a test checks it). The "
+             "YAML key is the setting's name; flags override a `--config` file; advanced settings may sit under "
+             "`advanced:` in YAML. *Read by* names the stages whose settings section holds it "
+             "([stages](README.md)); *plan* means the plan itself (target, budget, cluster). How they combine: "
+             "[commands/search.md](commands/search.md).", ""]
+    for title, advanced in (("The user's choices", False), ("Advanced: stage sizes and research knobs", True)):
+        lines += [f"## {title}", "", "| setting | flag | type | default | read by | what it does |",
+                  "|---|---|---|---|---|---|"]
+        for spec in SETTINGS:
+            if spec.advanced == advanced:
+                kind = spec.kind + (f" ({' / '.join(spec.choices)})" if spec.choices else "")
+                lines.append(f"| `{spec.name}` | `{spec.option}` | {kind} | {default(spec)} | "
+                             f"{', '.join(spec.stages)} | {spec.help} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

@@ -82,16 +82,17 @@ class Spec:
     def help_text(self) -> str:
         """The help with its default: ``(preset: quick 16, full 200)`` or ``(default: 64)``."""
         if self.presets:
-            said = ", ".join(f"{k} {_shown(v)}" for k, v in self.presets.items())
+            said = ", ".join(f"{k} {shown(v)}" for k, v in self.presets.items())
             return f"{self.help} (preset: {said})"
         if self.default_text:
             return f"{self.help} (default: {self.default_text})"
         if self.default is None or self.default == DERIVED:
             return self.help
-        return f"{self.help} (default: {_shown(self.default)})"
+        return f"{self.help} (default: {shown(self.default)})"
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
+    """A value as ``--help`` and the docs show it: on / off, a list space-separated, none."""
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, (tuple, list)):

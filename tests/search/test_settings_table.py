@@ -178,3 +178,22 @@ def test_a_new_stage_file_needs_no_registry_line():
     assert sorted(REGISTRY.names()) == files
     orders = [s.order for s in REGISTRY.all()]
     assert orders == sorted(orders) and len(set(orders)) == len(orders)
+
+
+def test_docs_settings_page_is_generated_from_the_table():
+    from puzzle.cli.search_flags import settings_markdown
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
+    assert page.read_text() == settings_markdown(), \
+        "docs/settings.md is out of date: python -m puzzle.cli.search_flags > docs/settings.md"
+    assert all(f"`{spec.option}`" in page.read_text() for spec in SETTINGS)
+
+
+def test_the_child_refit_lives_in_the_table_and_its_stage_file_only():
+    """The setting the issue followed through the code: today one row and one stage file, where it was spelled in
+    eight places (the config's field, its kind, the preset, the flag, the flag list, the key, the baselines' key
+    and the resource model)."""
+    root = Path(__file__).resolve().parents[2] / "puzzle"
+    files = sorted(str(p.relative_to(root)) for p in [*(root / "search").rglob("*.py"), *(root / "cli").rglob("*.py")]
+                   if "child_refit" in p.read_text())
+    assert files == ["search/settings.py", "search/stages/child_bld.py"]
