@@ -32,6 +32,7 @@ from block_library import checkpoint, rounds
 from block_library.artifact import INDEX, INDEX_COLUMNS, MANIFEST, Library, read_state, write_state
 from block_library.config import LibraryConfig
 from block_library.distributed import close_shard
+from block_library.schedule import TrainingSchedule, lr_at  # noqa: F401 (lr_at: still importable from here)
 from block_library.session import (Session, load_ids, nmse_sums, open_session, parent_fingerprint, validate,
                                    variant_params)
 from block_library.teacher import batches_of, run_pass
@@ -39,15 +40,6 @@ from puzzle.errors import CorruptArtifactError, NumericalError
 from puzzle.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-def lr_at(step: int, total: int, lr: float, warmup_fraction: float, min_lr_ratio: float) -> float:
-    """Linear warmup over ``warmup_fraction * total`` steps, then cosine to ``min_lr_ratio * lr``."""
-    warm = max(1, round(warmup_fraction * total)) if warmup_fraction > 0 else 0
-    if step < warm:
-        return lr * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 class LayerTrainer:
@@ -71,12 +63,11 @@ class LayerTrainer:
             loss.backward()
             self.losses[key] = loss.detach()
 
-    def step(self, lr: float, grad_clip: float) -> None:
+    def step(self, lr: float, schedule: TrainingSchedule) -> None:
         if self.optimizer is None:
             return
-        if grad_clip > 0:
-            for m in self.modules.values():
-                torch.nn.utils.clip_grad_norm_(m.parameters(), grad_clip)
+        for m in self.modules.values():  # one norm per variant
+            schedule.clip(m.parameters())
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
         self.optimizer.step()
@@ -238,7 +229,7 @@ def _train_step(session: Session, trainers: dict[int, "LayerTrainer"], ids: torc
                 steps: int) -> list[dict[str, Any]]:
     """One parent pass over batch ``step`` training every variant, then every optimizer step."""
     bld, seq_len = session.config.bld, session.config.data.seq_len
-    lr = lr_at(step, steps, bld.lr, bld.warmup_fraction, bld.min_lr_ratio)
+    lr = bld.lr_at(step, steps)
     batch = batches_of(ids, (step + 1) * bld.batch_size, bld.batch_size, seq_len,
                        first=session.shard.first, start=step * bld.batch_size)
 
@@ -249,7 +240,7 @@ def _train_step(session: Session, trainers: dict[int, "LayerTrainer"], ids: torc
     run_pass(session.teacher, batch, visit)
     step_rows = _step_rows(trainers, step, lr)  # raises on a NaN before any optimizer step
     for t in trainers.values():
-        t.step(lr, bld.grad_clip)
+        t.step(lr, bld)
     return step_rows
 
 

@@ -17,34 +17,34 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from block_library.schedule import TrainingSchedule
 from block_library.space import SearchSpace
 from puzzle.data import DataConfig
 from puzzle.errors import ConfigError
+from puzzle.io import config_from_yaml
 
 DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True, kw_only=True)
-class BLDConfig:
-    """Block-wise local distillation: how much, how fast, on what."""
+class BLDConfig(TrainingSchedule):
+    """Block-wise local distillation: how much, how fast, on what. ``lr``, ``warmup_fraction``, ``min_lr_ratio``
+    and ``grad_clip`` are the schedule of :class:`~block_library.schedule.TrainingSchedule`."""
 
     tokens: int = 65_536
     """Training tokens; every variant of every layer sees all of them (one parent pass per batch)."""
     batch_size: int = 8
     """Sequences per optimizer step."""
     lr: float = 1e-4
-    """Peak AdamW learning rate (linear warmup, then cosine decay to ``min_lr_ratio * lr``)."""
     linear_lr_scale: float = 0.1
     """Learning-rate multiplier of linear variants: their least-squares init is already the optimum on
     the calibration tokens, so a full-size Adam step mostly adds noise."""
     warmup_fraction: float = 0.05
-    """Fraction of the steps spent warming up."""
     min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of ``lr``."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
-    """Gradient-norm clip, per variant (variants never share a norm); 0 disables."""
+    """Per variant: variants never share a norm."""
     calib_sequences: int = 16
     """Training-split sequences used to initialize variants (importance, least squares)."""
     val_sequences: int = 16
@@ -116,13 +116,7 @@ class LibraryConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> LibraryConfig:
-        from puzzle.io import read_yaml_config
-
-        data = read_yaml_config(path)
-        try:
-            return cls.from_dict(data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        return config_from_yaml(path, cls.from_dict)
 
     def to_dict(self) -> dict[str, Any]:
         bld = asdict(self.bld)

@@ -11,6 +11,7 @@ gloo on CPU. Ranks write their own layers' files into the shared library directo
 from __future__ import annotations
 
 import atexit
+import datetime
 import logging
 import os
 from collections.abc import Sequence
@@ -25,12 +26,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's place: rank, world size, the layers it owns and its device."""
+    """This process's place in its group: rank, world size, the layers it owns and its device.
+
+    A search's group (:class:`puzzle.search.ranks.Group`, this class) needs only ``rank`` and ``world``: it owns no
+    layers and talks through ``barrier``, ``broadcast`` and ``gather``. A world of one never touches
+    ``torch.distributed``.
+    """
 
     rank: int
     world: int
-    layers: range
-    device: torch.device
+    layers: range = range(0)
+    device: torch.device = torch.device("cpu")
 
     @property
     def first(self) -> bool:
@@ -98,12 +104,20 @@ def init_shard(costs: Sequence[float], *, device: str = "auto") -> Shard:
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        atexit.register(_destroy)  # one group per process: build then train reuse it
+    if world > 1 and join_group(cuda=use_cuda):
         log.info("rank %d of %d on %s", rank, world, dev)
     ranges = split_layers(costs, world)
     return Shard(rank=rank, world=world, layers=ranges[rank], device=dev)
+
+
+def join_group(*, cuda: bool, timeout: datetime.timedelta | None = None) -> bool:
+    """Join the process group that ``torchrun`` describes (NCCL on GPUs, gloo otherwise), once per process: the group
+    lives until the process exits, so that the stages of one run reuse it. Whether this call created it."""
+    if dist.is_initialized():
+        return False
+    dist.init_process_group(backend="nccl" if cuda else "gloo", **({} if timeout is None else {"timeout": timeout}))
+    atexit.register(_destroy)
+    return True
 
 
 def close_shard(shard: Shard) -> None:

@@ -11,18 +11,48 @@
     solution = solve(problem)                      # SCIP; or backend="pulp" / "cpsat"
     print(solution.summary())
 
-Modules: ``scenario`` (how the model is served), ``problem`` (candidates, totals), ``constraints`` (budget constraints),
-``expressions`` / ``parse`` (custom constraints), ``model`` (the compiled rows backends solve),
-``backends`` (pulp / cpsat / ortools-mip and :func:`solve`), ``verify``, ``diagnose``
-(infeasibility), ``diverse``, ``frontier``, ``plot``, ``io`` (table formats), ``errors``.
+Modules: ``scenario`` (how the model is served), ``candidates`` (candidates, totals), ``constraints`` (budget
+constraints), ``problem`` (candidates with a budget), ``predicates`` / ``expressions`` / ``parse`` (custom
+constraints), ``model`` (the compiled rows backends solve), ``backends`` (pulp / cpsat / ortools-mip and
+:func:`solve`), ``verify``, ``diagnose`` (infeasibility), ``diverse``, ``frontier``, ``plot``, ``io`` (table
+formats), ``files`` (atomic writes), ``errors``.
 """
 
-from solvers.backends import BACKENDS, solve
-from solvers.constraints import Budget
-from solvers.errors import InfeasibleError, ProblemError, SolverError, VerificationError
-from solvers.io import read_problem
-from solvers.problem import Candidate, Problem
-from solvers.scenario import Scenario
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from solvers.backends import BACKENDS, solve
+    from solvers.constraints import Budget
+    from solvers.errors import InfeasibleError, ProblemError, SolverError, VerificationError
+    from solvers.io import read_problem
+    from solvers.problem import Candidate, Problem
+    from solvers.scenario import Scenario
+
+_HOMES = {"BACKENDS": "backends", "solve": "backends", "Budget": "constraints", "InfeasibleError": "errors",
+          "ProblemError": "errors", "SolverError": "errors", "VerificationError": "errors", "read_problem": "io",
+          "Candidate": "problem", "Problem": "problem", "Scenario": "scenario"}
+"""Where each name of ``__all__`` lives. They are imported on first use, so that ``solvers.files`` (which
+:mod:`puzzle.io` uses) does not load pandas and the MIP backends."""
 
 __all__ = ["BACKENDS", "Budget", "Candidate", "InfeasibleError", "Problem", "ProblemError", "Scenario",
            "SolverError", "VerificationError", "read_problem", "solve"]
+
+
+def __getattr__(name: str) -> object:
+    if name in _HOMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+        globals()[name] = value
+        return value
+    try:  # a submodule, as ``import solvers; solvers.problem`` found it when this file imported them all
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

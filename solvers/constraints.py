@@ -9,7 +9,9 @@ Every constraint has two halves that never share code:
 * ``measure(problem, chosen)`` recomputes its quantity from the chosen candidates' own costs, in
   the user's units (bytes, tokens/s, x, ms, parameters). Verification uses only this half.
 
-Custom constraints (``count(attention != "no_op") >= 8``, ...) live in :mod:`solvers.expressions`.
+A constraint reads only the :class:`~solvers.candidates.Catalog` part of a problem (candidates, columns, totals),
+so that :class:`~solvers.problem.Problem` can hold a budget of constraints. Custom constraints
+(``count(attention != "no_op") >= 8``, ...) live in :mod:`solvers.expressions`.
 """
 
 from __future__ import annotations
@@ -18,14 +20,11 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import ClassVar
 
+from solvers.candidates import KV_BYTES, PARAMS, WEIGHT_BYTES, Catalog
 from solvers.errors import ProblemError
 from solvers.model import LinearConstraint
-from solvers.problem import KV_BYTES, PARAMS, WEIGHT_BYTES
-
-if TYPE_CHECKING:
-    from solvers.problem import Problem
 
 REL_TOL = 1e-6
 """A constraint counts as met when it holds within this fraction of its target (solvers' own tolerance)."""
@@ -62,21 +61,21 @@ class Constraint(ABC):
         """Readable and unique within a problem, e.g. ``memory <= 80.00 GiB``."""
 
     @abstractmethod
-    def compile(self, problem: Problem) -> LinearConstraint:
+    def compile(self, problem: Catalog) -> LinearConstraint:
         """The linear row ``sum_c coef_c x_c (sense) rhs`` that solvers see."""
 
     @abstractmethod
-    def measure(self, problem: Problem, chosen: Sequence[int]) -> float:
+    def measure(self, problem: Catalog, chosen: Sequence[int]) -> float:
         """The constrained quantity of a choice, recomputed from the candidates (not from the row)."""
 
-    def from_lhs(self, problem: Problem, lhs: float) -> float:
+    def from_lhs(self, problem: Catalog, lhs: float) -> float:
         """The quantity for a value of the compiled row's left-hand side (for diagnoses)."""
         return lhs
 
     def format(self, value: float) -> str:
         return f"{value:.6g}"
 
-    def check(self, problem: Problem, chosen: Sequence[int]) -> Check:
+    def check(self, problem: Catalog, chosen: Sequence[int]) -> Check:
         value = self.measure(problem, chosen)
         # + 0.0 turns the -0.0 of an exact equality into 0.0
         slack = {"<=": self.target - value, ">=": value - self.target,
@@ -94,11 +93,11 @@ def format_bytes(value: float) -> str:
     return f"{value:g} bytes"
 
 
-def _fixed(problem: Problem, column: str) -> float:
+def _fixed(problem: Catalog, column: str) -> float:
     return float(problem.fixed.get(column, 0.0))
 
 
-def _require(problem: Problem, what: str, *columns: str) -> None:
+def _require(problem: Catalog, what: str, *columns: str) -> None:
     if not problem.has_columns(*columns):
         for col in columns:
             problem.column(col)  # raises, naming the columns there are
@@ -106,18 +105,38 @@ def _require(problem: Problem, what: str, *columns: str) -> None:
 
 
 @dataclass(frozen=True)
-class MemoryLimit(Constraint):
-    """Weights + KV cache (scenario batch x kv_tokens) + fixed bytes <= ``target`` bytes, per device."""
+class Bound(Constraint):
+    """A budget's bound on one total of a choice (a field of :class:`~solvers.candidates.Totals`), named
+    ``<label> <sense> <target>`` and shown in its unit."""
 
     target: float
-    sense = "<="
-    quantity = "memory"
+    label: ClassVar[str]
+    """The name's first word(s): ``memory``, ``step time``, ..."""
+    total: ClassVar[str]
+    """The :class:`~solvers.candidates.Totals` field that :meth:`measure` reads."""
+    unit: ClassVar[str] = "{:.6g}"
+    """How a value is shown, as a format string: ``"{:.4g} ms"``."""
 
     @property
     def name(self) -> str:
-        return f"memory <= {self.format(self.target)}"
+        return f"{self.label} {self.sense} {self.format(self.target)}"
 
-    def compile(self, problem: Problem) -> LinearConstraint:
+    def measure(self, problem: Catalog, chosen: Sequence[int]) -> float:
+        return getattr(problem.totals(chosen), self.total)
+
+    def format(self, value: float) -> str:
+        return self.unit.format(value)
+
+
+@dataclass(frozen=True)
+class MemoryLimit(Bound):
+    """Weights + KV cache (scenario batch x kv_tokens) + fixed bytes <= ``target`` bytes, per device."""
+
+    sense = "<="
+    quantity = label = "memory"
+    total = "memory_bytes"
+
+    def compile(self, problem: Catalog) -> LinearConstraint:
         _require(problem, "a memory budget", WEIGHT_BYTES, KV_BYTES)
         per_token = problem.scenario.cache_tokens  # batch * kv_tokens: replicas do not share a device
         weights, kv = problem.column(WEIGHT_BYTES), problem.column(KV_BYTES)
@@ -125,10 +144,7 @@ class MemoryLimit(Constraint):
         rhs = self.target - self.from_lhs(problem, 0.0)
         return LinearConstraint(self.name, dict(enumerate(coefs)), "<=", rhs)
 
-    def measure(self, problem: Problem, chosen: Sequence[int]) -> float:
-        return problem.totals(chosen).memory_bytes
-
-    def from_lhs(self, problem: Problem, lhs: float) -> float:
+    def from_lhs(self, problem: Catalog, lhs: float) -> float:
         per_token = problem.scenario.cache_tokens
         return lhs + _fixed(problem, WEIGHT_BYTES) + _fixed(problem, KV_BYTES) * per_token
 
@@ -136,121 +152,102 @@ class MemoryLimit(Constraint):
         return format_bytes(value)
 
 
-class _StepTimeBound(Constraint):
-    """Shared compile for the bounds that are a bound on the step time (latency, throughput, speedup)."""
+@dataclass(frozen=True)
+class StepTimeBound(Bound):
+    """A bound on a total that is a monotone function of the step time: the step time itself, the throughput or the
+    speedup. Its row is always ``sum latency <= max step time - fixed``; a subclass says how its quantity and the
+    step time convert (:meth:`max_step_ms`, :meth:`of_step`)."""
 
-    def max_step_ms(self, problem: Problem) -> float:
+    def max_step_ms(self, problem: Catalog) -> float:
+        """The longest step time (ms) that meets the target."""
         raise NotImplementedError
 
-    def compile(self, problem: Problem) -> LinearConstraint:
+    def of_step(self, problem: Catalog, step_ms: float) -> float:
+        """The quantity at a step time (ms)."""
+        raise NotImplementedError
+
+    def compile(self, problem: Catalog) -> LinearConstraint:
         col = problem.latency_column
         rhs = self.max_step_ms(problem) - _fixed(problem, col)
         return LinearConstraint(self.name, dict(enumerate(problem.column(col))), "<=", rhs)
 
+    def from_lhs(self, problem: Catalog, lhs: float) -> float:
+        return self.of_step(problem, lhs + _fixed(problem, problem.latency_column))
+
 
 @dataclass(frozen=True)
-class LatencyLimit(_StepTimeBound):
+class LatencyLimit(StepTimeBound):
     """Step time (summed latency + fixed) <= ``target`` ms."""
 
-    target: float
     sense = "<="
-    quantity = "step time"
+    quantity = label = "step time"
+    total = "step_ms"
+    unit = "{:.4g} ms"
 
-    @property
-    def name(self) -> str:
-        return f"step time <= {self.format(self.target)}"
-
-    def max_step_ms(self, problem: Problem) -> float:
+    def max_step_ms(self, problem: Catalog) -> float:
         return self.target
 
-    def measure(self, problem: Problem, chosen: Sequence[int]) -> float:
-        return problem.totals(chosen).step_ms
-
-    def from_lhs(self, problem: Problem, lhs: float) -> float:
-        return lhs + _fixed(problem, problem.latency_column)
-
-    def format(self, value: float) -> str:
-        return f"{value:.4g} ms"
+    def of_step(self, problem: Catalog, step_ms: float) -> float:
+        return step_ms
 
 
 @dataclass(frozen=True)
-class ThroughputTarget(_StepTimeBound):
+class RateTarget(StepTimeBound):
+    """``work / step time >= target``: the throughput (tokens per step) or the speedup (the parent's step time). It
+    is the bound ``step time <= work / target``."""
+
+    sense = ">="
+
+    def work(self, problem: Catalog) -> float:
+        """What is done per step, in the quantity's units times ms."""
+        raise NotImplementedError
+
+    def max_step_ms(self, problem: Catalog) -> float:
+        if self.target <= 0:
+            raise ProblemError(f"{self.quantity} target must be positive, got {self.target}")
+        return self.work(problem) / self.target
+
+    def of_step(self, problem: Catalog, step_ms: float) -> float:
+        return self.work(problem) / step_ms if step_ms > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class ThroughputTarget(RateTarget):
     """``replicas * batch * new_tokens / step time`` >= ``target`` tokens/s (the whole target)."""
 
-    target: float
-    sense = ">="
-    quantity = "throughput"
+    quantity = label = total = "throughput"
+    unit = "{:.6g} tokens/s"
 
-    @property
-    def name(self) -> str:
-        return f"throughput >= {self.format(self.target)}"
-
-    def max_step_ms(self, problem: Problem) -> float:
-        return problem.scenario.max_step_ms(self.target)
-
-    def measure(self, problem: Problem, chosen: Sequence[int]) -> float:
-        return problem.totals(chosen).throughput
-
-    def from_lhs(self, problem: Problem, lhs: float) -> float:
-        return problem.scenario.throughput(lhs + _fixed(problem, problem.latency_column))
-
-    def format(self, value: float) -> str:
-        return f"{value:.6g} tokens/s"
+    def work(self, problem: Catalog) -> float:
+        return problem.scenario.node_tokens * 1000.0  # as Scenario.throughput: tokens per step, ms to s
 
 
 @dataclass(frozen=True)
-class SpeedupTarget(_StepTimeBound):
+class SpeedupTarget(RateTarget):
     """Parent step time / step time >= ``target``."""
 
-    target: float
-    sense = ">="
-    quantity = "speedup"
+    quantity = label = total = "speedup"
+    unit = "{:.4f}x"
 
-    @property
-    def name(self) -> str:
-        return f"speedup >= {self.format(self.target)}"
-
-    def max_step_ms(self, problem: Problem) -> float:
-        if self.target <= 0:
-            raise ProblemError(f"speedup target must be positive, got {self.target}")
-        return problem.sum_of(problem.latency_column, problem.parent) / self.target
-
-    def measure(self, problem: Problem, chosen: Sequence[int]) -> float:
-        return problem.totals(chosen).speedup
-
-    def from_lhs(self, problem: Problem, lhs: float) -> float:
-        step = lhs + _fixed(problem, problem.latency_column)
-        return problem.sum_of(problem.latency_column, problem.parent) / step if step > 0 else math.inf
-
-    def format(self, value: float) -> str:
-        return f"{value:.4f}x"
+    def work(self, problem: Catalog) -> float:
+        return problem.sum_of(problem.latency_column, problem.parent)
 
 
 @dataclass(frozen=True)
-class ParamsLimit(Constraint):
+class ParamsLimit(Bound):
     """Parameters (chosen + fixed) <= ``target``."""
 
-    target: float
     sense = "<="
     quantity = "parameter count"
+    label = total = "params"
 
-    @property
-    def name(self) -> str:
-        return f"params <= {self.format(self.target)}"
-
-    def compile(self, problem: Problem) -> LinearConstraint:
+    def compile(self, problem: Catalog) -> LinearConstraint:
         _require(problem, "a parameter budget", PARAMS)
         return LinearConstraint(self.name, dict(enumerate(problem.column(PARAMS))), "<=",
                                 self.target - _fixed(problem, PARAMS))
 
-    def measure(self, problem: Problem, chosen: Sequence[int]) -> float:
-        return problem.totals(chosen).params
-
-    def from_lhs(self, problem: Problem, lhs: float) -> float:
+    def from_lhs(self, problem: Catalog, lhs: float) -> float:
         return lhs + _fixed(problem, PARAMS)
-
-    def format(self, value: float) -> str:
-        return f"{value:.6g}"
 
 
 @dataclass(frozen=True)
@@ -270,17 +267,17 @@ class Differs(Constraint):
     def name(self) -> str:
         return f"differs from {self.label} in >= {self.target} layers"
 
-    def compile(self, problem: Problem) -> LinearConstraint:
+    def compile(self, problem: Catalog) -> LinearConstraint:
         # same layers = sum over previous candidates of (layers covered) * x_c <= L - target
         coefs = {i: float(len(problem.candidates[i].layers)) for i in self.previous}
         return LinearConstraint(self.name, coefs, "<=", float(problem.num_layers - self.target))
 
-    def measure(self, problem: Problem, chosen: Sequence[int]) -> float:
+    def measure(self, problem: Catalog, chosen: Sequence[int]) -> float:
         before = {layer: i for i in self.previous for layer in problem.candidates[i].layers}
         now = {layer: i for i in chosen for layer in problem.candidates[i].layers}
         return float(sum(before.get(layer) != now.get(layer) for layer in range(problem.num_layers)))
 
-    def from_lhs(self, problem: Problem, lhs: float) -> float:
+    def from_lhs(self, problem: Catalog, lhs: float) -> float:
         return problem.num_layers - lhs
 
 

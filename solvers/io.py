@@ -43,13 +43,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from solvers.errors import TableError
+from solvers.files import atomic_write_text
 from solvers.problem import Candidate, Problem
 
 KEYS = ["layer", "span", "variant"]
@@ -183,23 +183,6 @@ def problem_from_tables(scores: pd.DataFrame, costs: pd.DataFrame, *, score_colu
 def read_problem(scores_path: str | os.PathLike, costs_path: str | os.PathLike, **kwargs: Any) -> Problem:
     """:func:`problem_from_tables` on two files."""
     return problem_from_tables(read_table(scores_path), read_table(costs_path), **kwargs)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary sibling and ``os.replace``: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

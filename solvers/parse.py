@@ -31,7 +31,8 @@ import re
 from typing import Any
 
 from solvers.errors import ConstraintSyntaxError
-from solvers.expressions import Attr, ExprConstraint, LinExpr, Pred, as_pred, count, layer, total
+from solvers.expressions import ExprConstraint, LinExpr, count, layer, total
+from solvers.predicates import Attr, Pred, as_pred
 
 _TOKEN = re.compile(r"""
     \s*(?:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import solvers.io
 from puzzle.errors import CorruptArtifactError, ModelFilesError
 from puzzle.io import atomic_directory, atomic_write_text, load_safetensors, safetensors_files, save_safetensors
 
@@ -24,6 +29,27 @@ def test_atomic_write_keeps_old_content_when_interrupted(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_write_gives_the_mode_of_a_plain_new_file(tmp_path, umask):
+    assert atomic_write_text is solvers.io.atomic_write_text  # puzzle's artifacts and the solvers' files alike
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        (tmp_path / "plain.txt").write_text("x")
+        atomic_write_text(tmp_path / "plain.txt", "y")  # replacing a file gives the new file's mode too
+    finally:
+        os.umask(old)
+    for name in ("a.txt", "plain.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_puzzle_io_loads_no_solver_backend():
+    code = "import sys, puzzle.io; print(sorted(m for m in ('pandas', 'pulp', 'ortools', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_atomic_directory_commits_only_on_success(tmp_path):

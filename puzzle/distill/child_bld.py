@@ -41,14 +41,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from block_library.schedule import TrainingSchedule
+from puzzle.distill.child_refit import refit_child_ffns
+from puzzle.distill.subblocks import SUBBLOCKS, replaced_subblocks, through
 from puzzle.errors import ConfigError, NumericalError
-
-SUBBLOCKS = {"attention": ("input_layernorm", "self_attn"), "ffn": ("post_attention_layernorm", "mlp")}
-"""Each sub-block's modules in a runtime ``DecoderBlock``: its norm and its body."""
 
 
 @dataclass(frozen=True)
-class ChildBLDConfig:
+class ChildBLDConfig(TrainingSchedule):
+    """Child-aware BLD's settings. ``lr``, ``warmup_fraction``, ``min_lr_ratio`` and ``grad_clip`` are the schedule of
+    :class:`~block_library.schedule.TrainingSchedule`."""
+
     tokens: int
     """Training tokens: ``tokens // seq_len`` sequences (at least one), ``batch`` a step."""
     batch: int = 4
@@ -135,21 +138,6 @@ def training_ids(sources: Sequence[str], tokenizer: Any, config: ChildBLDConfig,
     return ids
 
 
-def replaced_subblocks(child: Any, parent: Any) -> list[tuple[int, str]]:
-    """``(layer, "attention" | "ffn")`` of every sub-block of ``child`` that is neither the parent's own nor a no-op."""
-    cb, pb = child.config.blocks, parent.config.blocks
-    if len(cb) != len(pb):
-        raise ConfigError(f"child-aware BLD needs the child's layers to be the parent's: {len(cb)} vs {len(pb)} "
-                          "(run it before FFN fusion)")
-    out = []
-    for l, (c, p) in enumerate(zip(cb, pb)):
-        for sub in ("attention", "ffn"):
-            mine, theirs = getattr(c, sub), getattr(p, sub)
-            if mine.kind != "no_op" and mine != theirs:
-                out.append((l, sub))
-    return out
-
-
 def train_child_blocks(child: Any, parent: Any, ids: torch.Tensor, config: ChildBLDConfig, *,
                        directory: str | Path | None = None, progress: bool = False,
                        on_step: Callable[[int], None] | None = None) -> ChildBLDResult:
@@ -158,7 +146,6 @@ def train_child_blocks(child: Any, parent: Any, ids: torch.Tensor, config: Child
     ``directory``: where checkpoints and ``losses.csv`` go (None: neither). ``on_step(step)`` runs after each
     step (tests interrupt there)."""
     from block_library import checkpoint
-    from block_library.bld import lr_at
 
     n_rows = config.steps * config.step_batch
     if ids.dim() != 2 or ids.shape[0] < n_rows or ids.shape[1] != config.seq_len:
@@ -166,8 +153,6 @@ def train_child_blocks(child: Any, parent: Any, ids: torch.Tensor, config: Child
     parts = replaced_subblocks(child, parent)
     refit: dict[str, Any] = {}
     if config.refit and parts:  # deterministic: a resumed run refits to the same weights, so its fingerprint holds
-        from puzzle.distill.child_refit import refit_child_ffns
-
         refit = refit_child_ffns(child, parent, ids[:n_rows], ridge=config.refit_ridge, drift=config.refit_drift,
                                  select=config.refit_select, batch=config.batch, progress=progress).summary()
     keys = [f"L{l:03d}.{sub}" for l, sub in parts]
@@ -191,11 +176,10 @@ def train_child_blocks(child: Any, parent: Any, ids: torch.Tensor, config: Child
     child.train()
     try:
         for step in range(start, config.steps if optimizer is not None else 0):
-            lr = lr_at(step, config.steps, config.lr, config.warmup_fraction, config.min_lr_ratio)
+            lr = config.lr_at(step, config.steps)
             losses = _step(child, parent, ids[step * config.step_batch:(step + 1) * config.step_batch], named)
-            for m in modules.values():
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(m.parameters(), config.grad_clip)
+            for m in modules.values():  # one norm per sub-block
+                config.clip(m.parameters())
             for g in optimizer.param_groups:
                 g["lr"] = lr
             optimizer.step()
@@ -268,18 +252,17 @@ def _step(child: Any, parent: Any, ids: torch.Tensor, parts: dict[str, tuple[int
     with torch.no_grad():
         x = body.embed_tokens(ids)  # (B, T, H)
     for l, (mine, theirs) in enumerate(zip(body.layers, teacher.layers)):
-        for sub, (norm, fn) in SUBBLOCKS.items():
+        for sub in SUBBLOCKS:
             if mine.spec[sub] == "no_op":
                 continue
             x = x.detach()
             if (l, sub) not in trained:
                 with torch.no_grad():
-                    x = x + getattr(mine, fn)(getattr(mine, norm)(x), *_ctx(sub, ctx))
+                    x = through(mine, sub, x, ctx)
                 continue
             with torch.no_grad():  # the parent's sub-block on the child's input
-                target = x if theirs.spec[sub] == "no_op" else x + getattr(theirs, fn)(getattr(theirs, norm)(x),
-                                                                                      *_ctx(sub, ctx))
-            out = x + getattr(mine, fn)(getattr(mine, norm)(x), *_ctx(sub, ctx))
+                target = through(theirs, sub, x, ctx)
+            out = through(mine, sub, x, ctx)
             loss = (out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
             if not torch.isfinite(loss):
                 raise NumericalError(f"child-aware BLD: the loss of layer {l}'s {sub} is {loss.item()}; "
@@ -288,8 +271,3 @@ def _step(child: Any, parent: Any, ids: torch.Tensor, parts: dict[str, tuple[int
             losses[trained[(l, sub)]] = loss.item()
             x = out
     return losses
-
-
-def _ctx(sub: str, ctx: dict[str, Any]) -> tuple[Any, ...]:
-    """The extra argument of a sub-block's body: attention reads RoPE and the mask, an FFN nothing."""
-    return (ctx,) if sub == "attention" else ()

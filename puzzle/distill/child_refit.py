@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from puzzle.distill.subblocks import replaced_subblocks, through
 from puzzle.errors import ConfigError
 
 
@@ -92,8 +93,6 @@ def refit_child_ffns(child: Any, parent: Any, ids: torch.Tensor, *, ridge: float
     """Refit, in place, every FFN of ``child`` that is a pruned swiglu (narrower than the parent's) on ``ids`` (N, T)
     run through ``child``, ``batch`` sequences at a time: its down projection, and with ``select`` its kept
     channels too; ``drift`` in [0, 1] blends the parent's own next stream into the target."""
-    from puzzle.distill.child_bld import replaced_subblocks
-
     if not ridge > 0 or not 0.0 <= drift <= 1.0:
         raise ConfigError(f"the child-stream refit needs ridge > 0 and drift in [0, 1], got {ridge} and {drift}")
     if ids.dim() != 2 or ids.shape[0] < 1 or batch < 1:
@@ -116,23 +115,14 @@ def refit_child_ffns(child: Any, parent: Any, ids: torch.Tensor, *, ridge: float
     last = max(todo)
     for l in tqdm(range(last + 1), desc="child refit", unit="layer", disable=not progress):
         mine, theirs = body.layers[l], teacher.layers[l]
-        stream = [_sub(mine, "attention", x, ctx) for x in stream]
-        pstream = [_sub(theirs, "ffn", _sub(theirs, "attention", p, ctx), ctx) for p in pstream]  # after layer l
+        stream = [through(mine, "attention", x, ctx) for x in stream]
+        pstream = [through(theirs, "ffn", through(theirs, "attention", p, ctx), ctx) for p in pstream]  # after layer l
         if l in todo:
             (_select_layer if select else _refit_layer)(mine, theirs, stream, pstream, ridge, drift, result, l)
         if l < last:
-            stream = [_sub(mine, "ffn", x, ctx) for x in stream]
+            stream = [through(mine, "ffn", x, ctx) for x in stream]
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _sub(block: Any, sub: str, x: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
-    """``x`` (b, T, H) after ``block``'s attention or FFN sub-block (unchanged where it is a no-op)."""
-    if block.spec[sub] == "no_op":
-        return x
-    if sub == "attention":
-        return x + block.self_attn(block.input_layernorm(x), ctx)
-    return x + block.mlp(block.post_attention_layernorm(x))
 
 
 def _refit_layer(mine: Any, theirs: Any, stream: list[torch.Tensor], pstream: list[torch.Tensor], ridge: float,

@@ -20,14 +20,18 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from block_library.schedule import TrainingSchedule
 from puzzle.errors import ConfigError
+from puzzle.io import config_from_yaml
 
 HIDDEN = ("final", "all")
 
 
 @dataclass(frozen=True, kw_only=True)
-class GKDConfig:
-    """How a child is distilled against its frozen parent (every child weight is trained)."""
+class GKDConfig(TrainingSchedule):
+    """How a child is distilled against its frozen parent (every child weight is trained). ``lr``,
+    ``warmup_fraction``, ``min_lr_ratio`` and ``grad_clip`` are the schedule of
+    :class:`~block_library.schedule.TrainingSchedule` (AdamW without weight decay)."""
 
     sources: tuple[str, ...] = ("stdlib",)
     """Corpus sources (``stdlib``, text files, directories, .jsonl, .parquet): the train split trains,
@@ -44,13 +48,10 @@ class GKDConfig:
     steps: int = 32
     """Optimizer steps; ``steps * batch`` training sequences are read once (cycled when the corpus is short)."""
     lr: float = 1e-4
-    """Peak AdamW learning rate (weight decay 0): linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
     warmup_fraction: float = 0.05
-    """Fraction of the steps spent warming up."""
     min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of ``lr``."""
     grad_clip: float = 1.0
-    """Global gradient-norm clip over all child weights; 0 disables."""
+    """One norm over all the child's weights."""
     kl_weight: float = 1.0
     """Weight of KL(parent || child) of the next-token distributions, mean per token (nats)."""
     cosine_weight: float = 1.0
@@ -124,13 +125,7 @@ class GKDConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> GKDConfig:
-        from puzzle.io import read_yaml_config
-
-        data = read_yaml_config(path)
-        try:
-            return cls.from_dict(data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        return config_from_yaml(path, cls.from_dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

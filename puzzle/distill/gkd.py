@@ -35,9 +35,8 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from tqdm.auto import tqdm
 
-from block_library.bld import lr_at
-from puzzle.data.packing import load_sequences
 from block_library.distributed import Shard
+from puzzle.data.packing import load_sequences
 from puzzle.distill import artifact, sharding
 from puzzle.distill.config import GKDConfig
 from puzzle.distill.losses import (LayerMap, batch_losses, cached_batch_losses, check_compatible, resolve_layer_map,
@@ -209,7 +208,7 @@ def _train(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, optimizer: tor
     bar = tqdm(total=cfg.steps, initial=start, desc="GKD", unit="step", disable=not (progress and writer))
     for step in range(start, cfg.steps):
         done = step + 1
-        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_fraction, cfg.min_lr_ratio)
+        lr = cfg.lr_at(step, cfg.steps)
         rows_of_step = [(step * cfg.batch + j) % n for j in range(rank * local, (rank + 1) * local)]
         idx = order[rows_of_step]
         batch = train_ids[idx].to(device)  # (local, T)
@@ -257,8 +256,7 @@ def _train_step(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, batch: to
         raise NumericalError(f"GKD step {step + 1}: the loss is {totals['loss']} (kl {totals['kl']}, "
                              f"cos {totals['cos']}, lm {totals['lm']}); lower the learning rate (now {lr:g}, peak "
                              f"{cfg.lr:g}) or check the child's weights for NaN/inf")
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+    cfg.clip(student.parameters())
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from puzzle.errors import ConfigError
 from puzzle.scoring.activations import ParentRunner, run_parent
 from puzzle.scoring.metrics import TokenSums, next_token_logprobs
-from puzzle.scoring.replace1 import Replacement, layer_groups, layer_modules, score_group
+from puzzle.scoring.replacements import Replacement, layer_groups, layer_modules, score_group
 
 COLUMN = "context_kl"
 """The score column :meth:`ContextScores.problem` adds: ``delta(l, b | C)``."""

@@ -55,7 +55,7 @@ def score_rank_bytes(config: Any, sizes: Sequence[LayerSizes], layers: Sequence[
     # resident. A head multiplies by all of it, so the last rank holds it whole (tied: the same matrix).
     if last:
         params += H + embedding_params(config)
-    # The parent's own halves of one layer and one other variant at a time (scoring.replace1.LayerModules).
+    # The parent's own halves of one layer and one other variant at a time (scoring.replacements.LayerModules).
     variants = max((sizes[l].parent_params + max((v.params for v in sizes[l].trainable), default=0)
                     for l in layers), default=0)
     # The parent pass's cache: inputs and mid-layer streams (N, T, H) per layer; log-probs (N, T-1, V).

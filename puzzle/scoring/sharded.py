@@ -13,7 +13,7 @@ every rank runs its layers on the stream it receives, caches each layer's input 
 (N, T, H) and sends the stream on; the last rank keeps the log-probs (N, T-1, V).
 
 Replacements: one fixed global list of jobs, in layer order, a job being one group of a layer's
-replacements exactly as the one-process path groups them (:func:`~puzzle.scoring.replace1.layer_groups`).
+replacements exactly as the one-process path groups them (:func:`~puzzle.scoring.replacements.layer_groups`).
 Every rank walks the list and takes part in the jobs of layers owned by itself or an earlier rank:
 
     owner of layer l:  block(s) on the cached input of l -> its layers l+1.. -> send to rank + 1
@@ -60,8 +60,9 @@ from puzzle.scoring import artifact
 from puzzle.scoring.activations import ParentCache, ParentRunner, attention_half
 from puzzle.scoring.config import ScoreConfig
 from puzzle.scoring.memory import score_layer_costs
-from puzzle.scoring.replace1 import (Replacement, Run, ScoreResult, block_outputs, finish, group_metrics, layer_cost,
-                                     layer_groups, layer_modules, replacements, start_run)
+from puzzle.scoring.replacements import (Replacement, block_outputs, group_metrics, layer_cost, layer_groups,
+                                         layer_modules, replacements)
+from puzzle.scoring.run import Run, ScoreResult, finish, start_run
 from puzzle.scoring.tables import parent_labels
 
 log = logging.getLogger(__name__)

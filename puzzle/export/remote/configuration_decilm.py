@@ -10,6 +10,9 @@ Entries become attribute objects (``config.block_configs[i].ffn.ffn_mult``), as 
 A SwiGLU's width is ``int(2 * ffn_mult * hidden_size / 3)`` rounded up to a multiple of 256 (the
 rule vLLM, TensorRT-LLM and llama.cpp apply); an ``intermediate_size`` key, present only where
 no ``ffn_mult`` reproduces the width, overrides it.
+
+The fields that no layer changes are :class:`LlamaFamilyConfig`'s, which puzzle's runtime config
+(``PuzzleConfig``) builds on too: they are written once, here, where an export needs them without puzzle.
 """
 
 from __future__ import annotations
@@ -88,8 +91,14 @@ class DeciBlockConfig:
         return {"attention": dataclasses.asdict(self.attention), "ffn": ffn}
 
 
-class DeciLMConfig(PreTrainedConfig):
-    model_type = "nemotron-nas"
+class LlamaFamilyConfig(PreTrainedConfig):
+    """A decoder whose layers each have their own attention and FFN block; the fields that no layer changes follow
+    ``LlamaConfig``.
+
+    A subclass names its ``model_type``, reads ``block_configs`` in its own vocabulary (:meth:`parse_blocks`) and
+    gives the modeling file the per-layer shapes (:meth:`resolved_blocks`): :class:`DeciLMConfig` below, and
+    puzzle's runtime ``PuzzleConfig`` (``puzzle.model.configuration``).
+    """
 
     def __init__(
         self,
@@ -117,39 +126,76 @@ class DeciLMConfig(PreTrainedConfig):
         pad_token_id: int | None = None,
         **kwargs: Any,
     ) -> None:
-        if "rope_scaling" in kwargs or "rope_theta" in kwargs:  # published Nemotron configs (transformers v4)
-            rope = dict(kwargs.pop("rope_scaling", None) or {})
-            rope.setdefault("rope_type", rope.pop("type", "default"))
-            rope["rope_theta"] = kwargs.pop("rope_theta", 10000.0)
-            rope_parameters = rope_parameters or rope
+        # The order of assignment is the order of to_dict(), hence of every config.json written: keep it.
         self.vocab_size = vocab_size
+        """Number of token embeddings."""
         self.hidden_size = hidden_size
+        """Width of the residual stream."""
         self.num_attention_heads = num_attention_heads
+        """Query heads of every GQA layer."""
         self.head_dim = head_dim or hidden_size // num_attention_heads
+        """Width of one attention head."""
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        """The parent's KV heads (reference; each layer's own count is in block_configs)."""
         self.intermediate_size = intermediate_size
-        blocks = [
-            b if isinstance(b, DeciBlockConfig) else DeciBlockConfig.from_dict(b, f"block_configs[{i}]")
-            for i, b in enumerate(block_configs or [])
-        ]
-        if num_hidden_layers is not None and blocks and num_hidden_layers != len(blocks):
-            raise ValueError(f"num_hidden_layers={num_hidden_layers} but {len(blocks)} block_configs")
-        self.block_configs = blocks
-        self.num_hidden_layers = len(blocks) if blocks else (num_hidden_layers or 0)
+        """The parent's FFN width (reference; each layer's own width is in block_configs)."""
+        self.block_configs, self.num_hidden_layers = self.parse_blocks(block_configs, num_hidden_layers)
         self.rms_norm_eps = rms_norm_eps
         self.max_position_embeddings = max_position_embeddings
         self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+        """RoPE: ``rope_type``, ``rope_theta`` and the type's fields."""
         self.tie_word_embeddings = tie_word_embeddings
+        """Whether the LM head shares the token embedding matrix."""
         self.attention_bias = attention_bias
+        """Bias on q/k/v/o projections (Llama semantics)."""
         self.qkv_bias = qkv_bias
+        """If set, overrides the q/k/v bias alone (Qwen2: True with attention_bias False)."""
         self.mlp_bias = mlp_bias
+        """Bias on the SwiGLU projections."""
         self.hidden_act = hidden_act
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
+        for name, value in self.own_fields(kwargs).items():
+            setattr(self, name, value)
         super().__init__(**kwargs)
+
+    def parse_blocks(self, block_configs: list[Any] | None, num_hidden_layers: int | None) -> tuple[list[Any], int]:
+        """``block_configs`` as this class holds them (validated), and the number of layers."""
+        raise NotImplementedError
+
+    def own_fields(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """This class's own fields, popped from ``kwargs`` and set after the shared ones; the place to check the
+        shared fields too. None here."""
+        return {}
+
+    def resolved_blocks(self) -> list[dict[str, Any]]:
+        """Per-layer shapes in the plain form the modeling file reads."""
+        raise NotImplementedError
+
+
+class DeciLMConfig(LlamaFamilyConfig):
+    model_type = "nemotron-nas"
+
+    def __init__(self, **kwargs: Any) -> None:
+        if "rope_scaling" in kwargs or "rope_theta" in kwargs:  # published Nemotron configs (transformers v4)
+            rope = dict(kwargs.pop("rope_scaling", None) or {})
+            rope.setdefault("rope_type", rope.pop("type", "default"))
+            rope["rope_theta"] = kwargs.pop("rope_theta", 10000.0)
+            kwargs["rope_parameters"] = kwargs.get("rope_parameters") or rope
+        super().__init__(**kwargs)
+
+    def parse_blocks(self, block_configs: list[Any] | None,
+                     num_hidden_layers: int | None) -> tuple[list[DeciBlockConfig], int]:
+        blocks = [
+            b if isinstance(b, DeciBlockConfig) else DeciBlockConfig.from_dict(b, f"block_configs[{i}]")
+            for i, b in enumerate(block_configs or [])
+        ]
+        if num_hidden_layers is not None and blocks and num_hidden_layers != len(blocks):
+            raise ValueError(f"num_hidden_layers={num_hidden_layers} but {len(blocks)} block_configs")
+        return blocks, len(blocks) if blocks else (num_hidden_layers or 0)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -157,7 +203,6 @@ class DeciLMConfig(PreTrainedConfig):
         return out
 
     def resolved_blocks(self) -> list[dict[str, Any]]:
-        """Per-layer shapes in the plain form the modeling file reads."""
         out = []
         for i, b in enumerate(self.block_configs):
             a, f = b.attention, b.ffn
