@@ -79,10 +79,7 @@ class SearchConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"search config: expected a mapping of setting names to values, got {type(data).__name__}")
         flat = _flatten(data)
-        set_ = {k: v for k, v in flat.items() if v is not None}
-        unknown = sorted(set(set_) - set(SETTINGS.names()))
-        if unknown:
-            raise ConfigError(f"search config: unknown key(s) {unknown}; allowed keys are {sorted(SETTINGS.names())}")
+        set_ = {k: v for k, v in flat.items() if v is not None}  # unknown keys: refused by __init__
         return cls(**set_, origin={k: source for k in set_})
 
     @classmethod

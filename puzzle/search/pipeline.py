@@ -128,7 +128,7 @@ def _search(config: SearchConfig | Plan, run_dir: str | Path, *, progress: bool,
         preflight(plan, shared, force=force)
     group.barrier()  # every rank has checked the run directory before rank 0 writes into it
     if group.first:
-        prepare(plan, run_dir, shared, shareable=SHAREABLE)
+        prepare(plan, run_dir, shared, shareable=[s.name for s in REGISTRY.of(plan) if s.shareable])
     group.barrier()
     pin_mmap_threshold()  # freed weights leave RSS: each stage's measured peak is its own
     ctx = StageContext(plan, run_dir, progress and group.first, group=group, shared_dir=shared)

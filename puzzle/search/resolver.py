@@ -20,7 +20,7 @@ from puzzle.errors import ConfigError
 from puzzle.search.config import SearchConfig
 from puzzle.search.plan import Feasibility, Plan, Setting
 from puzzle.search.setting import DERIVED
-from puzzle.search.settings import DEFAULT_SPEEDUP, PRESETS, SETTINGS
+from puzzle.search.settings import DEFAULT_SPEEDUP, SETTINGS
 
 OTHER_PHASE_BATCH = {"prefill": 1, "decode": 8}
 """Batch of the phase the budget is not about (reported, not constrained): one prompt, or 8 sequences decoding."""
@@ -98,7 +98,7 @@ def _said_or_default(config: SearchConfig) -> dict[str, Setting]:
             settings[spec.name] = Setting(getattr(config, spec.name), config.origin.get(spec.name, "keyword"))
         elif spec.default != DERIVED and not spec.presets and spec.name != "speedup":
             settings[spec.name] = Setting(spec.default, "default")
-    for name, value in PRESETS[settings["preset"].value].items():
+    for name, value in SETTINGS.presets()[settings["preset"].value].items():
         settings.setdefault(name, Setting(value, "preset"))
     if all(k not in settings or settings[k].value is None for k in ("speedup", "throughput", "memory")):
         settings["speedup"] = Setting(DEFAULT_SPEEDUP, "default")

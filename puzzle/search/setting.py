@@ -1,12 +1,12 @@
 """What a search setting is: one row of the settings table, its check, and the typed sections stages read.
 
-    Spec("gkd_steps", "int", help="Global distillation steps; 0 skips GKD.", presets={"quick": 16, "full": 200},
-         stages=("gkd", "baselines"), at_least=0)
+    Spec(name="gkd_steps", kind="int", help="Global distillation steps; 0 skips GKD.",
+         presets={"quick": 16, "full": 200}, stages=("gkd", "baselines"), at_least=0)
 
 One row declares a setting once: its name (the YAML key, the keyword, ``--gkd-steps``), its type, its
 default or its value per preset, its help (the flag's help, the docs), the stages that read it, and
 whether it is a user's choice or an advanced knob. :class:`SearchConfig` checks values with
-:func:`check_value`, ``puzzle search`` builds its flags from the rows (:mod:`puzzle.search.flags`),
+:func:`check_value`, ``puzzle search`` builds its flags from the rows (:mod:`puzzle.cli.search_flags`),
 and a stage reads its own rows through a :class:`Section`, a frozen dataclass of typed fields named
 after the settings:
 

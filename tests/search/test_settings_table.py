@@ -90,6 +90,16 @@ def test_a_toy_setting_reaches_config_checks_yaml_flags_and_plan(toy, tmp_path, 
     assert [s.name for s in REGISTRY.of(default)][-2:] == ["evaluate", "toy"]  # by order: after evaluate
 
 
+def test_a_toy_setting_with_preset_values_gets_them(tmp_path):
+    sized = Spec(name="toy_size", kind="int", stages=("toy",), presets={"quick": 2, "full": 5}, advanced=True,
+                 help="A toy stage size, set by the preset.")
+    with SETTINGS.temporary(sized):
+        quick, full = (resolve(SearchConfig(model="llama-3.2-1b", preset=p)) for p in ("quick", "full"))
+        said = resolve(SearchConfig(model="llama-3.2-1b", preset="full", toy_size=7))
+    assert (quick.value("toy_size"), full.value("toy_size"), said.value("toy_size")) == (2, 5, 7)
+    assert (full.settings["toy_size"].source, said.settings["toy_size"].source) == ("preset", "keyword")
+
+
 def test_the_toy_flag_is_listed_among_the_advanced_ones(toy, capsys):
     with pytest.raises(SystemExit):
         main(["search", "--help"])
