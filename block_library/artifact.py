@@ -168,6 +168,29 @@ class Library:
                     state[f"model.layers.{i}.{name}"] = t
         return model_from_state_dict(parent.with_blocks(list(blocks)), state, dtype=dtype)
 
+    def assemble_layers(self, blocks: Sequence[BlockConfig], layers: Sequence[int], *, embed: bool = False,
+                        head: bool = False, dtype: torch.dtype = torch.float32, initial: bool = False) -> PuzzleForCausalLM:
+        """The runtime model of :meth:`assemble` with only some parts read: the decoder ``layers``, the embedding when
+        ``embed``, the final norm and LM head when ``head`` (a tied head reads the embedding); every other parameter
+        stays on the meta device, as :func:`puzzle.loading.load_layers` leaves them. One rank's share of a child
+        measured or trained with its layers split over the ranks."""
+        from puzzle.loading import read_tensor
+        from puzzle.model.weights import adopt, meta_model, runtime_weight_names
+
+        config = self._check_blocks(blocks).with_blocks(list(blocks))
+        outside = sorted({l for l in layers if not 0 <= l < config.num_hidden_layers})
+        if outside:
+            raise SchemaError(f"layers {outside} are outside 0..{config.num_hidden_layers - 1} of the library's parent")
+        model = meta_model(config)
+        prefixes = tuple(f"model.layers.{l}." for l in layers)
+        extra = {"model.embed_tokens.weight"} if embed or (head and config.tie_word_embeddings) else set()
+        extra |= {"model.norm.weight", "lm_head.weight"} if head else set()
+        where = self._tensor_sources(blocks, initial=initial, layers=layers)
+        state = {k: read_tensor(*where[k], dtype=dtype) for k in runtime_weight_names(model)
+                 if k.startswith(prefixes) or k in extra}
+        adopt(model, state, dtype=dtype)
+        return model
+
     def _check_blocks(self, blocks: Sequence[BlockConfig]) -> PuzzleConfig:
         parent = self.parent_config
         if len(blocks) != parent.num_hidden_layers:
@@ -203,11 +226,15 @@ class Library:
             copy_tokenizer_files(self.directory, tmp)
         return Path(out_dir)
 
-    def _tensor_sources(self, blocks: Sequence[BlockConfig], *, initial: bool) -> dict[str, tuple[Path, str]]:
-        """Where each runtime tensor of the child lives: (file, name in that file), from file headers."""
+    def _tensor_sources(self, blocks: Sequence[BlockConfig], *, initial: bool,
+                        layers: Sequence[int] | None = None) -> dict[str, tuple[Path, str]]:
+        """Where each runtime tensor of the child lives: (file, name in that file), from file headers; only
+        ``layers``' variants when given."""
         shared = self.directory / "shared.safetensors"
         where = {k: (shared, k) for k in _tensor_names(shared)}
         for i, b in enumerate(blocks):
+            if layers is not None and i not in layers:
+                continue
             for sub, cfg in (("attention", b.attention), ("ffn", b.ffn)):
                 file = self.variant_file(i, sub, cfg.label, initial=initial)
                 if file is not None:

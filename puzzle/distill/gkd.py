@@ -15,7 +15,10 @@ without gradients and is never modified either. Checkpoints every ``checkpoint_e
 Under ``torchrun`` with more than one process, both models are sharded with FSDP2 and every process
 trains on its share of each batch (:mod:`puzzle.distill.sharding`; memory per process:
 :func:`puzzle.distill.memory.gkd_rank_bytes`): same losses and weights as one process, up to float
-rounding. Every process returns the same result; rank 0 writes the files.
+rounding. Every process returns the same result; rank 0 writes the files. With cached teacher targets
+(``teacher=``, the same on every process: :func:`puzzle.distill.teacher_sharded.sharded_targets` computes them
+layer-sharded) each process reads its rows' targets and no training step runs the parent; the sharded parent
+then serves validation alone (forward only).
 """
 
 from __future__ import annotations
@@ -81,8 +84,11 @@ def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer
     when ``out_dir`` holds a run of other inputs (unless ``force``) and :class:`NumericalError` on a
     non-finite loss.
 
-    ``teacher``: the parent's cached targets on :func:`gkd_train_ids` (:func:`puzzle.distill.teacher_cache.teacher_targets`,
-    ``hidden="final"``, one process): training steps then run no parent forward pass; validation still does.
+    ``teacher``: the parent's cached targets on :func:`gkd_train_ids` (``hidden="final"``): training steps then run
+    no parent forward pass; validation still does. Their key must be of this run's parent fingerprint: in one process
+    :func:`puzzle.distill.teacher_cache.teacher_targets` (``artifact.model_fingerprint``); under torchrun with stored
+    models :func:`puzzle.distill.teacher_sharded.sharded_targets` with ``parent_sha256 =
+    artifact.files_fingerprint(parent)``, the same targets on every process (each takes its rows of every batch).
 
     Under ``torchrun`` (WORLD_SIZE > 1) every process calls this with the same arguments (the models may
     stay on the CPU: the shards go to the process's GPU, or stay on the CPU without CUDA); ``out_dir`` must
@@ -99,8 +105,8 @@ def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer
     pairs = resolve_layer_map(cfg, child.config.num_hidden_layers, parent.config.num_hidden_layers, layer_map)
     if cfg.batch % world:
         raise ConfigError(f"batch {cfg.batch} does not split over {world} processes: use a multiple of {world}")
-    if teacher is not None and (world > 1 or cfg.hidden != "final"):
-        raise ConfigError("cached teacher targets are for GKD in one process with hidden='final'; "
+    if teacher is not None and cfg.hidden != "final":
+        raise ConfigError("cached teacher targets hold the last hidden state only (hidden='final'); "
                           "drop them (a live parent) or use hidden='final'")
     train_ids = gkd_train_ids(cfg, tokenizer)
     val_ids = load_sequences(cfg.sources, tokenizer, seq_len=cfg.seq_len, num_sequences=cfg.val_sequences,
@@ -111,8 +117,11 @@ def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer
               "train_ids_sha256": artifact.ids_sha256(train_ids), "val_ids_sha256": artifact.ids_sha256(val_ids)}
     if teacher is not None:
         if teacher.key != targets_key(inputs["parent_sha256"], train_ids, teacher.top_k):
-            raise ConfigError("the cached teacher targets are of other tokens or another parent: compute them with "
-                              "teacher_targets(parent, gkd_train_ids(cfg, tokenizer), top_k, path)")
+            how = ("sharded_targets(parent_dir, gkd_train_ids(cfg, tokenizer), top_k, path, shard=..., "
+                   "parent_sha256=files_fingerprint(parent))" if on_disk else
+                   "teacher_targets(parent, gkd_train_ids(cfg, tokenizer), top_k, path)")
+            raise ConfigError(f"the cached teacher targets are of other tokens or another parent: compute them "
+                              f"with {how}")
         inputs["teacher_top_k"] = teacher.top_k  # the coarsened KL trains other weights than the full one
     joined = sharding.join()
     shard, mesh = joined if joined is not None else (None, None)
@@ -122,6 +131,8 @@ def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer
         return _stored_result(out, done, load=not on_disk)
 
     student, teacher_model, plain = _models(child, parent, cfg, mesh)
+    if teacher is not None:
+        log.info("GKD on the parent's cached top-%d targets: the parent runs in validation only", teacher.top_k)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     key = artifact.inputs_sha256(inputs)
     start, rows = artifact.load_checkpoint(out, model=student, optimizer=optimizer, inputs_key=key)

@@ -26,64 +26,24 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from block_library.distributed import Shard, init_shard, split_layers
 from puzzle.data.packing import load_sequences
 from puzzle.errors import ConfigError, DataError, PuzzleError
 from puzzle.evaluation.memory import layer_params
 from puzzle.evaluation.quality import add_chunk, check_vocabularies, quality_from_sums
-from puzzle.loading import Source, load_config, load_layers, resolve_source
+from puzzle.loading import Source, load_config, resolve_source
+from puzzle.model.part import Part
 from puzzle.scoring.metrics import TokenSums
 
 log = logging.getLogger(__name__)
-
-
-class _Part:
-    """One model's share on this rank: its layers, and the embedding / final norm + head at the ends."""
-
-    def __init__(self, source: Source, layers: range, shard: Shard, *, dtype: torch.dtype) -> None:
-        self.model = load_layers(source, list(layers), embed=shard.first, head=shard.last, dtype=dtype)
-        self.layers, self.shard, self.dtype = layers, shard, dtype
-        body = self.model.model
-        modules = [body.layers[l] for l in layers] + [body.rotary_emb]
-        modules += [body.embed_tokens] if shard.first else []
-        modules += [body.norm, self.model.lm_head] if shard.last else []
-        for m in modules:
-            m.to(shard.device)
-
-    @torch.no_grad()
-    def run(self, ids: torch.Tensor | None, b: int, T: int) -> torch.Tensor | None:
-        """One chunk through this rank's layers: token ids (b, T) on rank 0, received hidden states
-        elsewhere. The last rank returns the final-normed hidden states (b, T, H); the others send on."""
-        body, shard = self.model.model, self.shard
-        if shard.first:
-            x = body.embed_tokens(ids.to(shard.device))  # (b, T, H)
-        else:
-            x = shard.recv((b, T, self.model.config.hidden_size), self.dtype)
-        pos = torch.arange(T, device=shard.device)[None].expand(b, T)
-        cos, sin = body.rotary_emb(pos, x.dtype)  # (b, T, hd) each
-        ctx = {"cos": cos, "sin": sin, "mask": None, "cache": None}  # causal, as the whole model runs it
-        for l in self.layers:
-            x = body.layers[l](x, ctx)
-        if not shard.last:
-            shard.send(x)
-            return None
-        return body.norm(x)
-
-    def chunks(self, ids: torch.Tensor, chunk: int, *, what: str, progress: bool) -> Iterator[torch.Tensor | None]:
-        """:meth:`run` over the rows of ``ids`` (N, T), ``chunk`` at a time, yielding its results."""
-        N, T = ids.shape
-        for c in tqdm(range(0, N, chunk), desc=f"held-out quality ({what})", unit="chunk",
-                      disable=not (progress and self.shard.last)):
-            yield self.run(ids[c:c + chunk], min(chunk, N - c), T)
 
 
 def _logprobs(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -171,23 +131,24 @@ def evaluate_sharded(child_dir: str | os.PathLike[str], parent_dir: str | os.Pat
     parent_h: list[torch.Tensor] = []
     parent_head = None
     if parent_ranges is not None:
-        parent = _Part(parent_src, parent_ranges[shard.rank], shard, dtype=dtype)
+        parent = Part.load(parent_src, parent_ranges[shard.rank], shard, dtype=dtype)
         log.info("rank %d: parent layers %s", shard.rank, list(parent.layers))
-        for h in parent.chunks(ids, chunk, what="parent", progress=progress):
+        for h in parent.chunks(ids, chunk, desc="held-out quality (parent)", progress=progress):
             if shard.last:
-                parent_h.append(h.to(keep))
+                parent_h.append(parent.model.model.norm(h).to(keep))
         parent_head = parent.model.lm_head if shard.last else None
         del parent
         gc.collect()  # the parent's layers are gone before the child's are read
 
     # Phase 2, the child, scored chunk by chunk against the parent's stored states.
-    child = _Part(child_src, child_ranges[shard.rank], shard, dtype=dtype)
+    child = Part.load(child_src, child_ranges[shard.rank], shard, dtype=dtype)
     log.info("rank %d: child layers %s", shard.rank, list(child.layers))
     if same:
         parent_head = child.model.lm_head
     sums = TokenSums()
-    for i, h in enumerate(child.chunks(ids, chunk, what="child", progress=progress)):
+    for i, h in enumerate(child.chunks(ids, chunk, desc="held-out quality (child)", progress=progress)):
         if shard.last:
+            h = child.model.model.norm(h)
             x = ids[i * chunk:(i + 1) * chunk]
             hp = h if same else parent_h[i].to(shard.device) if parent_h else None
             _score_chunk(sums, x[:, 1:].to(shard.device), child.model.lm_head, h, parent_head, hp,

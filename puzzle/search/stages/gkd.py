@@ -3,11 +3,19 @@
 
     run/gkd/child/                 the distilled child (runtime checkpoint)
     run/gkd/gkd/                   checkpoints, losses, validation before and after
-    <shared>/teacher/gkd-topK.safetensors   the parent's top-k targets, computed once (``gkd_top_k``)
+    <shared>/teacher/gkd-topK.safetensors           the parent's top-k targets, computed once (``gkd_top_k``)
+    <shared>/teacher/gkd-topK-sharded.safetensors   the same, computed layer-sharded under torchrun
 
-Under torchrun FSDP2 shards student and teacher over the ranks; in one process both are whole and
-the parent's targets are cached. Activation checkpointing and CPU offload are switched on when the
-plan says a rank needs them. The baselines get the same distillation (:meth:`distill`).
+In one process student and teacher are whole. Under torchrun FSDP2 shards them over the ranks; the
+parent's top-k targets are computed once with its layers split over the ranks
+(:func:`puzzle.distill.teacher_sharded.sharded_targets`) and every rank reads the whole file, so no
+training step runs the parent (the sharded parent serves validation only). The two files differ by
+their parent fingerprint: a loaded parent's weights (``model_fingerprint``, one process) or its stored
+files (``files_fingerprint``: under torchrun no rank holds the whole parent, and the GKD run fingerprints
+its stored parent so); side by side, a search that changes its number of ranks, or the one-process
+baselines beside a sharded GKD, reuse their own file instead of replacing each other's. Activation
+checkpointing and CPU offload are switched on when the plan says a rank needs them. The baselines get
+the same distillation (:meth:`distill`).
 """
 
 from __future__ import annotations
@@ -64,9 +72,25 @@ def _rank_bytes(plan: Plan, cluster: Cluster, shapes: Shapes, *, checkpointing: 
                             vocab=config.vocab_size, checkpointing=checkpointing, dtype_bytes=cluster.dtype_bytes)
     if world == 1:
         device += C * 4  # the child as loaded, beside its fp32 student copy
+    elif cluster.is_cpu:  # one memory: the cached targets every rank holds count against it
+        device += sharded_cache(plan, shapes, world)[0]
     if offload:  # the fp32 student shards, their gradients and moments move to host RAM
         device -= TRAIN_BYTES_PER_PARAM * C / world
     return base_bytes(cluster) + device
+
+
+def sharded_cache(plan: Plan, shapes: Shapes, world: int) -> tuple[float, float]:
+    """``(held, file)``: bytes of the parent's top-k targets a rank holds under torchrun (every rank reads the whole
+    file; its token ids widened to int64 in memory) and of the file; ``(0, 0)`` when there is none (``gkd_top_k`` 0,
+    or one process: :meth:`GKDStage.resources` counts that cache itself)."""
+    from puzzle.distill.teacher_cache import bytes_per_token
+
+    s = GKDSettings.of(plan)
+    if world == 1 or not s.gkd_top_k:
+        return 0.0, 0.0
+    k, tokens = min(s.gkd_top_k, shapes.parent.vocab_size), s.gkd_steps * s.gkd_batch * SEQ_LEN
+    file = tokens * bytes_per_token(k, shapes.parent.hidden_size)
+    return float(file + tokens * 4 * k), float(file)
 
 
 class GKDStage(Stage):
@@ -105,6 +129,26 @@ class GKDStage(Stage):
         path = ctx.shared_dir / "teacher" / f"gkd-top{k}.safetensors"
         return teacher_targets(ctx.parent, gkd_train_ids(cfg, ctx.tokenizer), k, path, progress=ctx.progress)
 
+    def sharded_teacher(self, ctx: StageContext, cfg: Any, parent: Any) -> Any:
+        """Under torchrun: the parent's targets as :meth:`teacher`'s, computed with its layers split over the ranks
+        (in ``parent``'s dtype: bf16 on GPUs, as the sharded live teacher runs) and read whole by every rank, or None.
+        ``parent`` is the stored (meta) parent the GKD run fingerprints; the targets are keyed by the same
+        ``files_fingerprint``, so they are this run's parent's."""
+        from block_library.distributed import init_shard
+        from puzzle.distill.artifact import files_fingerprint
+        from puzzle.distill.gkd import gkd_train_ids
+        from puzzle.distill.teacher_sharded import sharded_targets
+
+        top_k = GKDSettings.of(ctx.plan).gkd_top_k
+        if not top_k:
+            return None
+        k = min(top_k, parent.config.vocab_size)
+        shard = init_shard([1.0] * ctx.world)  # the search's group (joined), with this rank's device for NCCL
+        path = ctx.shared_dir / "teacher" / f"gkd-top{k}-sharded.safetensors"
+        return sharded_targets(ctx.source, gkd_train_ids(cfg, ctx.tokenizer), k, path, shard=shard,
+                               parent_sha256=files_fingerprint(parent), dtype=next(parent.parameters()).dtype,
+                               progress=ctx.progress)
+
     def distill(self, ctx: StageContext, model: Any, directory: Path) -> Any:
         """One process: ``model`` distilled from the parent (its checkpoints in ``directory``); a ``GKDResult``."""
         from puzzle.distill import distill_child
@@ -126,8 +170,9 @@ class GKDStage(Stage):
 
             teacher_dtype = torch.bfloat16 if not ctx.plan.cluster.is_cpu else torch.float32
             child, parent = load_layers(source, []), load_layers(ctx.source, [], dtype=teacher_dtype)
-            result = resume_or_restart(distill_child, child, parent, ctx.tokenizer, directory / "gkd",
-                                       self.config(ctx.plan), progress=ctx.progress)
+            cfg = self.config(ctx.plan)
+            result = resume_or_restart(distill_child, child, parent, ctx.tokenizer, directory / "gkd", cfg,
+                                       progress=ctx.progress, teacher=self.sharded_teacher(ctx, cfg, parent))
             return {"model": str(directory / "gkd" / "child"), "steps": s.gkd_steps, "initial": result.initial,
                     "final": result.final}
         result = self.distill(ctx, load_model(source), directory / "gkd")
@@ -156,10 +201,37 @@ class GKDStage(Stage):
             cache = s.gkd_steps * s.gkd_batch * SEQ_LEN * bytes_per_token(s.gkd_top_k, shapes.parent.hidden_size)
             host += cache
             how += f", the parent's top-{s.gkd_top_k} targets cached ({cache / 2**30:.2f} GiB in host RAM)"
+        held, file = sharded_cache(plan, shapes, W)  # under torchrun; `device` holds it already on the CPU
+        if held:
+            k = min(s.gkd_top_k, shapes.parent.vocab_size)
+            how += (f", the parent's top-{k} targets computed layer-sharded once ({file / 2**30:.2f} GiB), "
+                    "read by every rank")
+        # Per token: the student's forward and backward (6 C, 8 C recomputing the forward) and the parent's forward
+        # (2 P): live, in every step; cached, once, in the layer-sharded pass that writes the targets (each rank
+        # runs its layers, pipelined), the training steps then 6 C or 8 C alone.
         flops = s.gkd_steps * s.gkd_batch * SEQ_LEN * ((8 if checkpointing else 6) * C + 2 * P) / W
-        ranks = [RankUse(r, (0, len(shapes.layers)), device, host, (C * 4 if r == 0 else 0.0),
-                         flops / cluster.flops_per_rank) for r in range(W)]
+        ranks = _ranks(cluster, len(shapes.layers), device=device, host=host, cache=(held, file), child_disk=C * 4,
+                       seconds=flops / cluster.flops_per_rank)
         return stage_use(self.name, how, ranks, cluster)
+
+
+def _ranks(cluster: Cluster, layers: int, *, device: float, host: float, cache: tuple[float, float],
+           child_disk: float, seconds: float) -> list[RankUse]:
+    """Every rank of the run: ``device`` and ``host`` in training, plus the torchrun cache ``(held, file)`` every rank
+    reads into host RAM (on the CPU ``device`` holds it already). Rank 0 writes the child, the last rank the cache:
+    before training, its parent layers freed, it holds its chunks' targets, the file read back and, while that
+    widens its token ids, their int32 copy (``held - file``)."""
+    held, file = cache
+    ranks = []
+    for r in range(cluster.count):
+        rank_device, rank_host = device, host if cluster.is_cpu else host + held
+        disk = child_disk if r == 0 else 0.0
+        if held and r == cluster.count - 1:
+            writing, disk = PROCESS_BYTES + 2 * held + (held - file), disk + file
+            rank_device = max(rank_device, writing) if cluster.is_cpu else rank_device
+            rank_host = rank_device if cluster.is_cpu else max(rank_host, writing)
+        ranks.append(RankUse(r, (0, layers), rank_device, rank_host, disk, seconds))
+    return ranks
 
 
 STAGE = GKDStage()

@@ -1,0 +1,106 @@
+"""The parent's cached targets (:mod:`puzzle.distill.teacher_cache`) computed with its layers split over the ranks.
+
+    targets = sharded_targets(parent_dir, ids, top_k, path, shard=shard, parent_sha256=sha)   # every rank calls it
+
+Each rank reads only its contiguous layers of the parent (rank 0 also the embedding, the last rank the final
+norm and LM head: :class:`puzzle.model.part.Part`); hidden states flow rank to rank ``chunk`` sequences at a
+time, and the last rank turns each chunk into its top-k log-probabilities, the rest and the last hidden state,
+writes the file atomically and the others wait for it. Every rank then reads the same file: the targets of
+:func:`~puzzle.distill.teacher_cache.compute_targets` on the whole parent (to float rounding), without any rank
+holding more than its share of the parent. A file of the same key is reused; one process runs it alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from block_library.distributed import Shard
+from puzzle.distill.teacher_cache import TeacherTargets, _rest, load_targets, save_targets, targets_key
+from puzzle.errors import ConfigError, CorruptArtifactError
+
+log = logging.getLogger(__name__)
+
+
+def layer_ranges(config: Any, world: int) -> list[range]:
+    """Each rank's contiguous layers of a model, balancing their parameters (as the sharded evaluation splits)."""
+    from block_library.distributed import split_layers
+    from puzzle.evaluation.memory import layer_params
+
+    try:
+        return split_layers([float(p) for p in layer_params(config)], world)
+    except ValueError as e:
+        raise ConfigError(f"cannot split {config.num_hidden_layers} layers over {world} processes: {e}") from None
+
+
+def _holds(path: Path, key: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return load_targets(path).key == key
+    except CorruptArtifactError as e:
+        log.warning("%s; computing the teacher's targets again", e)
+        return False
+
+
+@torch.no_grad()
+def sharded_targets(source: Any, ids: torch.Tensor, top_k: int, path: str | Path, *, shard: Shard,
+                    parent_sha256: str, chunk: int = 2, dtype: torch.dtype = torch.float32,
+                    hidden_dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> TeacherTargets:
+    """The parent's (a model directory ``source``) targets on ids (N, T), read from ``path`` when it holds these
+    (same ``parent_sha256``, ids and k), else computed over the ranks of ``shard`` and written there; every rank
+    calls it with the same ids and returns the same targets."""
+    from puzzle.loading import load_config, resolve_source
+    from puzzle.model.part import Part
+
+    src = resolve_source(source)
+    config = load_config(src)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= config.vocab_size:
+        raise ConfigError(f"top_k must be an integer from 1 to the vocabulary size {config.vocab_size}, got {top_k!r}")
+    if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise ConfigError(f"teacher targets need token ids of shape (N >= 1, T >= 2), got {tuple(ids.shape)}")
+    path = Path(path)
+    key = targets_key(parent_sha256, ids, top_k)
+    if shard.broadcast(_holds(path, key) if shard.first else None):
+        log.info("teacher targets reused from %s", path)
+        return load_targets(path)
+    part = Part.load(src, layer_ranges(config, shard.world)[shard.rank], shard, dtype=dtype)
+    logps, indexes, rests, hiddens = [], [], [], []
+    for h in part.chunks(ids, chunk, desc="teacher targets", progress=progress):
+        if shard.last:  # h (b, T, H): the last layer's output
+            p = part.logprobs(h[:, :-1])  # (b, T-1, V) float32
+            top, idx = p.topk(top_k, dim=-1)  # (b, T-1, k)
+            rests.append(_rest(p, idx).cpu())
+            logps.append(top.cpu())
+            indexes.append(idx.cpu())
+            hiddens.append(h.to(hidden_dtype).cpu())
+            del p
+    del part
+    gc.collect()
+    error: Exception | None = None
+    if shard.last:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_targets(TeacherTargets(torch.cat(logps), torch.cat(indexes), torch.cat(rests), torch.cat(hiddens),
+                                        key), path)
+        except Exception as e:  # raised on every rank: the others would wait for the file forever
+            error = e
+    error = _from_last(shard, error)
+    if error is not None:
+        raise error
+    return load_targets(path)
+
+
+def _from_last(shard: Shard, obj: Any) -> Any:
+    """The last rank's ``obj`` on every rank (a barrier too)."""
+    if shard.world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=shard.world - 1)
+    return box[0]
