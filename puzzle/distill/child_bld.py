@@ -22,6 +22,9 @@ with the parent's stream as input (more library BLD on the chosen blocks) gave 0
 next state as the target (drift correction) 1.006. At 4 sequences a step and lr 2e-3 (the defaults) 0.859,
 and at 81% 0.438 -> 0.314 (1e-3 / 8: 0.359; 3e-3 / 4: 0.307; 2e-3 / 2: 0.298, 20% slower).
 
+Parent and child are whole here; :mod:`puzzle.distill.child_bld_sharded` splits their layers over the ``torchrun``
+ranks (the same weights).
+
 Resumable: with ``directory``, the trained sub-blocks and their AdamW state are checkpointed every
 ``checkpoint_every`` steps and after the last (:mod:`block_library.checkpoint`, safetensors); a rerun
 continues there, and a finished one reloads its weights without training.
@@ -240,18 +243,33 @@ def _fingerprint(config: ChildBLDConfig, keys: list[str], modules: dict[str, nn.
 
 def _step(child: Any, parent: Any, ids: torch.Tensor, parts: dict[str, tuple[int, str]]) -> dict[str, float]:
     """One batch through the child, layer by layer, each replaced sub-block's NMSE backpropagated locally."""
-    body, teacher = child.model, parent.model
-    trained = {part: key for key, part in parts.items()}
+    body = child.model
     device = next(body.parameters()).device
     ids = ids.to(device)
-    B, T = ids.shape
-    pos = torch.arange(T, device=device)[None].expand(B, T)
-    cos, sin = body.rotary_emb(pos, body.embed_tokens.weight.dtype)  # (B, T, hd) each, in the stream's dtype
-    ctx = {"cos": cos, "sin": sin, "mask": None, "cache": None}
-    losses: dict[str, float] = {}
     with torch.no_grad():
         x = body.embed_tokens(ids)  # (B, T, H)
-    for l, (mine, theirs) in enumerate(zip(body.layers, teacher.layers)):
+    last = max(l for l, _ in parts.values())  # the layers after the last trained one change nothing
+    return step_layers(child, parent, range(last + 1), x, step_context(body, *ids.shape, device), parts)[0]
+
+
+def step_context(body: Any, B: int, T: int, device: torch.device) -> dict[str, Any]:
+    """The rotary tables of a (B, T) batch, (B, T, hd) each in the stream's dtype, as a training step uses them."""
+    pos = torch.arange(T, device=device)[None].expand(B, T)
+    cos, sin = body.rotary_emb(pos, body.embed_tokens.weight.dtype)
+    return {"cos": cos, "sin": sin, "mask": None, "cache": None}
+
+
+def step_layers(child: Any, parent: Any, layers: range, x: torch.Tensor, ctx: dict[str, Any],
+                parts: dict[str, tuple[int, str]]) -> tuple[dict[str, float], torch.Tensor]:
+    """One batch's stream ``x`` (B, T, H) entering ``layers`` through them: every replaced sub-block among ``parts``
+    (key -> (layer, sub-block)) there learns the parent's sub-block on its input, its NMSE backpropagated locally
+    (gradients accumulate in its parameters). Returns the losses by key and the stream leaving the last layer,
+    detached. One process runs every layer; a layer-sharded rank its own (:mod:`puzzle.distill.child_bld_sharded`)."""
+    body, teacher = child.model, parent.model
+    trained = {part: key for key, part in parts.items()}
+    losses: dict[str, float] = {}
+    for l in layers:
+        mine, theirs = body.layers[l], teacher.layers[l]
         for sub in SUBBLOCKS:
             if mine.spec[sub] == "no_op":
                 continue
@@ -270,4 +288,4 @@ def _step(child: Any, parent: Any, ids: torch.Tensor, parts: dict[str, tuple[int
             loss.backward()
             losses[trained[(l, sub)]] = loss.item()
             x = out
-    return losses
+    return losses, x.detach()

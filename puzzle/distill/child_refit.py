@@ -41,6 +41,7 @@ parent's width, plus the elimination's inverse and fit; see :func:`refit_bytes`)
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,33 +88,66 @@ def refit_flops(tokens: int, hidden: int, intermediate: int, select: bool = True
     return 2.0 * tokens * (D * D + D * hidden) + 2.0 * D * D * hidden + (2.0 * D ** 3 if select else 0.0)
 
 
+def refit_todo(child: Any, parent: Any) -> list[int]:
+    """The layers whose FFN the refit rebuilds: the replaced swiglu FFNs of ``child`` (narrower than the parent's),
+    bias-free (Llama's: the fit has no intercept). Read from the configs and module shapes only, so it holds for
+    a model whose other layers are on the meta device (one rank's share)."""
+    body, teacher = child.model, parent.model
+    swiglu = lambda l: body.layers[l].spec["ffn"] == teacher.layers[l].spec["ffn"] == "swiglu"  # noqa: E731
+    return sorted(l for l, sub in replaced_subblocks(child, parent)
+                  if sub == "ffn" and swiglu(l) and body.layers[l].mlp.down_proj.bias is None)
+
+
 @torch.no_grad()
 def refit_child_ffns(child: Any, parent: Any, ids: torch.Tensor, *, ridge: float = 0.1, drift: float = 0.0,
                      select: bool = True, batch: int = 4, progress: bool = False) -> RefitResult:
     """Refit, in place, every FFN of ``child`` that is a pruned swiglu (narrower than the parent's) on ``ids`` (N, T)
     run through ``child``, ``batch`` sequences at a time: its down projection, and with ``select`` its kept
     channels too; ``drift`` in [0, 1] blends the parent's own next stream into the target."""
+    check_refit(ids, ridge=ridge, drift=drift, batch=batch)
+    body, teacher = child.model, parent.model
+    todo = refit_todo(child, parent)
+    t0 = time.perf_counter()
+    result = RefitResult(layers=todo, tokens=ids.numel(), seconds=0.0)
+    if not todo:
+        return result
+    device = next(body.parameters()).device
+    ctx = refit_context(body, ids.shape[1], device)
+    stream = [body.embed_tokens(ids[i:i + batch].to(device)) for i in range(0, ids.shape[0], batch)]  # (b, T, H)
+    pstream = [teacher.embed_tokens(ids[i:i + batch].to(device)) for i in range(0, ids.shape[0], batch)] if drift else []
+    refit_layers(child, parent, range(max(todo) + 1), stream, pstream, ctx, todo, ridge=ridge, drift=drift,
+                 select=select, result=result, progress=progress)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def check_refit(ids: torch.Tensor, *, ridge: float, drift: float, batch: int) -> None:
+    """A :class:`ConfigError` for settings or ids the refit cannot use."""
     if not ridge > 0 or not 0.0 <= drift <= 1.0:
         raise ConfigError(f"the child-stream refit needs ridge > 0 and drift in [0, 1], got {ridge} and {drift}")
     if ids.dim() != 2 or ids.shape[0] < 1 or batch < 1:
         raise ConfigError(f"the child-stream refit needs (N, T) token ids and batch >= 1, got {tuple(ids.shape)}, {batch}")
-    body, teacher = child.model, parent.model
-    todo = {l for l, sub in replaced_subblocks(child, parent)  # bias-free (Llama) FFNs: the fit has no intercept
-            if sub == "ffn" and body.layers[l].spec["ffn"] == "swiglu" and teacher.layers[l].spec["ffn"] == "swiglu"
-            and body.layers[l].mlp.down_proj.bias is None}
-    t0 = time.perf_counter()
-    result = RefitResult(layers=sorted(todo), tokens=ids.numel(), seconds=0.0)
-    if not todo:
-        return result
-    device = next(body.parameters()).device
-    T = ids.shape[1]
+
+
+def refit_context(body: Any, T: int, device: torch.device) -> dict[str, Any]:
+    """The rotary tables of ``T`` positions, (1, T, hd) each, broadcast over a chunk's sequences."""
     pos = torch.arange(T, device=device)[None]
-    cos, sin = body.rotary_emb(pos, body.embed_tokens.weight.dtype)  # (1, T, hd) each, broadcast over the batch
-    ctx = {"cos": cos, "sin": sin, "mask": None, "cache": None}
-    stream = [body.embed_tokens(ids[i:i + batch].to(device)) for i in range(0, ids.shape[0], batch)]  # (b, T, H)
-    pstream = [teacher.embed_tokens(ids[i:i + batch].to(device)) for i in range(0, ids.shape[0], batch)] if drift else []
+    cos, sin = body.rotary_emb(pos, body.embed_tokens.weight.dtype)
+    return {"cos": cos, "sin": sin, "mask": None, "cache": None}
+
+
+@torch.no_grad()
+def refit_layers(child: Any, parent: Any, layers: range, stream: list[torch.Tensor], pstream: list[torch.Tensor],
+                 ctx: dict[str, Any], todo: Sequence[int], *, ridge: float, drift: float, select: bool,
+                 result: RefitResult, progress: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The refit over ``layers`` (contiguous, up to the last of ``todo``), from the child's ``stream`` entering the
+    first of them (chunks (b, T, H)) and, with ``drift``, the parent's ``pstream`` there: refits the ``todo`` layers
+    among them in place, recording their errors in ``result``; returns both streams leaving ``layers`` (in the last
+    of ``todo`` the child's stops after the attention: nothing needs more). Layer-sharded ranks run it over their
+    layers in turn (:mod:`puzzle.distill.child_bld_sharded`), one process over them all."""
+    body, teacher = child.model, parent.model
     last = max(todo)
-    for l in tqdm(range(last + 1), desc="child refit", unit="layer", disable=not progress):
+    for l in tqdm([l for l in layers if l <= last], desc="child refit", unit="layer", disable=not progress):
         mine, theirs = body.layers[l], teacher.layers[l]
         stream = [through(mine, "attention", x, ctx) for x in stream]
         pstream = [through(theirs, "ffn", through(theirs, "attention", p, ctx), ctx) for p in pstream]  # after layer l
@@ -121,8 +155,7 @@ def refit_child_ffns(child: Any, parent: Any, ids: torch.Tensor, *, ridge: float
             (_select_layer if select else _refit_layer)(mine, theirs, stream, pstream, ridge, drift, result, l)
         if l < last:
             stream = [through(mine, "ffn", x, ctx) for x in stream]
-    result.seconds = time.perf_counter() - t0
-    return result
+    return stream, pstream
 
 
 def _refit_layer(mine: Any, theirs: Any, stream: list[torch.Tensor], pstream: list[torch.Tensor], ridge: float,
