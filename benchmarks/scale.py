@@ -8,7 +8,8 @@ cache), then runs
 
     torchrun --nproc-per-node 2 -m puzzle.cli.main search --model DIR --cluster 2xcpu \\
         --max-memory-per-rank 6GiB --budget 8xH100 --fuse-threshold 0 --gkd-steps 0 --no-speed \\
-        --space SPACE.yaml --engine transformers --bld-tokens 2048 --bld-eval-sequences 4 ...
+        --space SPACE.yaml --engine transformers --bld-tokens 2048 --bld-eval-sequences 4 --finalists 4 \\
+        --child-bld-tokens 2048 --child-refit ...
 
 and reads the run's ``resources.csv``: for every stage and rank the plan's predicted peak RSS and
 time beside the measured ones (``puzzle.peak``: the high-water mark of each rank, reset before
@@ -16,10 +17,13 @@ each stage). Prints the table, writes ``benchmarks/results/scale.csv`` (``scale_
 ``--quick``) and exits 1 when a rank exceeds ``--max-memory-per-rank`` or a stage's measured
 peak is off the plan by more than ``--tolerance`` (15%).
 
-GKD is off in the full run because it cannot fit: FSDP2 shards the student's fp32 weights,
-gradients and AdamW moments (16 B/param) and the teacher (4 B/param), 12.4 GB per rank for
-1.24 B parameters on 2 ranks, and the plan refuses it (naming the smallest cluster that fits);
-``--quick`` runs it. Fusion runs only on GPU budgets' children (``--fuse-threshold 0`` here).
+Every quality stage runs sharded: the 4 finalists measured layer-sharded against the parent's cached
+top-1024 log-probabilities, child-aware BLD with the child-stream refit layer-sharded, and (``--quick``)
+GKD from the parent's top-64 targets, computed layer-sharded once. GKD is off in the full run because it
+cannot fit: FSDP2 shards the student's fp32 weights, gradients and AdamW moments (16 B/param) and the
+teacher (4 B/param), 12.4 GB per rank for 1.24 B parameters on 2 ranks, and the plan refuses it (naming
+the smallest cluster that fits); ``--quick`` runs it. Fusion runs only on GPU budgets' children
+(``--fuse-threshold 0`` here).
 """
 
 from __future__ import annotations
@@ -79,13 +83,13 @@ def search_setup(quick: bool, tmp: Path, *, memory: str | None = None) -> tuple[
     """The parent, the memory per rank and the search flags of the full or ``quick`` run (writes the
     search-space file into ``tmp``)."""
     flags = ["--bld-tokens", "2048", "--bld-eval-sequences", "4", "--score-sequences", "1", "--score-seq-len", "64",
-             "--eval-sequences", "2"]
-    if quick:
+             "--eval-sequences", "2", "--finalists", "4", "--child-refit"]
+    if quick:  # GKD from the parent's top-64 targets, computed layer-sharded once
         model = parent_dir(QUICK_SHAPE)
-        flags += ["--gkd-steps", "2", "--gkd-batch", "2"]
+        flags += ["--gkd-steps", "2", "--gkd-batch", "2", "--child-bld-tokens", "4096"]
     else:
         model = parent_dir("llama-3.2-1b")
-        flags += ["--gkd-steps", "0"]
+        flags += ["--gkd-steps", "0", "--child-bld-tokens", "2048"]
     space = tmp / "space.yaml"  # GQA with 2 KV heads, FFN widths 1/2 and 1/4, linear and no-op
     space.write_text(json.dumps({"space": SPACE}))
     # --engine transformers keeps the linear variants (vLLM's space drops them): memory is what is measured here
@@ -96,11 +100,12 @@ def compare(usage: pd.DataFrame, limit_gib: float, tolerance: float) -> pd.DataF
     """The resources table with the ratio measured / predicted and whether each row is within the plan."""
     df = usage[~usage.skipped.astype(bool)].copy()
     df["ratio"] = df.measured_peak_gib / df.predicted_peak_gib
+    df["time_ratio"] = df.measured_s / df.predicted_s.where(df.predicted_s > 0)  # measured / predicted seconds
     df["idle"] = df.predicted_peak_gib <= df.predicted_peak_gib.min() + 1e-9  # the rank holds only its process
     df["within_plan"] = (df.ratio - 1).abs() <= tolerance
     df["within_limit"] = df.measured_peak_gib <= limit_gib
     return df[["stage", "rank", "predicted_peak_gib", "measured_peak_gib", "ratio", "predicted_s", "measured_s",
-               "rounds", "idle", "within_plan", "within_limit"]]
+               "time_ratio", "rounds", "idle", "within_plan", "within_limit"]]
 
 
 def main(argv: list[str] | None = None) -> int:

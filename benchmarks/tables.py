@@ -1,6 +1,6 @@
-"""The tables of benchmarks/README.md, generated from benchmarks/results/*.csv.
+"""The tables of benchmarks/README.md (and of README.md and docs/presets.md), generated from benchmarks/results/*.csv.
 
-    python benchmarks/tables.py           # rewrite every generated block of benchmarks/README.md
+    python benchmarks/tables.py           # rewrite every generated block of those pages
     python benchmarks/tables.py --check   # exit 1 when a block is out of date with its CSV
 
 A block sits between ``<!-- table: CSV [key=value ...] -->`` and ``<!-- end table -->``. Each CSV has one
@@ -24,6 +24,8 @@ from benchmarks.plan_tables import markdown as plan_markdown  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = RESULTS.parent / "README.md"
+PAGES = (README, RESULTS.parents[1] / "README.md", RESULTS.parents[1] / "docs" / "presets.md")
+"""Every markdown file with generated tables: benchmarks/README.md, the README and docs/presets.md."""
 BLOCK = re.compile(r"(<!-- table: (?P<csv>\S+)(?P<opts>(?: \S+=\S+)*) -->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
 
 
@@ -382,17 +384,21 @@ def blocks(text: str) -> list[tuple[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 when a block is out of date")
-    ap.add_argument("--readme", type=Path, default=README, help="the markdown file (default benchmarks/README.md)")
+    ap.add_argument("--readme", type=Path, action="append",
+                    help="a markdown file (repeatable; default: benchmarks/README.md, README.md, docs/presets.md)")
     args = ap.parse_args(argv)
-    text = args.readme.read_text()
-    new, stale = regenerate(text)
-    if args.check:
-        sys.stdout.write("".join(f"out of date: {marker} (run python benchmarks/tables.py)\n" for marker in stale))
-        return 1 if stale else 0
-    if new != text:
-        args.readme.write_text(new)
-    print(f"{args.readme}: {len(blocks(text))} tables, {len(stale)} rewritten")
-    return 0
+    bad = 0
+    for page in args.readme or PAGES:
+        text = page.read_text()
+        new, stale = regenerate(text)
+        if args.check:
+            sys.stdout.write("".join(f"{page}: out of date: {m} (run python benchmarks/tables.py)\n" for m in stale))
+            bad += len(stale)
+            continue
+        if new != text:
+            page.write_text(new)
+        print(f"{page}: {len(blocks(text))} tables, {len(stale)} rewritten")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -106,6 +106,8 @@ def print_plan(plan: Any, stages: list[dict[str, str]] | None, *, brief: bool = 
         for name, s in plan.settings.items():
             value = ", ".join(map(str, s.value)) if isinstance(s.value, tuple) else s.value
             print(f"    {name:<{width}}  {value!s:<24} ({s.source})")
+    for note in plan.notes:  # a value the plan changed from its preset or default, and why
+        print(f"  note: {note}")
     if stages:
         runs = [r["stage"] for r in stages if r["action"] == "run"]
         if brief:

@@ -23,7 +23,7 @@ next state as the target (drift correction) 1.006. At 4 sequences a step and lr 
 and at 81% 0.438 -> 0.314 (1e-3 / 8: 0.359; 3e-3 / 4: 0.307; 2e-3 / 2: 0.298, 20% slower).
 
 Parent and child are whole here; :mod:`puzzle.distill.child_bld_sharded` splits their layers over the ``torchrun``
-ranks (the same weights).
+ranks, and each rank's into rounds that fit its memory (the same weights; one process too).
 
 Resumable: with ``directory``, the trained sub-blocks and their AdamW state are checkpointed every
 ``checkpoint_every`` steps and after the last (:mod:`block_library.checkpoint`, safetensors); a rerun
@@ -210,14 +210,14 @@ def train_child_blocks(child: Any, parent: Any, ids: torch.Tensor, config: Child
         atomic_write_text(Path(directory) / "losses.csv",
                           pd.DataFrame(rows, columns=["step", "subblock", "train_nmse", "lr"]).to_csv(index=False))
     q = max(1, config.steps // 4)  # one batch is noisy: the means over the first and the last quarter of the steps
-    first, last = _mean_nmse(rows, range(q)), _mean_nmse(rows, range(config.steps - q, config.steps))
+    first, last = mean_nmse(rows, range(q)), mean_nmse(rows, range(config.steps - q, config.steps))
     done = config.steps - start if optimizer is not None else 0
     return ChildBLDResult(model=child, trained=keys, steps=config.steps if keys else 0,
                           tokens=done * config.step_batch * config.seq_len, seconds=seconds, first_nmse=first,
                           last_nmse=last, refit=refit)
 
 
-def _mean_nmse(rows: list[dict[str, Any]], steps: range) -> dict[str, float]:
+def mean_nmse(rows: list[dict[str, Any]], steps: range) -> dict[str, float]:
     """Each sub-block's mean training NMSE over ``steps``."""
     sums: dict[str, list[float]] = {}
     for r in rows:
@@ -228,17 +228,27 @@ def _mean_nmse(rows: list[dict[str, Any]], steps: range) -> dict[str, float]:
 
 def _fingerprint(config: ChildBLDConfig, keys: list[str], modules: dict[str, nn.Module], ids: torch.Tensor) -> str:
     """What a run starts from: the settings, the trained sub-blocks' initial weights and the tokens."""
+    h = fingerprint_start(config, keys)
+    fingerprint_modules(h, keys, modules)
+    h.update(ids.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint_start(config: ChildBLDConfig, keys: list[str]) -> Any:
+    """:func:`_fingerprint` in parts (a rank that trains its layers in rounds hashes one round's weights at a time):
+    the settings and keys, then :func:`fingerprint_modules` for the keys in order, then the ids' bytes."""
     settings = asdict(config)
     if not config.refit:  # as before the refit existed: those checkpoints still resume
         for name in ("refit", "refit_drift", "refit_ridge", "refit_select"):
             settings.pop(name)
-    h = hashlib.sha256(json.dumps([settings, keys]).encode())
+    return hashlib.sha256(json.dumps([settings, keys]).encode())
+
+
+def fingerprint_modules(h: Any, keys: Sequence[str], modules: dict[str, nn.Module]) -> None:
     for key in keys:
         for name, t in modules[key].state_dict().items():
             h.update(name.encode())
             h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    h.update(ids.cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _step(child: Any, parent: Any, ids: torch.Tensor, parts: dict[str, tuple[int, str]]) -> dict[str, float]:

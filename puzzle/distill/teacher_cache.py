@@ -99,7 +99,7 @@ def compute_targets(parent: PuzzleForCausalLM, ids: torch.Tensor, top_k: int, *,
         out = parent(input_ids=x, use_cache=False, output_hidden_states=True)
         p = next_token_logprobs(out.logits)  # (b, T-1, V) float32
         top, idx = p.topk(top_k, dim=-1)  # (b, T-1, k)
-        rests.append(_rest(p, idx).cpu())
+        rests.append(outside_logprob(p, idx).cpu())
         logps.append(top.cpu())
         indexes.append(idx.cpu())
         hiddens.append(out.hidden_states[-1].to(hidden_dtype).cpu())  # (b, T, H)
@@ -166,11 +166,11 @@ def cached_kl(q: torch.Tensor, targets: TeacherTargets) -> torch.Tensor:
     kl = (logp.exp() * (logp - q_top)).sum()
     if targets.top_k < q.shape[-1]:  # else nothing is outside the top k
         rest = targets.rest.to(q.device)
-        kl = kl + (rest.exp() * (rest - _rest(q, index))).sum()
+        kl = kl + (rest.exp() * (rest - outside_logprob(q, index))).sum()
     return kl
 
 
-def _rest(logp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def outside_logprob(logp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(..., ) log of the probability of logp (..., V) outside the tokens ``index`` (..., k); -inf if k = V."""
     if index.shape[-1] == logp.shape[-1]:
         return torch.full(logp.shape[:-1], float("-inf"), dtype=logp.dtype, device=logp.device)

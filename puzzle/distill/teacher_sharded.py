@@ -3,7 +3,7 @@
     targets = sharded_targets(parent_dir, ids, top_k, path, shard=shard, parent_sha256=sha)   # every rank calls it
 
 Each rank reads only its contiguous layers of the parent (rank 0 also the embedding, the last rank the final
-norm and LM head: :class:`puzzle.model.part.Part`); hidden states flow rank to rank ``chunk`` sequences at a
+norm and LM head: :class:`block_library.part.Part`); hidden states flow rank to rank ``chunk`` sequences at a
 time, and the last rank turns each chunk into its top-k log-probabilities, the rest and the last hidden state,
 writes the file atomically and the others wait for it. Every rank then reads the same file: the targets of
 :func:`~puzzle.distill.teacher_cache.compute_targets` on the whole parent (to float rounding), without any rank
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from block_library.distributed import Shard
-from puzzle.distill.teacher_cache import TeacherTargets, _rest, load_targets, save_targets, targets_key
+from puzzle.distill.teacher_cache import TeacherTargets, load_targets, outside_logprob, save_targets, targets_key
 from puzzle.errors import ConfigError, CorruptArtifactError
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def sharded_targets(source: Any, ids: torch.Tensor, top_k: int, path: str | Path
     (same ``parent_sha256``, ids and k), else computed over the ranks of ``shard`` and written there; every rank
     calls it with the same ids and returns the same targets."""
     from puzzle.loading import load_config, resolve_source
-    from puzzle.model.part import Part
+    from block_library.part import Part
 
     src = resolve_source(source)
     config = load_config(src)
@@ -74,7 +74,7 @@ def sharded_targets(source: Any, ids: torch.Tensor, top_k: int, path: str | Path
         if shard.last:  # h (b, T, H): the last layer's output
             p = part.logprobs(h[:, :-1])  # (b, T-1, V) float32
             top, idx = p.topk(top_k, dim=-1)  # (b, T-1, k)
-            rests.append(_rest(p, idx).cpu())
+            rests.append(outside_logprob(p, idx).cpu())
             logps.append(top.cpu())
             indexes.append(idx.cpu())
             hiddens.append(h.to(hidden_dtype).cpu())

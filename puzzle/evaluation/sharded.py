@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from block_library.distributed import Shard, init_shard, split_layers
+from block_library.part import Part
 from puzzle.data.packing import load_sequences
 from puzzle.errors import ConfigError, DataError, PuzzleError
 from puzzle.evaluation.memory import layer_params
 from puzzle.evaluation.quality import add_chunk, check_vocabularies, quality_from_sums
 from puzzle.loading import Source, load_config, resolve_source
-from puzzle.model.part import Part
 from puzzle.scoring.metrics import TokenSums
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ targets:
    next-token log-probabilities and the log of its mass outside them are written to the solve stage's directory;
 2. each finalist is assembled straight from the library's variant files, one rank's layers at a time
    (:meth:`block_library.Library.assemble_layers`), and the held-out tokens flow rank to rank
-   (:class:`puzzle.model.part.Part`); the last rank turns the final hidden states into the child's log-probs q
+   (:class:`block_library.part.Part`); the last rank turns the final hidden states into the child's log-probs q
    and compares them with the cached targets.
 
 With S the parent's top k tokens at a position, p its log-probs and y the next token, the last rank sums
@@ -155,7 +155,7 @@ def measure_sharded(library: Any, blocks: Sequence[Any], ids: torch.Tensor, targ
     the last rank only), its layers split over the ranks as :func:`~puzzle.distill.teacher_sharded.layer_ranges`
     splits them; the same dict on every rank."""
     from puzzle.distill.teacher_sharded import layer_ranges
-    from puzzle.model.part import Part
+    from block_library.part import Part
 
     layers = layer_ranges(library.parent_config.with_blocks(list(blocks)), shard.world)[shard.rank]
     part = Part(library.assemble_layers(blocks, layers, embed=shard.first, head=shard.last), layers, shard)

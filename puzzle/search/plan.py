@@ -89,6 +89,8 @@ class Plan:
     """The machines that run the search (:class:`puzzle.search.cluster.Cluster`), not the deployment target."""
     resources: ResourcePlan | None = None
     """Memory, disk and time of every stage on every rank."""
+    notes: tuple[str, ...] = ()
+    """A line for every value the resolver changed from what a preset or default said (why), printed under the plan."""
 
     def value(self, name: str) -> Any:
         """Setting ``name``'s resolved value (stages read theirs through a typed section)."""
@@ -134,6 +136,7 @@ class Plan:
             "feasibility": self.feasibility.to_dict(),
             "parent": dict(self.parent),
             "resources": self.resources.to_dict() if self.resources is not None else None,
+            "notes": list(self.notes),
         }
 
     def budget_text(self) -> str:

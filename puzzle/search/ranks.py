@@ -4,8 +4,8 @@
 
 Every rank runs :func:`puzzle.search.search`. Rank 0 alone decides whether a stage runs or is
 skipped, writes the run's files and manifests, and runs the stages that need one process
-(profile, solve, assembly, export); the stages that shard (library, BLD, scoring, GKD,
-evaluation) run on every rank between two barriers, so rank 0 records a stage's files only after
+(profile, export); the stages that shard (library, BLD, scoring, the finalists, child-aware BLD,
+fusion, GKD, evaluation) run on every rank between two barriers, so rank 0 records a stage's files only after
 every rank has written its part. Results reach the other ranks by broadcast. gloo on the CPU,
 NCCL on GPUs (torch.distributed); the timeout is long, since ranks wait while rank 0 works alone.
 """

@@ -19,7 +19,7 @@ from typing import Any
 from puzzle.errors import ConfigError
 from puzzle.search.config import SearchConfig
 from puzzle.search.plan import Feasibility, Plan, Setting
-from puzzle.search.setting import DERIVED
+from puzzle.search.setting import DERIVED, PerParameter
 from puzzle.search.settings import DEFAULT_SPEEDUP, SETTINGS
 
 OTHER_PHASE_BATCH = {"prefill": 1, "decode": 8}
@@ -27,8 +27,10 @@ OTHER_PHASE_BATCH = {"prefill": 1, "decode": 8}
 CALIBRATED_SLACK = 2.0
 """A calibrated CPU target is costed only after the profile stage fits it, so the preflight refuses a
 speedup only when it is this many times beyond the uncalibrated analytic best."""
-ONE_PROCESS = (("child_bld_tokens", 0), ("finalists", 1), ("refine_rounds", 0), ("gkd_top_k", 0))
-"""Settings whose work runs in one process only, and their value on a cluster of several ranks."""
+ONE_PROCESS = {"refine_rounds": (0, "refinement re-scores swaps of the finalists' blocks around the best child with "
+                                    "the parent and the child whole in one process; it is not sharded")}
+"""Settings whose work runs in one process only: their value on a cluster of several ranks, and why. Every other
+quality stage (child-aware BLD and its refit, the finalists, the teacher cache) is layer-sharded or FSDP2-sharded."""
 
 
 def resolve(config: SearchConfig | None = None) -> Plan:
@@ -54,6 +56,11 @@ def resolve(config: SearchConfig | None = None) -> Plan:
     cluster = parse_cluster(v.get("cluster") or default_cluster(), max_memory=v.get("max_memory_per_rank"))
     parent, directory = parent_of(v["model"])
     shape = ModelShape.from_config(parent)
+    params = _whole_bytes(parent, 1)
+    for name, s in list(settings.items()):  # a preset's count that grows with the parent (the production preset)
+        if isinstance(s.value, PerParameter):
+            settings[name] = Setting(s.value.of(params), s.source)
+            v[name] = settings[name].value
     phase = v["scenario"]
     other = "prefill" if phase == "decode" else "decode"
     budget_sc = Scenario(name=phase, phase=phase, batch=v["batch"], length=v["context"])
@@ -68,7 +75,7 @@ def resolve(config: SearchConfig | None = None) -> Plan:
                "measure_speed": 2 * whole <= cluster.memory_per_rank}
     for name, value in derived.items():
         settings.setdefault(name, Setting(value, "derived"))
-    _one_process(settings, cluster)
+    notes = _one_process(settings, cluster)
     missing = [s.name for s in SETTINGS if s.name not in settings]
     if missing:  # a table row whose default says "derived" must be derived above
         raise ValueError(f"settings {missing} have no value: derive them in resolve()")
@@ -86,7 +93,7 @@ def resolve(config: SearchConfig | None = None) -> Plan:
                "num_key_value_heads": sorted({b.attention.num_key_value_heads for b in parent.blocks
                                               if b.attention.kind == "gqa"})}
     plan = Plan(config=config, settings=settings, target=target, scenarios=scenarios, limits=limits,
-                feasibility=feasibility, parent=summary, parent_config=parent, cluster=cluster)
+                feasibility=feasibility, parent=summary, parent_config=parent, cluster=cluster, notes=tuple(notes))
     return dataclasses.replace(plan, resources=plan_resources(plan))
 
 
@@ -106,18 +113,29 @@ def _said_or_default(config: SearchConfig) -> dict[str, Setting]:
     return settings
 
 
-def _one_process(settings: dict[str, Setting], cluster: Any) -> None:
-    """On a cluster of several ranks: the one-process settings off (refused when the user set them), and a GKD
-    batch that splits over the ranks."""
-    for name, off in ONE_PROCESS:
+def _one_process(settings: dict[str, Setting], cluster: Any) -> list[str]:
+    """On a cluster of several ranks: a one-process setting the user gave is refused (one line, why); one a preset
+    gave gets its one-rank value, and a GKD batch is rounded up to split over the ranks. Returns a note for every
+    value changed so (printed under the plan: nothing changes silently)."""
+    notes = []
+    for name, (off, why) in ONE_PROCESS.items():
         if cluster.count > 1 and settings[name].value != off:
+            flag = "--" + name.replace("_", "-")
             if settings[name].source not in ("preset", "default"):
-                raise ConfigError(f"{name} {settings[name].value}: it runs in one process and --cluster {cluster.name} "
-                                  f"has {cluster.count} ranks; set it to {off}")
+                raise ConfigError(f"{flag} {settings[name].value}: {why}, and --cluster {cluster.name} has "
+                                  f"{cluster.count} ranks; set {flag} {off} or search on one rank")
+            notes.append(f"{name} {off} (the {settings[name].source} said {settings[name].value}): {why}")
             settings[name] = Setting(off, "derived")
-    if settings["gkd_batch"].source in ("preset", "default") and settings["gkd_batch"].value % cluster.count:
+    batch = settings["gkd_batch"]
+    if batch.value % cluster.count:
         n = cluster.count  # FSDP2 splits every GKD batch over the ranks
-        settings["gkd_batch"] = Setting(-(-settings["gkd_batch"].value // n) * n, "derived")
+        if batch.source not in ("preset", "default"):
+            raise ConfigError(f"--gkd-batch {batch.value} does not split over the {n} ranks of --cluster "
+                              f"{cluster.name}: use a multiple of {n}")
+        settings["gkd_batch"] = Setting(-(-batch.value // n) * n, "derived")
+        notes.append(f"gkd_batch {settings['gkd_batch'].value} (the {batch.source} said {batch.value}): FSDP2 splits "
+                     f"every GKD batch over the {n} ranks")
+    return notes
 
 
 def parent_of(model: str) -> tuple[Any, Any]:

@@ -91,6 +91,24 @@ class Spec:
         return f"{self.help} (default: {shown(self.default)})"
 
 
+@dataclass(frozen=True)
+class PerParameter:
+    """A preset value that grows with the parent: ``per_billion`` for every billion of the parent's parameters,
+    rounded up to a multiple of ``unit`` and at least ``least``. The plan shows the number it comes to."""
+
+    per_billion: float
+    least: int
+    unit: int = 1
+    source: str = ""
+    """Where the rate comes from (the docs show it)."""
+
+    def of(self, params: float) -> int:
+        return max(self.least, math.ceil(self.per_billion * params / 1e9 / self.unit) * self.unit)
+
+    def __str__(self) -> str:
+        return f"{self.per_billion:,.4g} per billion parent parameters (at least {self.least:,})"
+
+
 def shown(value: Any) -> str:
     """A value as ``--help`` and the docs show it: on / off, a list space-separated, none."""
     if isinstance(value, bool):

@@ -15,9 +15,9 @@ from typing import Any
 from puzzle.engines.rules import ENGINE_NAMES
 from puzzle.errors import ConfigError
 from puzzle.profiler.hardware import DEFAULT_TARGET
-from puzzle.search.setting import DERIVED, PLAN, Spec, Table
+from puzzle.search.setting import DERIVED, PLAN, PerParameter, Spec, Table
 
-PRESET_NAMES = ("quick", "full")
+PRESET_NAMES = ("quick", "full", "production")
 BASELINES = ("uniform_ffn", "shortgpt", "attention_removal")
 """Baseline rules of the ``baselines`` stage (see :mod:`puzzle.search.baselines`)."""
 DEFAULT_SPEEDUP = 1.5
@@ -52,8 +52,22 @@ def _space(value: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _sizes(quick: Any, full: Any) -> dict[str, Any]:
-    return {"quick": quick, "full": full}
+def _sizes(quick: Any, full: Any, production: Any) -> dict[str, Any]:
+    return {"quick": quick, "full": full, "production": production}
+
+
+BLD_PER_BILLION = PerParameter(1e9 / 70, least=65536, unit=256,
+                               source="the Puzzle paper's block library: about 1B BLD tokens for a 70B parent")
+"""The production preset's library BLD tokens: 14.3 M per billion parent parameters (8B: 114 M; 70B: 1.0 B)."""
+CHILD_BLD_PER_BILLION = PerParameter(1e9 / 70 / 4, least=131072, unit=256,
+                                     source="a quarter of BLD's: it trains the few dozen sub-blocks the MIP chose, "
+                                            "not every variant of every layer")
+GKD_BATCH = 64
+"""The production preset's sequences per GKD step (16,384 tokens: 8 per rank on 8 GPUs)."""
+GKD_PER_BILLION = PerParameter(45e9 / 70 / (GKD_BATCH * 256), least=200,
+                               source="the Puzzle paper: Nemotron-51B was distilled from its 70B parent on at most 45B "
+                                      "tokens (0.64 per parent parameter), in steps of 64 x 256 tokens")
+"""The production preset's GKD steps: 8B: 314 k steps (5.1 B tokens); 70B: 2.75 M steps (45 B tokens)."""
 
 
 _BUDGET = "Speedup, throughput and memory are costed on --budget, in --scenario, with --batch and --context."
@@ -113,48 +127,49 @@ SETTINGS = Table([
          help="The search space: a YAML file holding a library config's space: section, e.g. "
               "{ffn: {sizes: [0.5, 0.25]}, attention: {kv_heads: [2]}}."),
     Spec(name="preset", kind="str", stages=(PLAN,), default="quick", choices=PRESET_NAMES,
-         help="Stage sizes: quick (minutes on a laptop CPU) or full."),
+         help="Stage sizes: quick (minutes on a laptop CPU), full (about an hour for SmolLM2 on a laptop CPU) or "
+              "production (token counts that grow with the parent, from the Puzzle paper: docs/presets.md)."),
     # ---- stage sizes and research knobs
-    Spec(name="bld_tokens", kind="int", stages=("library", "bld", "child_bld", "baselines"), presets=_sizes(4096, 65536),
+    Spec(name="bld_tokens", kind="int", stages=("library", "bld", "child_bld", "baselines"), presets=_sizes(4096, 65536, BLD_PER_BILLION),
          advanced=True, help="Tokens of block-wise local distillation of the library's variants."),
-    Spec(name="bld_eval_sequences", kind="int", stages=("library", "bld", "child_bld", "baselines"), presets=_sizes(16, 16),
+    Spec(name="bld_eval_sequences", kind="int", stages=("library", "bld", "child_bld", "baselines"), presets=_sizes(16, 16, 64),
          advanced=True, help="Sequences of 256 tokens that calibrate the variants' initialization and on which "
                              "BLD validates them, each."),
-    Spec(name="score_sequences", kind="int", stages=("score",), presets=_sizes(2, 8), advanced=True,
+    Spec(name="score_sequences", kind="int", stages=("score",), presets=_sizes(2, 8, 32), advanced=True,
          help="Held-out sequences of replace-1-block scoring."),
-    Spec(name="score_seq_len", kind="int", stages=("score",), presets=_sizes(128, 256), advanced=True, at_least=2,
+    Spec(name="score_seq_len", kind="int", stages=("score",), presets=_sizes(128, 256, 256), advanced=True, at_least=2,
          help="Tokens per scoring sequence."),
-    Spec(name="finalists", kind="int", stages=("solve",), presets=_sizes(4, 8), advanced=True,
+    Spec(name="finalists", kind="int", stages=("solve",), presets=_sizes(4, 8, 8), advanced=True,
          help="The MIP's best solutions that differ in at least a tenth of their layers, each assembled and its KL "
-              "to the parent measured; the lowest goes on (1: the MIP's optimum; 1 on a cluster of several ranks)."),
-    Spec(name="refine_rounds", kind="int", stages=("solve",), presets=_sizes(0, 0), advanced=True, at_least=0,
+              "to the parent measured; the lowest goes on (1: the MIP's optimum). Layer-sharded on a cluster of several ranks, against the parent's cached top-64 log-probabilities."),
+    Spec(name="refine_rounds", kind="int", stages=("solve",), presets=_sizes(0, 0, 0), advanced=True, at_least=0,
          help="Rounds of re-scoring the finalists' blocks around the best measured child and solving again "
-              "(0: off; 0 on a cluster of several ranks)."),
+              "(0: off). One process only: refused on a cluster of several ranks."),
     Spec(name="ffn_refit", kind="bool", stages=("library", "bld"), default=False, advanced=True,
          help="Refit each pruned FFN's down projection by least squares on the calibration tokens when the library "
               "is initialized (an (m, m) Gram matrix per layer in host memory)."),
-    Spec(name="child_bld_tokens", kind="int", stages=("child_bld", "baselines"), presets=_sizes(16384, 131072),
+    Spec(name="child_bld_tokens", kind="int", stages=("child_bld", "baselines"), presets=_sizes(16384, 131072, CHILD_BLD_PER_BILLION),
          advanced=True, at_least=0,
          help="Tokens of child-aware BLD: after the MIP, the child's replaced sub-blocks retrained on its own "
-              "activations; 0 skips it (0 on a cluster of several ranks)."),
-    Spec(name="child_refit", kind="bool", stages=("child_bld", "baselines"), presets=_sizes(False, True),
+              "activations; 0 skips it. Layer-sharded on a cluster of several ranks."),
+    Spec(name="child_refit", kind="bool", stages=("child_bld", "baselines"), presets=_sizes(False, True, True),
          advanced=True, help="Child-aware BLD first refits the child's pruned FFNs' down projections by least "
                              "squares on the child's own stream."),
     Spec(name="fuse_threshold", kind="float", stages=("fuse",), default=DERIVED, advanced=True, at_least=0,
          default_text="0.2 on GPUs, 0 on cpu, where one wide SwiGLU is slower than the narrow ones it replaces",
          help="Largest max-pairwise FFN dependency of a fused segment; 0 disables fusion."),
-    Spec(name="fuse_sequences", kind="int", stages=("fuse", "baselines"), presets=_sizes(4, 8), advanced=True,
+    Spec(name="fuse_sequences", kind="int", stages=("fuse", "baselines"), presets=_sizes(4, 8, 32), advanced=True,
          help="Calibration and held-out sequences of the fusion stage (and of the baselines' block influence)."),
     Spec(name="fuse_distill_steps", kind="int", stages=("fuse",), default=100, advanced=True, at_least=0,
          help="Local distillation steps of each fused block."),
-    Spec(name="gkd_steps", kind="int", stages=("gkd", "baselines"), presets=_sizes(16, 200), advanced=True,
+    Spec(name="gkd_steps", kind="int", stages=("gkd", "baselines"), presets=_sizes(16, 200, GKD_PER_BILLION), advanced=True,
          at_least=0, help="Global distillation steps; 0 skips GKD."),
-    Spec(name="gkd_batch", kind="int", stages=("gkd", "baselines"), presets=_sizes(2, 4), advanced=True,
+    Spec(name="gkd_batch", kind="int", stages=("gkd", "baselines"), presets=_sizes(2, 4, GKD_BATCH), advanced=True,
          help="Sequences per GKD step."),
-    Spec(name="gkd_top_k", kind="int", stages=("gkd", "baselines"), default=64, advanced=True, at_least=0,
+    Spec(name="gkd_top_k", kind="int", stages=("gkd", "baselines"), presets=_sizes(64, 64, 0), advanced=True, at_least=0,
          help="The parent's top-k log-probabilities on the GKD tokens, cached once for the child and every "
-              "baseline; 0: a live parent every step (0 on a cluster of several ranks)."),
-    Spec(name="eval_sequences", kind="int", stages=("solve", "gkd", "evaluate", "baselines"), presets=_sizes(4, 16),
+              "baseline (layer-sharded on a cluster of several ranks, read by every FSDP2 rank); 0: a live parent every step."),
+    Spec(name="eval_sequences", kind="int", stages=("solve", "gkd", "evaluate", "baselines"), presets=_sizes(4, 16, 64),
          advanced=True, help="Held-out sequences of the final evaluation."),
     Spec(name="measure_speed", kind="bool", stages=("evaluate", "baselines"), default=DERIVED, flag="--speed",
          default_text="on where the parent and the child fit a rank whole",

@@ -8,6 +8,8 @@ dict of the training ids and the settings. Each rank runs, in ``OUT``:
 
     library/    the child read from the library's variant files, trained whole
     resumed/    the child read from its assembled directory, stopped after step 3 (every rank), then rerun
+    rounds/     the child from the library, one layer a round (rank 0: two rounds), windows of 2 steps
+    rounds_resumed/  the same from the assembled directory, stopped after step 3, then rerun
     nan/        a learning rate that blows up: every rank must raise the NumericalError, none may hang
 
 and writes ``OUT/rank{r}.json`` with the summaries, the rerun's tokens and the error each rank raised.
@@ -59,6 +61,17 @@ def main() -> None:
         doc["stopped"] = True
     doc["resumed"] = train_child_sharded(args.child, args.parent, ids, cfg, out / "resumed" / "child",
                                          directory=out / "resumed").summary()
+    window = 2 * cfg.step_batch * cfg.seq_len * lib.parent_config.hidden_size * 4  # two steps' streams
+    rounds = dict(max_round_layers=1, window_bytes=window)
+    doc["rounds"] = train_child_sharded((lib, blocks), args.parent, ids, cfg, out / "rounds" / "child",
+                                        directory=out / "rounds", **rounds).summary()
+    try:
+        train_child_sharded(args.child, args.parent, ids, cfg, out / "rounds_resumed" / "child",
+                            directory=out / "rounds_resumed", on_step=stop_after_step_4, **rounds)
+    except Stop:
+        doc["rounds_stopped"] = True
+    doc["rounds_resumed"] = train_child_sharded(args.child, args.parent, ids, cfg, out / "rounds_resumed" / "child",
+                                                directory=out / "rounds_resumed", **rounds).summary()
     try:
         blow_up = ChildBLDConfig(**{**data["config"], "lr": 1e6, "grad_clip": 0.0})
         train_child_sharded(args.child, args.parent, ids, blow_up, out / "nan" / "child", directory=out / "nan")

@@ -80,7 +80,7 @@ def test_one_rank_is_train_child_blocks(case, tmp_path):
         (case.dir / "one" / "child" / "model.safetensors").read_bytes()
 
 
-@pytest.mark.slow  # two processes, four trainings each (about 30 s on 2 cores)
+@pytest.mark.slow  # two processes, seven trainings each (about 16 s on 2 cores)
 def test_two_ranks_give_the_one_process_weights_resume_and_share_errors(case, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -90,18 +90,21 @@ def test_two_ranks_give_the_one_process_weights_resume_and_share_errors(case, tm
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     ref = case.one.model.state_dict()
-    for run in ("library", "resumed"):
+    for run in ("library", "resumed", "rounds", "rounds_resumed"):
         child = load_model(tmp_path / run / "child")
         diff = _max_rel(ref, child.state_dict())
-        assert max(diff.values()) <= 1e-5, (run, {k: v for k, v in diff.items() if v > 1e-5})
         kl = evaluate_quality(child, case.held_out, parent=case.parent)["kl"]
+        print(f"2 ranks, {run}: max rel diff {max(diff.values()):.3g}, KL {kl:.6f} vs {case.kl:.6f}")
+        assert max(diff.values()) <= 1e-5, (run, {k: v for k, v in diff.items() if v > 1e-5})
         assert kl == pytest.approx(case.kl, rel=0.01), run
-        assert (tmp_path / run / "losses.csv").is_file()
+        assert (tmp_path / run / "losses.csv").read_text() == (case.dir / "one" / "losses.csv").read_text()
         for rank in ranks:  # every rank returns the same summary
             assert rank[run]["trained"] == 3 and rank[run]["first_nmse"] == ranks[0][run]["first_nmse"]
     assert ranks[0]["library"]["first_nmse"] == pytest.approx(case.one.summary()["first_nmse"], rel=1e-5)
-    assert all(rank["stopped"] for rank in ranks)
-    assert [rank["resumed"]["tokens"] for rank in ranks] == [2 * 4 * 32] * 2  # only steps 5 and 6 ran again
+    assert sorted(p.name for p in (tmp_path / "rounds" / "ckpt" / "rank0").iterdir()) == ["L000", "L001"]
+    assert all(rank["stopped"] and rank["rounds_stopped"] for rank in ranks)
+    for run in ("resumed", "rounds_resumed"):  # only steps 5 and 6 ran again (rounds: 4 is a resume step of 2 ranks)
+        assert [rank[run]["tokens"] for rank in ranks] == [2 * 4 * 32] * 2, run
     assert all("child-aware BLD: the loss of layer" in rank["nan"] for rank in ranks)  # raised on both, no hang
 
 
@@ -122,3 +125,104 @@ def test_the_stage_plans_each_rank_its_layers():
     assert later == sorted(later)  # each waits for the refit of the layers before its own
     assert eight.seconds < one.seconds
     assert eight.ranks[0].disk_bytes > eight.ranks[1].disk_bytes  # rank 0 writes the child too
+
+
+STEP_BYTES = 4 * 32 * 64 * 4
+"""One step's stream of the tiny parent (4 sequences of 32 tokens, hidden 64, float32): windows are counted in it."""
+
+
+@pytest.mark.slow  # three trainings in rounds (about 7 s on 2 cores)
+def test_rounds_give_the_weights_of_one_round_and_resume_mid_window(case, tmp_path):
+    """One rank, each layer a round (a byte budget no layer fits, then at most one layer a round; the refit one
+    layer at a time), windows of 2 then 4 steps: the one-process weights, losses and KL; a run stopped inside a
+    window resumes from the window every round has finished."""
+    def train(run: str, window_steps: int, **kw):
+        return train_child_sharded((case.lib, case.blocks), case.parent_dir, case.ids, ChildBLDConfig(**SETTINGS),
+                                   tmp_path / run / "child", directory=tmp_path / run,
+                                   window_bytes=window_steps * STEP_BYTES, **kw)
+
+    got = train("rounds", 2, budget=1.0)
+    assert sorted(p.name for p in (tmp_path / "rounds" / "ckpt" / "rank0").iterdir()) == ["L000", "L001", "L002"]
+    child = load_model(tmp_path / "rounds" / "child")
+    diff = _max_rel(case.one.model.state_dict(), child.state_dict())
+    kl = evaluate_quality(child, case.held_out, parent=case.parent)["kl"]
+    print(f"3 rounds, windows of 2 steps: max rel diff {max(diff.values()):.3g}, KL {kl:.6f} vs {case.kl:.6f}")
+    assert max(diff.values()) <= 1e-5, {k: v for k, v in diff.items() if v > 1e-5}
+    assert kl == pytest.approx(case.kl, rel=1e-4)
+    assert (tmp_path / "rounds" / "losses.csv").read_text() == (case.dir / "one" / "losses.csv").read_text()
+    assert got.summary()["first_nmse"] == case.one.summary()["first_nmse"] and got.refit["refit_layers"] == 2
+
+    def stop_inside_the_second_window(step: int) -> None:
+        if step == 4:  # window [4, 6): rounds 0 and 1 are done with it, round 2 has done step 4
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("resumed", 4, max_round_layers=1, on_step=stop_inside_the_second_window)
+    again = train("resumed", 4, max_round_layers=1)
+    assert again.tokens == 2 * 4 * 32  # from step 4: the end of the first window, which every round holds
+    resumed = load_model(tmp_path / "resumed" / "child").state_dict()
+    assert max(_max_rel(child.state_dict(), resumed).values()) == 0.0
+    assert (tmp_path / "resumed" / "losses.csv").read_text() == (case.dir / "one" / "losses.csv").read_text()
+
+
+@pytest.mark.slow  # two refits and two trainings (about 2 s on 2 cores)
+def test_the_refit_reads_only_the_first_rows_up_to_its_cap(case, tmp_path, monkeypatch):
+    """Under a cap of 2 sequences the refit of all 24 is the refit of the first 2, in one process and one layer at a
+    time (rounds), and the training after it is the same in both."""
+    from puzzle.distill import child_refit
+
+    first_two = case.lib.assemble(case.blocks)
+    child_refit.refit_child_ffns(first_two, case.parent, case.ids[:2], drift=0.75)
+    monkeypatch.setattr(child_refit, "REFIT_MAX_TOKENS", 2 * 32 + 31)  # two rows of 32 tokens
+    capped = case.lib.assemble(case.blocks)
+    result = child_refit.refit_child_ffns(capped, case.parent, case.ids, drift=0.75)
+    assert result.tokens == 2 * 32
+    assert max(_max_rel(first_two.state_dict(), capped.state_dict()).values()) == 0.0
+    one = train_child_blocks(case.lib.assemble(case.blocks), case.parent, case.ids, ChildBLDConfig(**SETTINGS))
+    got = train_child_sharded((case.lib, case.blocks), case.parent_dir, case.ids, ChildBLDConfig(**SETTINGS),
+                              tmp_path / "child", directory=tmp_path, max_round_layers=1)
+    assert got.refit["refit_tokens"] == one.refit["refit_tokens"] == 2 * 32
+    diff = _max_rel(one.model.state_dict(), load_model(tmp_path / "child").state_dict())
+    assert max(diff.values()) <= 1e-5
+    assert max(_max_rel(one.model.state_dict(), case.one.model.state_dict()).values()) > 1e-3  # the cap acts
+
+
+def test_rounds_fit_a_byte_budget_and_balance():
+    """The fewest rounds that fit, balanced; one round when everything fits; a layer too large alone."""
+    from puzzle.distill.child_bld_memory import split_rounds, window_steps
+
+    ten = split_rounds([1.0] * 10, 3.0)  # greedy would leave 3, 3, 3, 1
+    assert [l for r in ten for l in r] == list(range(10)) and sorted(len(r) for r in ten) == [2, 2, 3, 3]
+    assert split_rounds([3.0, 1.0, 1.0, 3.0, 2.0], 5.0) == [range(0, 3), range(3, 5)]
+    assert split_rounds([1.0] * 4, 100.0) == [range(0, 4)] and split_rounds([1.0] * 4, 100.0, 3) == [range(0, 2),
+                                                                                                    range(2, 4)]
+    assert split_rounds([1.0, 9.0, 1.0], 2.0) == [range(0, 1), range(1, 2), range(2, 3)]
+    # windows: the steps whose streams stay under the bound (a multiple of checkpoint_every when one fits), at least
+    # one step, at most the run
+    assert window_steps(1000, 4, 2**25) == 32 and window_steps(1000, 4, 2**28 + 1) == 3
+    assert window_steps(1000, 4, 2**31) == 1 and window_steps(6, 4, 1) == 8
+    assert window_steps(6, 2, 1.0) == 6
+
+
+@pytest.mark.slow  # four refits of the tiny child (about 2 s on 2 cores)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
+def test_the_refit_with_its_gram_in_host_ram_gives_the_device_weights(case, device, monkeypatch):
+    """``host``: G, C and the OBS elimination in host RAM (float64), each chunk's sums from the model's device: the
+    same weights as with them on the device, with channel selection and without (on the CPU the same processor)."""
+    from puzzle.distill import channel_select, child_refit
+
+    seen = []
+    obs = channel_select.obs_select
+    monkeypatch.setattr(channel_select, "obs_select", lambda g, *a, **k: seen.append(g.device.type) or obs(g, *a, **k))
+    for select in (True, False):
+        got = {}
+        for host in (False, True):
+            child = case.lib.assemble(case.blocks).to(device)
+            child_refit.refit_child_ffns(child, case.parent.to(device), case.ids, drift=0.75, select=select, host=host)
+            got[host] = {k: v.cpu() for k, v in child.state_dict().items()}
+        diff = _max_rel(got[False], got[True])
+        print(f"refit on {device}, select {select}: host vs device max rel diff {max(diff.values()):.3g}")
+        assert max(diff.values()) <= 1e-6, {k: v for k, v in diff.items() if v > 1e-6}
+    case.parent.to("cpu")
+    assert seen == [device] * 2 + ["cpu"] * 2  # two refit layers each: on the device, then on the host

@@ -219,18 +219,35 @@ def test_profile_picks_a_tensor_parallel_degree_the_model_splits_into(smol_shape
     assert "valid degrees: 1, 3" in capsys.readouterr().err
 
 
-def test_the_one_process_stages_are_off_on_a_cluster_of_several_ranks(smol_shape):
+def test_the_quality_stages_keep_their_values_on_a_cluster_of_several_ranks(smol_shape):
+    names = ("finalists", "child_bld_tokens", "child_refit", "gkd_top_k")
     one = resolve(SearchConfig(model=smol_shape))
-    assert tuple(one.value(n) for n in ("finalists", "child_bld_tokens", "gkd_top_k")) == (4, 16384, 64)  # the quick preset, the default
     two = resolve(SearchConfig(model=smol_shape, cluster="2xcpu"))
-    assert tuple(two.value(n) for n in ("finalists", "child_bld_tokens", "gkd_top_k")) == (1, 0, 0)
-    assert {two.settings[n].source for n in ("finalists", "child_bld_tokens", "gkd_top_k")} == {"derived"}
-    assert [s.how for s in two.resources.stages if s.stage in ("solve", "child_bld")] == [
-        "rank 0: the MIP", "rank 0: the child assembled tensor by tensor (child-aware BLD off)"]
-    assert two.value("refine_rounds") == 0
-    for name, value in (("finalists", 4), ("refine_rounds", 1), ("child_bld_tokens", 4096), ("gkd_top_k", 64)):
-        with pytest.raises(ConfigError, match=f"^{name} {value}: it runs in one process .* set it to"):
-            resolve(SearchConfig(model=smol_shape, cluster="2xcpu", **{name: value}))
+    full = resolve(SearchConfig(model=smol_shape, cluster="2xcpu", preset="full"))
+    assert tuple(one.value(n) for n in names) == tuple(two.value(n) for n in names) == (4, 16384, False, 64)
+    assert tuple(full.value(n) for n in names) == (8, 131072, True, 64)
+    assert {full.settings[n].source for n in names} == {"preset"}
+    assert two.notes == () and full.notes == ()  # nothing changed: nothing to note
+
+
+def test_refinement_is_refused_on_several_ranks_and_a_preset_change_is_noted(smol_shape, monkeypatch):
+    with pytest.raises(ConfigError, match=r"^--refine-rounds 1: refinement .* not sharded, and --cluster 2xcpu has 2 "
+                                          r"ranks; set --refine-rounds 0 or search on one rank$"):
+        resolve(SearchConfig(model=smol_shape, cluster="2xcpu", refine_rounds=1))
+    with pytest.raises(ConfigError, match=r"^--gkd-batch 3 does not split over the 2 ranks .* multiple of 2$"):
+        resolve(SearchConfig(model=smol_shape, cluster="2xcpu", gkd_batch=3))
+    import dataclasses
+
+    from puzzle.search.settings import SETTINGS
+
+    for name, value in (("refine_rounds", 2), ("gkd_batch", 3)):  # a quick preset that asks for both
+        spec = SETTINGS[name]
+        monkeypatch.setitem(SETTINGS._specs, name, dataclasses.replace(spec, presets={**spec.presets, "quick": value}))
+    plan = resolve(SearchConfig(model=smol_shape, cluster="2xcpu"))
+    assert (plan.value("refine_rounds"), plan.value("gkd_batch")) == (0, 4)
+    assert [n.split(":")[0] for n in plan.notes] == ["refine_rounds 0 (the preset said 2)",
+                                                     "gkd_batch 4 (the preset said 3)"]
+    assert plan.to_dict()["notes"] == list(plan.notes)
 
 
 def test_refinement_is_planned_in_the_solve_stage(smol_shape):
@@ -290,3 +307,4 @@ def _key(plan, stage, upstream):
     from puzzle.search import REGISTRY
 
     return REGISTRY[stage].key(plan, {**upstream, "parent": "parent"})
+

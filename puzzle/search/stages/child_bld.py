@@ -4,20 +4,22 @@
     run/child_bld/child/           the child (runtime checkpoint)
     run/child_bld/losses.csv       each trained sub-block's NMSE per step
 
-One process: parent and child whole. Under torchrun every rank holds its layers of both and the streams pass rank
-to rank (:mod:`puzzle.distill.child_bld_sharded`: the same weights). Off (``child_bld_tokens`` 0), rank 0 assembles
-the MIP's child tensor by tensor. The baselines get the same training in one process (:meth:`train`).
+Every rank (one process: all the layers) holds its layers of both and the streams pass rank to rank
+(:mod:`puzzle.distill.child_bld_sharded`: the same weights); a rank whose layers do not fit its memory
+(``cluster.memory_per_rank``) trains them in rounds over windows of steps, and refits them one layer at a time (on
+a GPU too small for a layer's Gram, with the Gram and its elimination in host RAM).
+Off (``child_bld_tokens`` 0), rank 0 assembles the MIP's child tensor by tensor. The baselines get the same
+training in one process with the models whole (:meth:`train`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from block_library.memory import TRAIN_BYTES_PER_PARAM, embedding_params
 from puzzle.search.cluster import DISK_BYTES_PER_S, Cluster
 from puzzle.search.context import StageContext
 from puzzle.search.plan import Plan
@@ -59,6 +61,21 @@ def training_key(plan: Plan) -> dict[str, Any]:
     return {"child_bld": [s.child_bld_tokens, s.seed], **refit_key(plan)}
 
 
+CHECKPOINTS = 100
+"""About how many checkpoints a run writes (every 1% of its steps, at least every ``checkpoint_every`` = 4): each
+holds the trained sub-blocks' weights and AdamW moments, 12 bytes per parameter, so one every 4 steps of a
+production run (28 k steps for an 8B parent) would take a hundred times the training's own time to write."""
+
+
+def training_config(s: ChildBLDSettings) -> Any:
+    """The ``ChildBLDConfig`` of the stage's settings (the search's child and the baselines)."""
+    from puzzle.distill.child_bld import ChildBLDConfig
+
+    cfg = ChildBLDConfig(tokens=s.child_bld_tokens, seed=s.seed, refit=bool(s.child_refit))
+    every = max(1, cfg.steps // (CHECKPOINTS * cfg.checkpoint_every)) * cfg.checkpoint_every
+    return ChildBLDConfig(tokens=s.child_bld_tokens, seed=s.seed, refit=bool(s.child_refit), checkpoint_every=every)
+
+
 def training_ids(plan: Plan, tokenizer: Any, cfg: Any) -> Any:
     """Child-aware BLD's training ids for ``cfg`` (a ``ChildBLDConfig``): the train split's sequences after the
     library's calibration and BLD ones."""
@@ -86,7 +103,7 @@ class ChildBLDStage(Stage):
         if not replaced_subblocks(model, ctx.parent):  # the parent's own sub-blocks and no-ops: nothing to train
             return ChildBLDResult(model=model, trained=[], steps=0, tokens=0, seconds=0.0)
         s = ChildBLDSettings.of(ctx.plan)
-        cfg = ChildBLDConfig(tokens=s.child_bld_tokens, seed=s.seed, refit=bool(s.child_refit))
+        cfg = training_config(s)
         ids = training_ids(ctx.plan, ctx.tokenizer, cfg)
         return train_child_blocks(model, ctx.parent, ids, cfg, directory=directory, progress=ctx.progress)
 
@@ -100,125 +117,196 @@ class ChildBLDStage(Stage):
             if ctx.first:
                 lib.assemble_to(blocks, directory / "child", overwrite=True)
             return {"model": str(directory / "child"), "tokens": 0}
-        if ctx.world > 1:  # every rank trains its layers; rank 0 writes the child
-            result = self.train_sharded(ctx, lib, blocks, directory)
-        else:
-            from puzzle.loading import save_runtime
-
-            result = self.train(ctx, lib.assemble(blocks), directory)
-            save_runtime(result.model, directory / "child", overwrite=True)
+        result = self.train_sharded(ctx, lib, blocks, directory)  # every rank its layers; rank 0 writes the child
         log.info("child-aware BLD: %d sub-blocks, NMSE %.4g -> %.4g, %.0f tokens/s", len(result.trained),
                  result.summary()["first_nmse"], result.summary()["last_nmse"], result.tokens_per_s)
         return {"model": str(directory / "child"), "losses": str(directory / "losses.csv"), **result.summary()}
 
     def train_sharded(self, ctx: StageContext, lib: Any, blocks: Any, directory: Path) -> Any:
-        """The search's child trained with its layers split over the ranks, written to ``directory / "child"``
-        (every rank calls it; a ``ChildBLDResult`` whose ``model`` is that directory)."""
-        from puzzle.distill.child_bld import ChildBLDConfig
+        """The search's child trained with its layers split over the ranks (one process: all of them), each
+        rank's in rounds that fit its memory, written to ``directory / "child"`` (every rank calls it; a
+        ``ChildBLDResult`` whose ``model`` is that directory)."""
         from puzzle.distill.child_bld_sharded import train_child_sharded
         from puzzle.distill.sharding import on_rank0
 
         s = ChildBLDSettings.of(ctx.plan)
-        cfg = ChildBLDConfig(tokens=s.child_bld_tokens, seed=s.seed, refit=bool(s.child_refit))
+        cfg = training_config(s)
         ids = on_rank0(lambda: training_ids(ctx.plan, ctx.tokenizer, cfg), ctx.group)  # read once, sent to all
         return train_child_sharded((lib, blocks), ctx.source, ids, cfg, directory / "child", directory=directory,
-                                   progress=ctx.progress)
+                                   progress=ctx.progress, budget=ctx.plan.cluster.memory_per_rank,
+                                   window_bytes=_window_bound(ctx.plan.cluster))
 
     def resources(self, plan: Plan, cluster: Cluster, shapes: Shapes) -> StageUse:
-        from puzzle.distill.child_bld import ChildBLDConfig
         from puzzle.export.memory import assembly_peak_bytes
 
-        s, config, sizes = ChildBLDSettings.of(plan), shapes.parent, shapes.layers
-        child, C = shapes.child_config, shapes.child_params
+        s, child, C = ChildBLDSettings.of(plan), shapes.child_config, shapes.child_params
         if s.child_bld_tokens == 0:
             assembly = assembly_peak_bytes(child)  # rank 0 writes the MIP's child tensor by tensor
             return stage_use(self.name, "rank 0: the child assembled tensor by tensor (child-aware BLD off)",
                              one_rank(cluster, device=assembly if cluster.is_cpu else base_bytes(cluster),
                                       host=assembly, disk=C * 4, seconds=2 * C * 4 / DISK_BYTES_PER_S), cluster)
-        cfg, per_layer = ChildBLDConfig(tokens=s.child_bld_tokens), _trained_params(shapes)
-        if cluster.count > 1:
-            return self._layer_sharded(s, cfg, cluster, shapes, per_layer)
-        P, decoder = shapes.parent_params, C - embedding_params(config) * (1 if config.tie_word_embeddings else 2)
-        trained = sum(per_layer)
-        H, I = config.hidden_size, max(x.ffn_width for x in sizes)
-        B, T = cfg.step_batch, cfg.seq_len
-        peak = base_bytes(cluster) + (P + C) * 4 + TRAIN_BYTES_PER_PARAM * trained + _activations(config, B, T, I)
-        teacher = sum(x.parent_params for x in sizes)
-        flops = cfg.steps * B * T * (2 * teacher + 2 * decoder + 4 * trained)
-        if s.child_refit:  # before the training: the streams, one chunk, one layer's G and C; forward passes only
-            from puzzle.distill.child_refit import refit_bytes, refit_flops
-
-            n = cfg.steps * B * T
-            rc = ChildBLDConfig(tokens=1)
-            refit = refit_bytes(n, H, I, 4, B * T, drift=rc.refit_drift > 0, select=rc.refit_select)
-            peak = max(peak, base_bytes(cluster) + (P + C) * 4 + refit)
-            flops += n * (2 * decoder + 4 * teacher) + len(sizes) * refit_flops(n, H, I, rc.refit_select)
-        how = "one process: parent and child whole, the replaced sub-blocks trained"
-        return stage_use(self.name, how + (", after the child-stream refit" if s.child_refit else ""),
-                         one_rank(cluster, device=peak, disk=C * 4, layers=(0, len(sizes)),
-                                  seconds=flops / cluster.flops_per_rank + 2 * C * 4 / DISK_BYTES_PER_S), cluster)
-
-    def _layer_sharded(self, s: ChildBLDSettings, cfg: Any, cluster: Cluster, shapes: Shapes,
-                       per_layer: list[int]) -> StageUse:
-        """Each rank: its layers of parent and child (rank 0 the embedding, twice with the refit's drift), the AdamW
-        state of its trained sub-blocks, one layer's activations and the stream in and out; with the refit, the
-        streams of every training token through its layers and one layer's G and C. The refit runs rank after rank
-        (each waits for the ones before it), the training steps pipelined; two checkpoints per rank on disk."""
-        from puzzle.distill.child_bld import ChildBLDConfig
-        from puzzle.distill.child_refit import refit_bytes, refit_flops
-        from puzzle.distill.teacher_sharded import layer_ranges
-        from puzzle.evaluation.memory import layer_params
-        from puzzle.search.resources import RankUse, host_bytes, layer_range
-
-        config, sizes, child, C = shapes.parent, shapes.layers, shapes.child_config, shapes.child_params
-        world = min(cluster.count, len(sizes))
-        child_layers, ranges = layer_params(child), layer_ranges(child, world)
-        rc = ChildBLDConfig(tokens=1)
-        drift = s.child_refit and rc.refit_drift > 0
-        H, B, T, fps = config.hidden_size, cfg.step_batch, cfg.seq_len, cluster.flops_per_rank
-        n, stream = cfg.steps * B * T, B * T * H * 4  # training tokens; one step's stream (float32)
-        link = STREAM_BYTES_PER_S["cpu" if cluster.is_cpu else "gpu"]
-        out, refit_done = [], 0.0
-        for rank, layers in enumerate(ranges):
-            teacher, decoder = sum(sizes[l].parent_params for l in layers), sum(child_layers[l] for l in layers)
-            trained, I = sum(per_layer[l] for l in layers), max(sizes[l].ffn_width for l in layers)
-            weights = (teacher + decoder) * 4 + (embedding_params(config) * 4 * (2 if drift else 1) if rank == 0 else 0)
-            peak = (base_bytes(cluster) + weights + TRAIN_BYTES_PER_PARAM * trained + _activations(config, B, T, I)
-                    + 2 * stream)
-            edges = (rank > 0) + (rank < world - 1)  # streams received and sent
-            seconds = (cfg.steps * B * T * (2 * teacher + 2 * decoder + 4 * trained) / fps
-                       + cfg.steps * stream * edges / link)
-            if s.child_refit:
-                refit = refit_bytes(n, H, I, 4, B * T, drift=drift, select=rc.refit_select)
-                peak = max(peak, base_bytes(cluster) + weights + refit)
-                refit_done += (n * (2 * decoder + 4 * teacher) + len(layers) * refit_flops(n, H, I, rc.refit_select)
-                               ) / fps + n * H * 4 * (2 if drift else 1) * (rank > 0) / link
-                seconds += refit_done
-            # on disk: its tensors, two checkpoints (weights and AdamW moments); rank 0 reads and writes the child
-            disk = (4 + 2 * 12) * trained + (C * 4 if rank == 0 else 0)
-            seconds += (4 * trained + (2 * C * 4 if rank == 0 else 0)) / DISK_BYTES_PER_S
-            staged = 4 * (teacher + decoder)  # read into host memory before the device
-            out.append(RankUse(rank, layer_range(layers), peak, host_bytes(cluster, peak, staged), disk, seconds))
-        how = (f"layer-sharded over {world} ranks: each trains the replaced sub-blocks of its layers, the streams "
-               "passed rank to rank" + (", after the child-stream refit (rank after rank)" if s.child_refit else ""))
-        return stage_use(self.name, how, out, cluster)
+        return _layer_sharded(s, training_config(s), cluster, shapes)
 
 
-def _trained_params(shapes: Shapes) -> list[int]:
-    """Each layer's parameters in sub-blocks that differ from the parent's (before the MIP, every one: an upper
-    bound)."""
-    from puzzle.summary import attention_params, ffn_params
+def _layer_sharded(s: ChildBLDSettings, cfg: Any, cluster: Cluster, shapes: Shapes) -> StageUse:
+    """Each rank (one process: rank 0 alone): its layers of parent and child in rounds that fit its memory
+    (:func:`puzzle.distill.child_bld_memory.plan_rank`: a round's weights, the AdamW state of its trained
+    sub-blocks, one layer's activations; rank 0 the embedding), the refit before (whole, or one layer at a time:
+    its streams of at most ``REFIT_MAX_TOKENS`` tokens and one layer's G and C). The refit runs rank after rank
+    (each waits for the ones before it), the training steps pipelined (no rank faster than the ones before it);
+    with rounds, every window reloads each round's parent layers, child layers and checkpoint, and writes the
+    checkpoint again. The child is the library's, so rank 0's embedding serves both models' streams; a GPU rank
+    whose refit does not fit keeps the Gram and its elimination in host RAM (counted in its host bytes and, at the
+    CPU's rate, in its seconds), a GPU rank 0 whose first layer and embedding do not fit embeds in host RAM."""
+    from puzzle.distill.child_bld_memory import FP32, layer_shape, plan_rank, resume_period, window_steps
+    from puzzle.distill.teacher_sharded import layer_ranges
+    from puzzle.search.resources import RankUse, host_bytes, layer_range
 
-    config = shapes.parent
-    return [attention_params(c.attention, config) * (shapes.child is None or c.attention != p.attention)
-            + ffn_params(c.ffn, config) * (shapes.child is None or c.ffn != p.ffn)
-            for c, p in zip(shapes.child_config.blocks, config.blocks)]
+    config, child = shapes.parent, shapes.child_config
+    world = min(cluster.count, config.num_hidden_layers)
+    parts = _parts(shapes)
+    shape, need = layer_shape(config, child, parts), max((l for l, _ in parts), default=-1)
+    B, T, fps = cfg.step_batch, cfg.seq_len, cluster.flops_per_rank
+    stream = B * T * config.hidden_size * 4  # one step's stream (float32)
+    window = window_steps(cfg.steps, cfg.checkpoint_every, stream, _window_bound(cluster))
+    refit = _refit_shape(s, cfg, child, parts)
+    ranges = layer_ranges(child, world)
+    runs = [range(r.start, min(r.stop, need + 1)) for r in ranges]
+    plans = [plan_rank(shape, run, batch=B, seq_len=T, window=window, first=rank == 0, cpu=cluster.is_cpu,
+                       budget=cluster.memory_per_rank, refit=refit) for rank, run in enumerate(runs)]
+    windowed = any(len(p.rounds) > 1 for p in plans)
+    period = resume_period(window, world) if windowed else cfg.checkpoint_every
+    link = STREAM_BYTES_PER_S["cpu" if cluster.is_cpu else "gpu"]
+    host_fps = _host_flops() if any(p.refit_host for p in plans) else 0.0
+    out, refit_done, upstream = [], 0.0, 0.0
+    for rank, (layers, run, rp) in enumerate(zip(ranges, runs, plans)):
+        teacher, decoder = sum(shape.parent[l] for l in run), sum(shape.child[l] for l in run)
+        trained = sum(shape.trained[l] for l in run)
+        edges = (rank > 0) + (rank < world - 1 and run.stop <= need)  # streams received and sent
+        train = (cfg.steps * B * T * (2 * teacher + 2 * decoder + 4 * trained) / fps
+                 + cfg.steps * stream * edges / link + _io_seconds(shape, rp.rounds, cfg, window, period, rank == 0))
+        upstream = max(upstream, train)  # a rank steps no faster than the ones before it
+        if refit is not None and run and run.start <= refit.last:
+            refit_done += _refit_seconds(shape, run, refit, whole=rp.refit_whole, fps=fps,
+                                         link=link if rank > 0 else 0.0, host_fps=host_fps if rp.refit_host else 0.0)
+        # on disk: its tensors and checkpoints (weights and AdamW moments: two roots, a third with rounds), the
+        # refit's layers; rank 0 reads and writes the child
+        roots, written = 3 if len(rp.rounds) > 1 else 2, shapes.child_params * 4 * (rank == 0)
+        disk = (4 + roots * 12) * trained + (0 if rp.refit_whole else 4 * decoder) + written
+        seconds = refit_done + upstream + (4 * trained + 2 * written) / DISK_BYTES_PER_S
+        staged = max((shape.weights(r) for r in rp.rounds), default=0.0) + rp.window_bytes  # host: read, streams
+        staged += FP32 * shape.embedding if rp.embed_host else 0.0  # rank 0's lookup
+        if rp.refit_host:  # before the training: one layer read, the Gram and elimination
+            staged = max(staged, max(shape.weights([l]) for l in run) + rp.refit_host_bytes)
+        out.append(RankUse(rank, layer_range(layers), rp.peak, host_bytes(cluster, rp.peak, staged), disk, seconds,
+                           rounds=max(1, len(rp.rounds))))
+    how = ("one process: the replaced sub-blocks trained" if world == 1 else
+           f"layer-sharded over {world} ranks: each trains the replaced sub-blocks of its layers, the streams passed "
+           "rank to rank")
+    if windowed:
+        how += f", in {max(u.rounds for u in out)} rounds of its layers, windows of {min(window, cfg.steps)} steps"
+    if refit is not None:
+        how += ", after the child-stream refit" + (" (rank after rank)" if world > 1 else "")
+        if any(p.refit_host for p in plans):
+            how += "; the refit's Gram and elimination in host RAM"
+    if plans and plans[0].embed_host:
+        how += "; rank 0 embeds in host RAM"
+    return stage_use("child_bld", how, out, cluster)
 
 
-def _activations(config: Any, B: int, T: int, I: int) -> float:
-    """One layer's activations and their backward (the stream, norms, q/k/v/o, the FFN's projections), SDPA's scores."""
-    H = config.hidden_size
-    return B * T * (16 * H + 4 * I) * 4 + B * config.num_attention_heads * T * T * 4
+def _refit_shape(s: ChildBLDSettings, cfg: Any, child: Any, parts: list[tuple[int, str]]) -> Any:
+    """The refit's :class:`~puzzle.distill.child_bld_memory.RefitShape` (None when off or nothing to refit): at most
+    ``REFIT_MAX_TOKENS`` of the training tokens, up to the last replaced swiglu FFN."""
+    from puzzle.distill.child_bld_memory import RefitShape
+    from puzzle.distill.child_refit import REFIT_MAX_TOKENS
+
+    swiglu = [l for l, sub in parts if sub == "ffn" and child.blocks[l].ffn.kind == "swiglu"]
+    if not s.child_refit or not swiglu:
+        return None
+    rc, T = type(cfg)(tokens=1), cfg.seq_len
+    return RefitShape(tokens=min(cfg.steps * cfg.step_batch, max(1, REFIT_MAX_TOKENS // T)) * T, last=max(swiglu),
+                      drift=rc.refit_drift > 0, select=rc.refit_select, chunk_tokens=cfg.batch * T,
+                      shared_embedding=True)  # the library's child: its embedding is the parent's
+
+
+def _refit_seconds(shape: Any, run: range, refit: Any, *, whole: bool, fps: float, link: float,
+                   host_fps: float = 0.0) -> float:
+    """A rank's refit: the forward passes of its layers up to the last refit one (the parent's twice: its own
+    stream and the targets) and each one's G, C and solve (``host_fps``: the solve on the host's CPU at that rate,
+    its float64 sums copied there a chunk at a time); the streams received (``link``: 0 on rank 0); one layer at a
+    time, each read from disk."""
+    from puzzle.distill.child_refit import refit_flops, refit_solve_flops
+
+    walked = [l for l in run if l <= refit.last]
+    n, H = refit.tokens, shape.hidden
+    child, parent = sum(shape.child[l] for l in walked), sum(shape.parent[l] for l in walked)
+    flops = n * (2 * child + 4 * parent) + sum(refit_flops(n, H, shape.width[l], refit.select) for l in walked)
+    host = 0.0
+    if host_fps:
+        solve = sum(refit_solve_flops(H, shape.width[l], refit.select) for l in walked)
+        chunks = -(-n // refit.chunk_tokens)
+        copied = sum(chunks * (shape.width[l] ** 2 + shape.width[l] * H) * 4 for l in walked)  # float32 sums
+        flops, host = flops - solve, solve / host_fps + copied / HOST_COPY_BYTES_PER_S
+    received = n * H * 4 * (2 if refit.drift else 1) / link if link else 0.0
+    return flops / fps + host + received + (0.0 if whole else 4 * (child + parent) / DISK_BYTES_PER_S)
+
+
+HOST_COPY_BYTES_PER_S = 2.0e10
+"""Rate of a GPU's copies to host RAM (PCIe 5, about half its peak)."""
+
+
+def _host_flops() -> float:
+    """Float64 FLOP/s of the refit's elimination on a GPU node's host: half this machine's measured fp32 GEMM rate
+    (the plan runs on the cluster's own kind of host; a guess elsewhere)."""
+    from puzzle.profiler.cpu import fp32_flops
+
+    return fp32_flops() / 2
+
+
+def _io_seconds(shape: Any, rounds: Sequence[range], cfg: Any, window: int, period: int, first: bool) -> float:
+    """Disk time of a rank's training: with rounds, every window reads each round's parent and child layers (rank
+    0's first round the embedding too) and its checkpoint, and writes the checkpoint (12 bytes per trained
+    parameter: the weight and two AdamW moments), after one read of the child for the run's fingerprint; one round
+    reads its layers once and writes a checkpoint every ``period`` steps."""
+    ckpt = lambda r: 12 * sum(shape.trained[l] for l in r)  # noqa: E731
+    if len(rounds) <= 1:
+        held = sum(shape.weights(r) for r in rounds)
+        return (held + -(-cfg.steps // period) * sum(ckpt(r) for r in rounds)) / DISK_BYTES_PER_S
+    windows = -(-cfg.steps // window)
+    child = sum(4 * shape.child[l] for r in rounds for l in r)
+    per_window = sum(shape.weights(r) + 2 * ckpt(r) for r in rounds) + (4 * shape.embedding if first else 0)
+    return (child + windows * per_window) / DISK_BYTES_PER_S
+
+
+WINDOW_HOST_FRACTION = 0.25
+"""Share of a GPU rank's host memory that a window's streams may fill (a DGX H100: 62 GB of its 250 GB a GPU)."""
+
+
+def _window_bound(cluster: Cluster) -> float:
+    """Bytes of the streams a window keeps between two rounds, in host memory: on the CPU (the ranks' memory) at
+    most :data:`~puzzle.distill.child_bld_memory.WINDOW_BYTES` and an eighth of a rank's; on GPUs a quarter of a
+    rank's host memory, so that the per-window reloads stay below the training's own time for large parents
+    (a 70B parent's rank reads and writes about 270 GB a window: with 1 GiB windows of 32 steps, 40 times the
+    steps' compute; with 58 GiB ones of 1,860 steps, about three quarters of it)."""
+    from puzzle.distill.child_bld_memory import WINDOW_BYTES
+
+    if cluster.is_cpu:
+        return min(WINDOW_BYTES, cluster.memory_per_rank / 8)
+    return WINDOW_HOST_FRACTION * cluster.host_per_rank
+
+
+def _parts(shapes: Shapes) -> list[tuple[int, str]]:
+    """The sub-blocks the training changes: those of the chosen child that differ from the parent's (before the
+    MIP, every one that is not a no-op: an upper bound)."""
+    from types import SimpleNamespace
+
+    from puzzle.distill.subblocks import replaced_subblocks
+
+    child, parent = shapes.child_config, shapes.parent
+    if shapes.child is None:
+        return [(l, sub) for l, b in enumerate(child.blocks) for sub in ("attention", "ffn")
+                if getattr(b, sub).kind != "no_op"]
+    return replaced_subblocks(SimpleNamespace(config=child), SimpleNamespace(config=parent))
 
 
 STAGE = ChildBLDStage()

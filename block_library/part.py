@@ -1,4 +1,5 @@
-"""One rank's share of a model whose decoder layers are split over the ranks, and the stream between them.
+"""One rank's share of a model whose decoder layers are split over the ranks, and the stream between them (beside
+:mod:`block_library.distributed`, whose :class:`Shard` carries it).
 
     part = Part.load(source, range(0, 15), shard)                # reads its layers (+ embedding / head at the ends)
     part = Part(library.assemble_layers(blocks, r, embed=..., head=...), r, shard)   # or built from any partial model
