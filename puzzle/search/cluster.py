@@ -27,6 +27,10 @@ MEMORY_MARGIN = 0.9
 NODE_GPUS = 8
 HOST_BYTES_PER_GPU = 2.0e12 / NODE_GPUS
 """Host RAM per GPU of a GPU node (a DGX H100 has 2 TB for 8 GPUs)."""
+HOST_FP64_FLOPS_PER_GPU = 0.5 * 7.2e12 / NODE_GPUS
+"""Float64 FLOP/s a GPU node's CPUs give one rank for the host-side linear algebra (the child-stream refit's
+elimination when a GPU cannot hold its Gram): a DGX H100's two 56-core Xeon 8480C peak at about 7.2 TFLOP/s in
+float64 (AVX-512, 2 FMA units), half of it reached, split over the node's 8 GPUs."""
 TRAIN_EFFICIENCY = {"gpu": 0.35, "cpu": 0.5}
 """Fraction of the peak FLOP/s that training and scoring kernels reach (small GEMMs, eager PyTorch):
 about 35% of the bf16 tensor-core peak on GPUs, half the measured fp32 GEMM rate on the CPU."""

@@ -256,11 +256,11 @@ HOST_COPY_BYTES_PER_S = 2.0e10
 
 
 def _host_flops() -> float:
-    """Float64 FLOP/s of the refit's elimination on a GPU node's host: half this machine's measured fp32 GEMM rate
-    (the plan runs on the cluster's own kind of host; a guess elsewhere)."""
-    from puzzle.profiler.cpu import fp32_flops
+    """Float64 FLOP/s of the refit's elimination on a GPU node's host, for one rank (the plan is usually made on
+    another machine than the cluster's: a DGX H100's CPUs, :data:`~puzzle.search.cluster.HOST_FP64_FLOPS_PER_GPU`)."""
+    from puzzle.search.cluster import HOST_FP64_FLOPS_PER_GPU
 
-    return fp32_flops() / 2
+    return HOST_FP64_FLOPS_PER_GPU
 
 
 def _io_seconds(shape: Any, rounds: Sequence[range], cfg: Any, window: int, period: int, first: bool) -> float:
