@@ -121,3 +121,15 @@ def test_405b_fits_64xh100_with_the_refits_gram_in_host_ram():
 
     elimination = 126 * 2 * D ** 3 / HOST_FP64_FLOPS_PER_GPU
     assert elimination < use.seconds < 2 * elimination  # and the chunks' Gram copies to the host
+
+
+def test_a_fused_childs_plan_counts_child_bld_as_before_the_fusion():
+    """After fusion the child has fewer layers than the parent; the later stages' plans (resources.csv) still
+    count child_bld, which ran on the MIP's child, as its upper bound: the parent's layers."""
+    from puzzle.search.resource_plan import plan_resources
+
+    plan = resolve(SearchConfig(model="llama-3.2-1b", cluster="2xcpu", max_memory_per_rank="6GiB"))
+    fused = plan.parent_config.with_blocks(plan.parent_config.blocks[:-2])  # two layers fewer
+    before = plan.resources.stage("child_bld")
+    after = plan_resources(plan, child=fused, search=False).stage("child_bld")
+    assert after.peak_device_bytes == before.peak_device_bytes and after.rounds == before.rounds

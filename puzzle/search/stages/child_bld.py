@@ -14,6 +14,7 @@ training in one process with the models whole (:meth:`train`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -163,6 +164,9 @@ def _layer_sharded(s: ChildBLDSettings, cfg: Any, cluster: Cluster, shapes: Shap
     from puzzle.search.resources import RankUse, host_bytes, layer_range
 
     config, child = shapes.parent, shapes.child_config
+    if len(child.blocks) != len(config.blocks):  # a fused child (the plan of a later stage): this stage ran on the
+        shapes = dataclasses.replace(shapes, child=None)  # MIP's, as long as the parent: plan its upper bound
+        child = shapes.child_config
     world = min(cluster.count, config.num_hidden_layers)
     parts = _parts(shapes)
     shape, need = layer_shape(config, child, parts), max((l for l, _ in parts), default=-1)
