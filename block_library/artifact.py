@@ -175,19 +175,15 @@ class Library:
         stays on the meta device, as :func:`puzzle.loading.load_layers` leaves them. One rank's share of a child
         measured or trained with its layers split over the ranks."""
         from puzzle.loading import read_tensor
-        from puzzle.model.weights import adopt, meta_model, runtime_weight_names
+        from puzzle.model.weights import adopt, meta_model, part_weight_names
 
         config = self._check_blocks(blocks).with_blocks(list(blocks))
         outside = sorted({l for l in layers if not 0 <= l < config.num_hidden_layers})
         if outside:
             raise SchemaError(f"layers {outside} are outside 0..{config.num_hidden_layers - 1} of the library's parent")
         model = meta_model(config)
-        prefixes = tuple(f"model.layers.{l}." for l in layers)
-        extra = {"model.embed_tokens.weight"} if embed or (head and config.tie_word_embeddings) else set()
-        extra |= {"model.norm.weight", "lm_head.weight"} if head else set()
         where = self._tensor_sources(blocks, initial=initial, layers=layers)
-        state = {k: read_tensor(*where[k], dtype=dtype) for k in runtime_weight_names(model)
-                 if k.startswith(prefixes) or k in extra}
+        state = {k: read_tensor(*where[k], dtype=dtype) for k in part_weight_names(model, layers, embed=embed, head=head)}
         adopt(model, state, dtype=dtype)
         return model
 

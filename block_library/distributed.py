@@ -66,12 +66,12 @@ class Shard:
         dist.gather_object(obj, out, dst=0)
         return out
 
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
+    def broadcast(self, obj: Any, *, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` on every rank (rank 0's by default; ``src=shard.world - 1``: the last rank's)."""
         if self.world == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=src)
         return box[0]
 
 

@@ -25,7 +25,7 @@ import torch
 from puzzle.errors import CorruptArtifactError, ModelFilesError, UnknownModelError
 from puzzle.io import load_safetensors, read_json_file, safetensors_files
 from puzzle.model import PuzzleConfig, PuzzleForCausalLM
-from puzzle.model.weights import adopt, meta_model, model_from_state_dict, runtime_weight_names
+from puzzle.model.weights import adopt, meta_model, model_from_state_dict, part_weight_names, runtime_weight_names
 from puzzle.parents import embedded
 from puzzle.parents.hf import (WeightSource, hf_state_dict_to_runtime, hf_weight_source, puzzle_config_from_hf,
                                read_config_json)
@@ -200,10 +200,7 @@ def load_layers(source: str | Path | Source, layers: Sequence[int], *, embed: bo
     if outside:
         raise ValueError(f"layers {outside} are outside 0..{n - 1} of {src.directory}")
     model = meta_model(config)
-    prefixes = tuple(f"model.layers.{l}." for l in layers)
-    extra = {"model.embed_tokens.weight"} if embed or (head and config.tie_word_embeddings) else set()
-    extra |= {"model.norm.weight", "lm_head.weight"} if head else set()
-    wanted = [k for k in runtime_weight_names(model) if k.startswith(prefixes) or k in extra]
+    wanted = part_weight_names(model, layers, embed=embed, head=head)
     where = tensor_files(src.directory)
     state = {}
     for name in wanted:

@@ -89,18 +89,7 @@ def sharded_targets(source: Any, ids: torch.Tensor, top_k: int, path: str | Path
                                         key), path)
         except Exception as e:  # raised on every rank: the others would wait for the file forever
             error = e
-    error = _from_last(shard, error)
+    error = shard.broadcast(error, src=shard.world - 1)
     if error is not None:
         raise error
     return load_targets(path)
-
-
-def _from_last(shard: Shard, obj: Any) -> Any:
-    """The last rank's ``obj`` on every rank (a barrier too)."""
-    if shard.world == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=shard.world - 1)
-    return box[0]

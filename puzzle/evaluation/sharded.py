@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -154,8 +153,4 @@ def evaluate_sharded(child_dir: str | os.PathLike[str], parent_dir: str | os.Pat
             _score_chunk(sums, x[:, 1:].to(shard.device), child.model.lm_head, h, parent_head, hp,
                          positions=logit_positions)
     out = quality_from_sums(sums, parent=parent_src is not None) if shard.last else None
-    if shard.world > 1:
-        box = [out]
-        dist.broadcast_object_list(box, src=shard.world - 1)
-        out = box[0]
-    return out
+    return shard.broadcast(out, src=shard.world - 1)

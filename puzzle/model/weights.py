@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from puzzle.errors import CorruptArtifactError
@@ -29,6 +31,15 @@ def runtime_weight_names(model: PuzzleForCausalLM) -> list[str]:
     if model.config.tie_word_embeddings:
         names.remove("lm_head.weight")
     return names
+
+
+def part_weight_names(model: PuzzleForCausalLM, layers: Sequence[int], *, embed: bool, head: bool) -> list[str]:
+    """The stored names of a model's part: the decoder ``layers``, the embedding when ``embed``, the final norm and
+    LM head when ``head`` (a tied head is the embedding, named then too)."""
+    prefixes = tuple(f"model.layers.{l}." for l in layers)
+    extra = {"model.embed_tokens.weight"} if embed or (head and model.config.tie_word_embeddings) else set()
+    extra |= {"model.norm.weight", "lm_head.weight"} if head else set()
+    return [k for k in runtime_weight_names(model) if k.startswith(prefixes) or k in extra]
 
 
 def adopt(model: PuzzleForCausalLM, state: dict[str, torch.Tensor], *, dtype: torch.dtype | None = torch.float32) -> None:

@@ -137,17 +137,6 @@ class CachedSums:
         return out
 
 
-def _from_last(shard: Shard, obj: Any) -> Any:
-    """The last rank's ``obj`` on every rank."""
-    if shard.world == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=shard.world - 1)
-    return box[0]
-
-
 @torch.no_grad()
 def measure_sharded(library: Any, blocks: Sequence[Any], ids: torch.Tensor, targets: TeacherTargets | None, *,
                     shard: Shard, chunk: int = 2, progress: bool = False) -> dict[str, float]:
@@ -168,7 +157,7 @@ def measure_sharded(library: Any, blocks: Sequence[Any], ids: torch.Tensor, targ
             del q
     del part
     gc.collect()  # this child's layers are gone before the next one's are read
-    return _from_last(shard, sums.quality(targets.top_k) if shard.last else None)
+    return shard.broadcast(sums.quality(targets.top_k) if shard.last else None, src=shard.world - 1)
 
 
 def measure_finalists_sharded(library: Any, parent_source: Any, solutions: Sequence[Any], ids: torch.Tensor, *,
