@@ -239,7 +239,9 @@ QUALITY_ROWS = {
 def quality(df: pd.DataFrame, preset: str) -> str:
     """One row per method, one column per decoder-FLOPs budget: KL to the parent (mean over seeds, with the
     range when there are several) and its change against uniform pruning."""
-    d = df[df.preset == preset]
+    df = df.assign(ranks=df["ranks"].fillna(1) if "ranks" in df else 1)
+    ranks = df["ranks"]
+    d, sharded = df[(df.preset == preset) & (ranks == 1)], df[(df.preset == preset) & (ranks > 1)]
     budgets = sorted(d.flops_pct.unique(), reverse=True)
     seeds = d.seed.nunique()
     rows = []
@@ -267,6 +269,12 @@ def quality(df: pd.DataFrame, preset: str) -> str:
                 text += f", ppl {m[m.flops_pct == b].ppl.mean():.1f}"
             cells.append(f"**{text}**" if method == "puzzle_search_child_bld" else text)
         rows.append([label, *cells])
+        for n, g in sharded[sharded.method == method].groupby("ranks") if method == "puzzle_search_child_bld" else ():
+            cells = []  # the same search under torchrun: its child against the one-process child
+            for b in budgets:
+                kl, one = g[g.flops_pct == b].kl.dropna(), m[m.flops_pct == b].kl.mean()
+                cells.append(f"{kl.mean():.3f}, {100 * (kl.mean() / one - 1):+.1f}% vs one process" if len(kl) else "")
+            rows.append([f"the same search on {int(n)} ranks (torchrun)", *cells])
         if method == "puzzle_search_child_bld" and seeds > 1:  # the search's child on each seed
             for seed, s in m.groupby("seed"):
                 rows.append([f"the search's child, seed {seed}",
@@ -344,6 +352,19 @@ def scale(df: pd.DataFrame) -> str:
                   "time: plan / measured", "within plan and limit"], rows)
 
 
+def reliability(df: pd.DataFrame) -> str:
+    """One row per case of benchmarks/reliability.py: its verdict, and what it said (the first line of stderr,
+    which is what is judged; where it crashed or ran on, the last line, which says why)."""
+    def said(r) -> str:
+        text = str(r.message if r.verdict in ("ok", "wrong-message", "wrong-exit") else r.last_line)
+        return (text if len(text) <= 110 else text[:107] + "...").replace("|", "\\|")
+
+    rows = [[f"`{r.case}`", r.why, "ok" if r.verdict == "ok" else f"**{r.verdict}**",
+             r.exit if isinstance(r.exit, str) else f"{r.exit:.0f}", r.wrote_files, said(r)]
+            for r in df.fillna({"message": "", "last_line": "", "exit": "-"}).itertuples()]
+    return table(["case", "issue 31 point", "verdict", "exit", "files written", "stderr"], rows)
+
+
 TABLES: dict[str, Callable[..., str]] = {
     "parent_load.csv": parent_load, "mip_scale.csv": mip_scale, "bld.csv": bld,
     "profiler_fidelity.csv": profiler_fidelity, "fusion.csv": fusion, "fusion_segments.csv": fusion_segments,
@@ -351,6 +372,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "frontier.csv": frontier, "gkd_cache.csv": gkd_cache, "ffn_refit.csv": ffn_refit, "quality.csv": quality,
     "quality_fidelity.csv": quality_fidelity, "score_fidelity.csv": score_fidelity, "refine.csv": refine,
     "refine_children.csv": refine_children, "scale.csv": scale, "plan_tables.csv": plan_markdown,
+    "reliability.csv": reliability,
 }
 """CSV name -> the function that turns it into a markdown table (its options are keyword arguments)."""
 

@@ -75,15 +75,28 @@ class Session:
         return build_module(v, self.parent_config).to(self.shard.device, torch.float32)
 
 
-def parent_fingerprint(source: Source) -> str:
-    """sha256 of the parent's config.json and its weight files' names and sizes (cheap; no weights read)."""
+TOKENIZER_FINGERPRINT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                               "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+"""The tokenizer files that decide which tokens the data becomes (so a parent's results depend on them)."""
+
+
+def parent_fingerprint(source: Source, *, verify: bool = False) -> str:
+    """sha256 of what every result from a parent depends on: its config.json, the bytes of each weight
+    file and of its tokenizer files. A parent re-trained in place with the same sizes changes it.
+
+    The weight files' hashes are cached by file identity (:func:`puzzle.parents.hashes.content_sha256`:
+    a few seconds once for SmolLM2, nothing read after); ``verify`` reads every byte again."""
     import hashlib
 
     from puzzle.io import safetensors_files
+    from puzzle.parents.hashes import content_sha256
 
     h = hashlib.sha256((source.directory / "config.json").read_bytes())
     for f in safetensors_files(source.directory):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        h.update(f"{f.name}:{content_sha256(f, verify=verify)}".encode())
+    for name in TOKENIZER_FINGERPRINT_FILES:
+        if (source.directory / name).is_file():
+            h.update(f"{name}:{hashlib.sha256((source.directory / name).read_bytes()).hexdigest()}".encode())
     return h.hexdigest()
 
 

@@ -68,8 +68,10 @@ class AttentionSpace:
                 raise ConfigError(f"space.attention.kv_heads must be 'fewer' or a list of integers, got {self.kv_heads!r}")
         else:
             kv = tuple(self.kv_heads)
-            if not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in kv):
-                raise ConfigError(f"space.attention.kv_heads must hold positive integers, got {list(kv)}")
+            bad = next((k for k in kv if not (isinstance(k, int) and not isinstance(k, bool) and k > 0)), None)
+            if bad is not None:
+                raise ConfigError(f"space.attention.kv_heads {list(kv)} holds {bad!r}: each KV-head count must be a "
+                                  f"positive divisor of the query-head count, e.g. [2, 1] (or write kv_heads: fewer)")
             object.__setattr__(self, "kv_heads", kv)
         _check_bool("space.attention.linear", self.linear)
         _check_bool("space.attention.no_op", self.no_op)
@@ -101,14 +103,14 @@ class FFNSpace:
         _check_bool("space.ffn.linear", self.linear)
         _check_bool("space.ffn.no_op", self.no_op)
 
+    def width(self, size: float | int, parent_width: int) -> int:
+        """The width one of :attr:`sizes` rounds to under a parent ``parent_width`` wide (it may reach the parent's)."""
+        raw = size * parent_width if isinstance(size, float) else size
+        return max(1, math.ceil(raw / self.multiple - 0.5)) * self.multiple  # nearest, ties down
+
     def widths(self, parent_width: int) -> list[int]:
         """Distinct rounded widths below ``parent_width``, largest first."""
-        out = set()
-        for s in self.sizes:
-            raw = s * parent_width if isinstance(s, float) else s
-            m = max(1, math.ceil(raw / self.multiple - 0.5)) * self.multiple  # nearest, ties down
-            if m < parent_width:
-                out.add(m)
+        out = {m for m in (self.width(s, parent_width) for s in self.sizes) if m < parent_width}
         return sorted(out, reverse=True)
 
 
@@ -265,10 +267,8 @@ class SearchSpace:
                         ffn = [parse_variant(t, "ffn") for t in o.ffn]
             att_cfgs = _with_parent_first(att, pb.attention)
             for a in att_cfgs:
-                if a.kind == "gqa" and (num_attention_heads % a.num_key_value_heads):
-                    divisors = [d for d in range(1, num_attention_heads + 1) if num_attention_heads % d == 0]
-                    raise ConfigError(f"layer {i}: gqa:{a.num_key_value_heads} must divide the {num_attention_heads} "
-                                      f"query heads; choose one of {divisors}")
+                if a.kind == "gqa" and (num_attention_heads < 1 or num_attention_heads % a.num_key_value_heads):
+                    raise ConfigError(_kv_heads_message(i, a.num_key_value_heads, num_attention_heads))
             ffn_cfgs = _with_parent_first(ffn, pb.ffn)
             if self.engine is not None:
                 att_cfgs, ffn_cfgs = _engine_filter(self.engine, i, att_cfgs, ffn_cfgs, pb)
@@ -297,6 +297,15 @@ class SearchSpace:
         if self.ffn.no_op:
             out.append(FFNConfig.no_op())
         return out
+
+
+def _kv_heads_message(layer: int, kv: int, heads: int) -> str:
+    """One line: ``kv`` KV heads do not divide ``heads`` query heads (a head count below 1 has no divisor to offer)."""
+    if heads < 1:
+        return (f"layer {layer}: the parent has {heads} query heads; num_attention_heads in its config.json must be "
+                f"a positive integer")
+    divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+    return f"layer {layer}: gqa:{kv} must divide the {heads} query heads; choose one of {divisors}"
 
 
 def _engine_filter(engine: str, layer: int, att: list[AttentionConfig], ffn: list[FFNConfig],

@@ -79,6 +79,16 @@ class StaleArtifactError(PuzzleError, ValueError):
     """An output directory holds results computed from other inputs (rerun with --force to redo them)."""
 
 
+class RunInUseError(PuzzleError, RuntimeError):
+    """Another search is writing the run directory now (its lock, :mod:`puzzle.search.lock`, is held)."""
+
+
+class StorageError(PuzzleError, OSError):
+    """The file system refused a read or write (no space left, read-only, a file where a directory
+    should be, permission denied): the message names the path, the cause and what to do. Every write
+    is atomic, so a rerun after the cause is fixed resumes (:mod:`puzzle.os_errors`)."""
+
+
 @contextlib.contextmanager
 def solver_errors() -> Iterator[None]:
     """Re-raise the solvers package's typed errors as this toolkit's, inside the ``with`` block.

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from puzzle.errors import ConfigError, CorruptArtifactError, ModelFilesError, UnsafeCheckpointError
+from puzzle.os_errors import os_error_of
 from solvers.files import atomic_write_text, current_umask
 
 T = TypeVar("T")
@@ -29,8 +30,38 @@ TOKENIZER_FILES = (
 )
 
 
+@contextlib.contextmanager
+def _naming(path: str | Path) -> Iterator[None]:
+    """Inside the block, an ``OSError`` that names no file (a full disk met by ``write`` or ``fsync``)
+    is given ``path``, so the one line the CLI prints says where (:mod:`puzzle.os_errors`)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            e.filename = str(path)
+        raise
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; it becomes ``path`` only if the block succeeds,
+    and is removed otherwise (a full disk leaves no half-written file behind)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with _naming(path):
+            yield tmp
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -61,7 +92,11 @@ def replace_directory(new: Path, path: Path) -> None:
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
-        os.replace(new, path)
+        try:
+            os.replace(new, path)
+        except BaseException:
+            os.replace(old, path)  # the old directory back where it was: never neither
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, path)
@@ -132,7 +167,13 @@ def save_safetensors(
     sizes = {name: t.numel() * t.element_size() for name, t in state.items()}
     plan = plan_shards(sizes, max_shard_bytes=max_shard_bytes)
     for fname, shard in plan.items():
-        save_file({k: state[k] for k in shard}, str(directory / fname), metadata={"format": "pt"})
+        with atomic_file(directory / fname) as tmp:
+            try:
+                save_file({k: state[k] for k in shard}, str(tmp), metadata={"format": "pt"})
+            except Exception as e:  # safetensors wraps a failed write (a full disk) in SafetensorError
+                if (found := os_error_of(e)) is None:
+                    raise
+                raise found from e
     _write_shard_index(directory, plan, sizes)
     return list(plan)
 
@@ -236,7 +277,7 @@ def save_safetensors_streamed(specs: dict[str, tuple[tuple[int, ...], Any]], rea
             offset += sizes[k]
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-        with open(directory / fname, "wb") as f:
+        with atomic_file(directory / fname) as tmp, open(tmp, "wb") as f:
             f.write(len(text).to_bytes(8, "little"))
             f.write(text)
             for k in order:
@@ -270,19 +311,49 @@ def read_json_file(path: str | Path) -> Any | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CorruptArtifactError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:  # binary garbage where JSON was written
+        raise CorruptArtifactError(f"{path} is not valid JSON: byte 0x{e.object[e.start]:02x} at offset "
+                                   f"{e.start} is not UTF-8 text") from None
+
+
+def read_user_text(path: str | Path, *, what: str, error: type[Exception] = ConfigError) -> str:
+    """The text of a file the user named (``what``: "config file", "architecture file"), or ``error``
+    saying in one line why not: it does not exist, it is a directory, it cannot be read, or it is not
+    UTF-8 text (a binary file passed by mistake, which YAML and JSON would otherwise report as a
+    decoding traceback or as an "unacceptable character")."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory; name a file")
+    if not path.exists():
+        raise error(f"{what} {path} does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if b"\x00" in data:
+        raise error(f"{what} {path} is binary, not text (it holds NUL bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                    "is it a binary file?") from None
 
 
 def read_yaml_config(path: str | Path) -> Any:
-    """The YAML in a user's config file; a missing file or bad YAML is a :class:`ConfigError`."""
+    """The YAML in a user's config file; a missing, binary or unreadable file or bad YAML is a
+    :class:`ConfigError` of one line."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    text = read_user_text(path, what="config file")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{path} is not valid YAML: {one_line(str(e))}") from None
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and runs of blanks made single spaces (parsers' messages span lines)."""
+    return " ".join(text.split())
 
 
 def config_from_yaml(path: str | Path, from_dict: Callable[[Any], T]) -> T:
@@ -292,3 +363,22 @@ def config_from_yaml(path: str | Path, from_dict: Callable[[Any], T]) -> T:
         return from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def check_writable(flag: str, given: str | Path, existing: Path, *, what: str = "a directory") -> None:
+    """:class:`~puzzle.errors.ConfigError` unless this process may create files in ``existing`` (the output
+    ``given`` as ``flag``, or its nearest existing ancestor, where it would be made). ``os.access`` asks the
+    kernel without writing: it answers for file modes, ACLs and a read-only mount (EROFS) alike; root passes
+    file modes, as it writes through them."""
+    import os
+
+    from puzzle.errors import ConfigError
+
+    if os.access(existing, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    why = "on a read-only file system" if read_only else "permission denied"
+    raise ConfigError(f"{flag} {given}: {existing} is not writable ({why}); choose {what} you can write to")

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from puzzle.config_json import check_config_json
 from puzzle.errors import CorruptArtifactError, ModelFilesError, UnknownModelError
 from puzzle.io import load_safetensors, read_json_file, safetensors_files
 from puzzle.model import PuzzleConfig, PuzzleForCausalLM
@@ -118,6 +119,7 @@ def load_config(source: str | Path | Source) -> PuzzleConfig:
     src = resolve_source(source)
     cfg = read_config_json(src.directory)
     where = str(src.directory / "config.json")
+    check_config_json(cfg, where=where, kind=src.kind)  # every field read below: present and of its type
     if src.kind == "runtime":
         cfg = {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version", "architectures")}
         return PuzzleConfig(**cfg)

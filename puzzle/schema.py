@@ -235,10 +235,10 @@ def save_blocks(blocks: Sequence[BlockConfig], path: str | Path) -> None:
 
 def load_blocks(path: str | Path) -> list[BlockConfig]:
     """Read block configs from JSON or YAML: a list, or a mapping with a ``block_configs`` list."""
+    from puzzle.io import one_line, read_user_text
+
     path = Path(path)
-    if not path.is_file():
-        raise SchemaError(f"architecture file {path} does not exist")
-    text = path.read_text()
+    text = read_user_text(path, what="architecture file", error=SchemaError)  # not a directory, text, readable
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -247,7 +247,7 @@ def load_blocks(path: str | Path) -> list[BlockConfig]:
         else:
             data = json.loads(text)
     except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
-        raise SchemaError(f"{path} is not valid {path.suffix.lstrip('.') or 'json'}: {e}") from None
+        raise SchemaError(f"{path} is not valid {path.suffix.lstrip('.') or 'json'}: {one_line(str(e))}") from None
     if isinstance(data, Mapping):
         if "block_configs" not in data:
             raise SchemaError(f"{path}: expected a 'block_configs' key, found {sorted(data)}")

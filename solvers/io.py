@@ -121,6 +121,24 @@ def _merge(scores: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
     return merged.drop(columns=[c + "__costs" for c in both] + ["_merge"])
 
 
+def _check_numeric(df: pd.DataFrame, what: str, *, column: str | None = None) -> None:
+    """Refuse text in a column that is meant to hold numbers, naming its first such row.
+
+    A column pandas did not read as numbers is an attribute (custom constraints test it) unless it is
+    ``column`` (the score column asked for) or holds numbers on some rows: then a stray word or a typo made
+    the whole column text, and reading it as an attribute would report it as missing."""
+    for c in df.columns:
+        if c in KEYS or c == "is_parent" or pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]):
+            continue
+        numbers = pd.to_numeric(df[c], errors="coerce")
+        text = df[c].notna() & numbers.isna()
+        if text.any() and (c == column or numbers.notna().any()):
+            at = int(text.to_numpy().nonzero()[0][0])
+            row = df.iloc[at]
+            raise TableError(f"{what} table: column {c!r} holds non-numbers at row {at + 1} (layer {row['layer']}, "
+                             f"variant {str(row['variant']).strip()!r}): {row[c]!r}; write a number there")
+
+
 def _check_scores(scores: pd.DataFrame, column: str) -> None:
     """Refuse a negative, NaN or infinite value in the chosen score column, naming its first row."""
     values = scores[column].astype(float)
@@ -146,6 +164,8 @@ def problem_from_tables(scores: pd.DataFrame, costs: pd.DataFrame, *, score_colu
                         **problem_fields: Any) -> Problem:
     """Build a :class:`Problem` from the two tables (format above); other fields pass through."""
     scores, costs = _normalize(scores, "scores"), _normalize(costs, "costs")
+    _check_numeric(scores, "scores", column=score_column)
+    _check_numeric(costs, "costs")
     is_fixed = (costs["layer"] == -1) & (costs["variant"] == FIXED)
     fixed_rows, costs = costs[is_fixed], costs[~is_fixed]
     score_cols = [c for c in scores.columns if c not in KEYS and c != "is_parent"

@@ -28,8 +28,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("stages", ("puzzle.fusion", "puzzle.distill", "puzzle.evaluation", "puzzle.export")),
     ("profiler/scoring/block_library", ("puzzle.profiler", "puzzle.scoring", "block_library")),
     ("model/schema", ("puzzle.loading", "puzzle.parents", "puzzle.data", "puzzle.model", "puzzle.schema", "puzzle.engines",
-                      "puzzle.summary")),
-    ("io/errors", ("puzzle.io", "puzzle.errors", "puzzle.peak", "puzzle")),
+                      "puzzle.summary", "puzzle.config_json")),
+    ("io/errors", ("puzzle.io", "puzzle.errors", "puzzle.os_errors", "puzzle.peak", "puzzle")),
 )
 # Listed prefixes that stand for the package's __init__ alone, so that a new subpackage is in no layer
 # until someone places it.

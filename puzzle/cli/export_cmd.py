@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from puzzle.engines.rules import DEFAULT_ENGINE, ENGINE_NAMES
 
@@ -35,11 +36,13 @@ def run(args: argparse.Namespace) -> int:
 
     from puzzle.engines import check_loadable, engine_rules, loaders
     from puzzle.export import export_decilm
+    from puzzle.export.decilm import check_output
     from puzzle.loading import load_config, load_model, resolve_source
 
     src = resolve_source(args.source)
     config = load_config(src)
     check_loadable(engine_rules(args.engine), config.blocks, config, what=args.source)  # before any read or write
+    check_output(Path(args.out), [src.directory], overwrite=args.force)  # before the weights are read
     dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
     model = load_model(src, dtype=dtype)
     out = export_decilm(model, args.out, source_dir=src.directory, overwrite=args.force)

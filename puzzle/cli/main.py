@@ -3,7 +3,10 @@
 Each subcommand lives in its own module exposing ``add_parser(subparsers)``, which registers the
 subcommand and sets ``func`` (a callable taking the parsed args and returning an exit code).
 Errors derived from :class:`puzzle.errors.PuzzleError` are printed as one line, without a
-traceback, and exit with status 2.
+traceback, and exit with status 2; so are the file system's refusals (a full disk, a read-only
+``--out``, a file where a directory should be), which :func:`puzzle.os_errors.storage_error` turns
+into a :class:`~puzzle.errors.StorageError` naming the path, the cause and the fix (``-v`` logs the
+traceback). Every write is atomic, so the rerun after the fix resumes.
 """
 
 from __future__ import annotations
@@ -15,6 +18,12 @@ import sys
 
 from puzzle import __version__
 from puzzle.errors import PuzzleError
+from puzzle.os_errors import storage_error
+
+log = logging.getLogger("puzzle.cli")
+
+RESUMING_COMMANDS = frozenset({"search"})
+"""Commands that resume a run directory: their storage errors promise that the rerun resumes."""
 
 # Subcommand modules, in the order `puzzle --help` lists them. A new stage adds one line here.
 COMMAND_MODULES = [
@@ -56,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except PuzzleError as e:
         print(f"puzzle {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # an OSError (or safetensors' wrapped one) from anywhere; anything else re-raised
+        error = storage_error(e, out=getattr(args, "out", None), resumes=args.command in RESUMING_COMMANDS)
+        if error is None:
+            raise
+        log.debug("the file system refused a read or write", exc_info=True)
+        print(f"puzzle {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"puzzle {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

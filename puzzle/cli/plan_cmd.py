@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     stages, problem = None, None
     try:
         if plan.parent.get("weights"):  # without weights (a shape, a config.json alone) there is only the plan
-            preflight(plan, args.out, force=args.force)
+            preflight(plan, args.out, force=args.force, searching=False)  # it sizes any cluster
             stages = planned_stages(plan, args.out, verify=args.verify)
         else:
             check_plan(plan)

@@ -27,6 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from puzzle.search.lock import claim
+
+    with claim(args.out):  # another search on --out: refused at once, before the seconds of imports and checks
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from puzzle.cli.plan_cmd import print_plan

@@ -46,30 +46,32 @@ def _add_flag(group: Any, spec: Spec) -> None:
     elif spec.kind == "strs":
         kw.update(nargs="+", choices=spec.choices or None)
     elif spec.kind == "mapping":
-        kw.update(type=_yaml_mapping(spec.option))
+        pass  # a YAML file's path, read by config_from_args: argparse would hide its ConfigError's message
     else:
         kw.update(type={"int": int, "float": float}.get(spec.kind, str), choices=spec.choices or None)
     group.add_argument(spec.option, **kw)
 
 
-def _yaml_mapping(flag: str) -> Any:
-    def read(path: str) -> dict:
-        """The YAML file's mapping (``space:`` at the top, or the section itself)."""
-        from puzzle.errors import ConfigError
-        from puzzle.io import read_yaml_config
+def _yaml_mapping(flag: str, path: str) -> dict:
+    """The mapping in the YAML file a flag names (``space:`` at the top, or the section itself); a missing,
+    binary or malformed file is a one-line :class:`ConfigError`."""
+    from puzzle.errors import ConfigError
+    from puzzle.io import read_yaml_config
 
-        data = read_yaml_config(path)
-        if not isinstance(data, dict):
-            raise ConfigError(f"{flag} {path}: expected a mapping such as {{ffn: {{sizes: [0.5]}}}}")
-        return data
-
-    return read
+    data = read_yaml_config(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{flag} {path}: expected a mapping such as {{ffn: {{sizes: [0.5]}}}}")
+    return data
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
     """The YAML file's settings, then the flags' (the one merge rule: later sources override earlier ones)."""
     cfg = SearchConfig.from_file(args.config) if args.config else SearchConfig()
-    return cfg.merge({spec.name: getattr(args, spec.name, None) for spec in SETTINGS}, source="flag")
+    flags = {spec.name: getattr(args, spec.name, None) for spec in SETTINGS}
+    for spec in SETTINGS:
+        if spec.kind == "mapping" and flags[spec.name] is not None:
+            flags[spec.name] = _yaml_mapping(spec.option, flags[spec.name])
+    return cfg.merge(flags, source="flag")
 
 
 def settings_markdown() -> str:

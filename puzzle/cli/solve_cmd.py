@@ -94,10 +94,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _output_file(text: str, *, flag: str, example: str) -> Path:
-    """The file a flag names, refused (ConfigError naming the fix) if it is a directory or its parent is missing."""
+    """The file a flag names, refused (ConfigError naming the fix) if it is a directory, if a folder above it
+    is a file (``FILE/x.json``), or if its folder is missing."""
     path = Path(text)
     if path.is_dir():
         raise ConfigError(f"{flag} {text} is a directory; give the file to write, e.g. {flag} {path / example}")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"{flag} {text}: {blocker} is a file, not a directory; write elsewhere, e.g. "
+                          f"{flag} {blocker.parent / path.name}")
     if not path.parent.is_dir():
         raise ConfigError(f"{flag} {text}: the directory {path.parent} does not exist; create it first "
                           f"(mkdir -p {path.parent}) or write elsewhere")

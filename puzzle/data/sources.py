@@ -18,6 +18,7 @@ of one text file share its key, hence its split.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -108,11 +109,20 @@ def _file_pieces(path: Path, key: str, *, split: str, val_fraction: float,
     """Pieces of one user file in ``split``; a text file outside it is not even opened."""
     suffix = path.suffix.lower()
     if suffix in readers.JSONL_SUFFIXES:
-        yield from (p for p in readers.read_jsonl(path, key) if _in_split(p[0], split, val_fraction))
+        yield from (p for p in _jsonl(path, key) if _in_split(p[0], split, val_fraction))
     elif suffix in readers.PARQUET_SUFFIXES:
         yield from (p for p in readers.read_parquet(path, key) if _in_split(p[0], split, val_fraction))
     elif _in_split(key, split, val_fraction):  # a text file (suffixes were checked already)
         yield from readers.read_text(path, key, chunk_bytes=chunk_bytes)
+
+
+def _jsonl(path: Path, key: str) -> Iterator[readers.Piece]:
+    """:func:`readers.read_jsonl`, with bytes that are no UTF-8 text (a binary file) a :class:`DataError`."""
+    try:
+        yield from readers.read_jsonl(path, key)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x}; a binary file?); a .jsonl file "
+                        "holds one JSON object per line, in UTF-8") from None
 
 
 def source_names(sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str] | None) -> list[str]:
@@ -123,9 +133,20 @@ def source_names(sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[s
 
 
 def check_sources(sources: Sequence[str | os.PathLike[str]] | str | None) -> None:
-    """Fail before any reading on a missing path or a file of unknown type (:class:`DataError`)."""
+    """Open every source and read its first document (:class:`DataError` naming the source or file).
+
+    Refuses a missing path, a file of unknown type, a source that holds no document (an empty file, a
+    directory without a file of a known type) and one whose first document does not read (a ``.jsonl``
+    line that is not JSON, has no ``text`` or is not UTF-8; a Parquet file without a ``text`` column). A
+    search calls it before it writes anything; what lies past the first document is read when a stage
+    streams it."""
     for name in source_names(sources):
         _check_source(name)
+        with contextlib.closing(_source_pieces(name, split="all", val_fraction=0.0,
+                                               chunk_bytes=readers.CHUNK_BYTES)) as pieces:
+            if next(pieces, None) is None:
+                raise DataError(f"data source {name!r} holds no document (an empty file, or a directory without "
+                                f"a text, .jsonl or .parquet file); add data")
 
 
 def _check_source(source: str) -> None:

@@ -206,16 +206,16 @@ def load_checkpoint(out: Path, *, model: torch.nn.Module, optimizer: torch.optim
 
 
 def files_fingerprint(model: PuzzleForCausalLM) -> str:
-    """sha256 of a stored model's config and its weight files' names, sizes and modification times (a
-    rewritten file changes it), without reading the weights (``model`` is on the meta device)."""
+    """sha256 of a stored model's config and its weight files' names and bytes (``model`` is on the meta
+    device; each file is read once, then its hash is cached by file identity: :mod:`puzzle.parents.hashes`)."""
     from puzzle.io import safetensors_files
+    from puzzle.parents.hashes import content_sha256
 
     h = hashlib.sha256()
     config = {k: v for k, v in model.config.to_dict().items() if k not in _GENERIC}
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for f in safetensors_files(model.name_or_path):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{f.name}:{content_sha256(f)}".encode())
     return h.hexdigest()
 
 

@@ -56,24 +56,41 @@ def block_problems(rules: EngineRules, block: BlockConfig) -> list[str]:
     return out
 
 
-def allowed_attention(rules: EngineRules, layer: int, a: AttentionConfig, *, parent_kv_heads: int | None) -> bool:
-    """Whether a search may offer attention ``a`` at ``layer``, judged on the sub-block alone.
+def attention_refusal(rules: EngineRules, layer: int, a: AttentionConfig, *, parent_kv_heads: int | None) -> str | None:
+    """Why a search may not offer attention ``a`` at ``layer``, in words; None: it may.
 
-    Stricter than :func:`violations` where a rule spans layers: layer 0 keeps real attention when
-    the first real layer must attend, and (without variable KV heads) every attention keeps the
-    parent's KV-head count, so any combination of allowed blocks is loadable.
+    Judged on the sub-block alone, and stricter than :func:`violations` where a rule spans layers:
+    layer 0 keeps real attention when the first real layer must attend, and (without variable KV
+    heads) every attention keeps the parent's KV-head count, so any combination of allowed blocks
+    is loadable.
     """
-    if _attention_rules(rules, a):
-        return False
+    found = _attention_rules(rules, a)
+    if found:
+        return found[0]
     if rules.first_real_layer_attends and layer == 0 and a.kind == "no_op":
-        return False
-    return rules.variable_kv_heads or a.kind != "gqa" or parent_kv_heads is None \
-        or a.num_key_value_heads == parent_kv_heads
+        return "no-op attention in layer 0, where the engine's residual stream starts at an attention"
+    if not rules.variable_kv_heads and a.kind == "gqa" and parent_kv_heads is not None \
+            and a.num_key_value_heads != parent_kv_heads:
+        return (f"{a.num_key_value_heads} KV heads where the parent has {parent_kv_heads}: every attention layer "
+                f"keeps one KV-head count, no variable GQA")
+    return None
+
+
+def allowed_attention(rules: EngineRules, layer: int, a: AttentionConfig, *, parent_kv_heads: int | None) -> bool:
+    """Whether a search may offer attention ``a`` at ``layer`` (:func:`attention_refusal` has no reason)."""
+    return attention_refusal(rules, layer, a, parent_kv_heads=parent_kv_heads) is None
+
+
+def ffn_refusal(rules: EngineRules, f: FFNConfig) -> str | None:
+    """Why a search may not offer FFN ``f``, in words; None: it may (a no-op FFN that needs no-op
+    attention is judged per block)."""
+    found = _ffn_rules(rules, f)
+    return found[0] if found else None
 
 
 def allowed_ffn(rules: EngineRules, f: FFNConfig) -> bool:
-    """Whether a search may offer FFN ``f`` (a no-op FFN that needs no-op attention is judged per block)."""
-    return not _ffn_rules(rules, f)
+    """Whether a search may offer FFN ``f`` (:func:`ffn_refusal` has no reason)."""
+    return ffn_refusal(rules, f) is None
 
 
 def allowed(rules: EngineRules, layer: int, block: BlockConfig, *, parent_kv_heads: int | None) -> bool:

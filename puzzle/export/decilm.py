@@ -146,7 +146,7 @@ def export_decilm(
     ``dtype``: cast the weights (default: keep the model's dtype).
     """
     out_dir = Path(out_dir)
-    _check_output(out_dir, [Path(source_dir)] if source_dir is not None else [], overwrite=overwrite)
+    check_output(out_dir, [Path(source_dir)] if source_dir is not None else [], overwrite=overwrite)
     config = model.config
     dtype = dtype or next(model.parameters()).dtype
     cfg = _config_json(config, dtype)
@@ -160,11 +160,22 @@ def export_decilm(
     return out_dir
 
 
-def _check_output(out_dir: Path, protected: list[Path], *, overwrite: bool) -> None:
-    """Never into or over a source directory; never over a non-empty one unless ``overwrite``."""
+def check_output(out_dir: Path, protected: list[Path], *, overwrite: bool) -> None:
+    """Never into or over a source directory; never over a non-empty one unless ``overwrite``; never under a
+    file or where this process cannot write (checked before the source is read: nothing is written)."""
+    from puzzle.io import check_writable
+
+    out_dir = Path(out_dir)
     _check_destination(out_dir, protected)
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file; name a directory for the export")
+    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} already exists and is not empty; pass overwrite=True (--force) to replace it")
+    existing = next(p for p in (out_dir.resolve(), *out_dir.resolve().parents) if p.exists())
+    if not existing.is_dir():
+        raise ExportError(f"not a directory: {existing} is a file, so --out {out_dir} cannot be made: move "
+                          f"{existing.name} away or choose another --out")
+    check_writable("--out", out_dir, existing)
 
 
 def _config_json(config: PuzzleConfig, dtype: torch.dtype) -> dict[str, Any]:
@@ -207,7 +218,7 @@ def export_decilm_dir(
     """
     src = resolve_source(model_dir)
     out_dir = Path(out_dir)
-    _check_output(out_dir, [src.directory] + ([Path(source_dir)] if source_dir is not None else []),
+    check_output(out_dir, [src.directory] + ([Path(source_dir)] if source_dir is not None else []),
                   overwrite=overwrite)
     config = load_config(src)
     specs, read, stored = streamed_runtime_tensors(src, config, dtype=dtype)

@@ -29,8 +29,10 @@ def read_config_json(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise ModelFilesError(f"{directory} has no config.json; is it a Hugging Face model directory?")
+    from puzzle.io import read_user_text  # binary or unreadable: one line
+
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_user_text(path, what="model config", error=CorruptArtifactError))
     except json.JSONDecodeError as e:
         raise CorruptArtifactError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):

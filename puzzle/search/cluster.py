@@ -9,6 +9,9 @@ One rank per device: ``torchrun --nproc-per-node 8`` on each node of a GPU clust
 A rank's memory limit (``--max-memory-per-rank``, default: the device's memory less a 10% margin;
 on the CPU this machine's RAM less the margin, split between the ranks) is what BLD fills with
 rounds of variants and what the resource plan checks every stage against.
+
+``puzzle plan`` sizes any cluster; ``puzzle search`` runs on this machine, so it first checks that the
+cluster's ranks have their devices here (:func:`check_here`).
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import re
 from dataclasses import dataclass
 
 from block_library.rounds import parse_size
-from puzzle.errors import UnknownTargetError
+from puzzle.errors import ResourceError, UnknownTargetError
 
-__all__ = ["Cluster", "parse_cluster", "parse_size", "default_cluster", "local_device"]
+__all__ = ["Cluster", "parse_cluster", "parse_size", "default_cluster", "local_device", "check_here"]
 
 MEMORY_MARGIN = 0.9
 """Fraction of a device's (or the machine's) memory a rank may fill."""
@@ -131,3 +134,37 @@ def local_device() -> str:
         if key.split("-")[0] in name:
             return ALIASES.get(key, key)
     return "H100-SXM"  # an unknown GPU is planned as an H100; --cluster names it exactly
+
+
+def check_here(cluster: Cluster, *, shown: str | None = None) -> None:
+    """:class:`ResourceError` (one line naming what this machine has) unless the ranks ``cluster`` puts on
+    this machine have their devices here.
+
+    ``Nxcpu`` is N processes on this machine (``torchrun --nproc-per-node N``): at most one per core this
+    process may run on (``os.sched_getaffinity``), or the ranks the plan budgets share fewer cores than it
+    assumed. A GPU cluster needs its accelerator here, one per rank of this node: ``min(count, 8)`` (its
+    other nodes are checked where they run). ``shown``: the cluster as the user wrote it."""
+    import os
+
+    flag = f"--cluster {shown or cluster.name}"
+    cores = len(os.sched_getaffinity(0))
+    where = "`puzzle plan` sizes any cluster without running it"
+    if cluster.is_cpu:
+        if cluster.count > cores:
+            raise ResourceError(f"{flag} runs {cluster.count} processes on this machine, which has {cores} CPU "
+                                f"core{'s' if cores != 1 else ''} for them: use --cluster {cores}xcpu or fewer "
+                                f"({where})")
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ResourceError(f"{flag} needs {cluster.device} GPUs and this machine has none, only {cores} CPU "
+                            f"core{'s' if cores != 1 else ''}: search here with --cluster 1xcpu ({where})")
+    here, count, name = local_device(), torch.cuda.device_count(), torch.cuda.get_device_name(0)
+    ranks = min(cluster.count, NODE_GPUS)
+    if here != cluster.device:
+        raise ResourceError(f"{flag} plans {cluster.device} GPUs; this machine has {count} {name} ({here}): use "
+                            f"--cluster {min(ranks, count)}x{here} ({where})")
+    if count < ranks:
+        raise ResourceError(f"{flag} runs {ranks} ranks on this machine, one per GPU, and it has {count} "
+                            f"{here}: use --cluster {count}x{here} or fewer ({where})")

@@ -7,12 +7,13 @@
 
 The config is resolved once into a :class:`~puzzle.search.plan.Plan` and checked (model, data,
 target, budget feasibility, resources, run directory) before anything is written; ``run_dir/plan.json``
-records it. Every stage lives in ``run_dir/<stage>/`` with a ``stage.json`` manifest
-(:mod:`puzzle.search.manifest`): a rerun skips stages whose key and recorded files did not change, an
-interrupted run resumes (BLD from its checkpoint, scoring from its finished layers), and changing only
-the budget re-solves without retraining. A stage's key holds its settings and the hashes of the
-*outputs* of the stages it reads, so redoing one stage redoes exactly the ones after it. This module
-is only the loop: each stage's settings, key, run and resources are in its own file.
+records it. One search writes a run directory at a time (:mod:`puzzle.search.lock`); the parent
+enters the first key by its content, so a parent re-trained in place redoes every stage. Every stage lives in ``run_dir/<stage>/`` with a
+``stage.json`` manifest (:mod:`puzzle.search.manifest`): a rerun skips stages whose key and recorded
+files did not change, an interrupted run resumes (BLD from its checkpoint, scoring from its finished
+layers), and changing only the budget re-solves without retraining. A stage's key holds its settings
+and the hashes of the *outputs* of the stages it reads, so redoing one stage redoes exactly the ones
+after it. This module is only the loop: each stage's settings, key, run and resources are in its own file.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pandas as pd
 
 from puzzle.search.config import SearchConfig
 from puzzle.search.context import StageContext
+from puzzle.search.lock import check_free, one_writer
 from puzzle.search.manifest import StageResult, inspect_stage, run_stage
 from puzzle.search.plan import Plan
 from puzzle.search.preflight import check_group, prepare, preflight
@@ -72,14 +74,15 @@ def planned_stages(plan: Plan, run_dir: str | Path, *, shared_dir: str | Path | 
                    verify: bool = False) -> list[dict[str, str]]:
     """What :func:`search` would do in ``run_dir``, stage by stage: ``{"stage", "action": run | skip, "reason"}``.
 
-    Reads manifests and file sizes (hashes with ``verify``); writes nothing.
+    Reads manifests and file sizes (hashes with ``verify``, the parent's weights included); writes nothing
+    but the parent's hashes into the user cache (:mod:`puzzle.parents.hashes`).
     """
     from block_library.session import parent_fingerprint
     from puzzle.loading import resolve_source
 
     run_dir = Path(run_dir).expanduser().resolve()
     shared = Path(shared_dir).expanduser().resolve() if shared_dir is not None else run_dir
-    upstream = {"parent": parent_fingerprint(resolve_source(plan.model))}
+    upstream = {"parent": parent_fingerprint(resolve_source(plan.model), verify=verify)}
     rows, first_run = [], None
     for stage in REGISTRY.of(plan):
         if first_run is not None:
@@ -103,8 +106,10 @@ def search(config: SearchConfig | Plan, run_dir: str | Path, *, progress: bool =
     ``config``: what the user said (resolved here) or a plan. Everything is checked before the first
     write (:func:`puzzle.search.preflight.preflight`). ``shared_dir``: where the budget-independent
     stages (:data:`SHAREABLE`) live, so runs at different budgets train once (default: ``run_dir``).
-    ``verify``: re-hash every recorded file of a stage before skipping it (sizes are always checked).
-    ``force``: allow a run directory that holds other files.
+    ``verify``: re-hash every recorded file of a stage before skipping it (sizes are always checked), and
+    the parent's weights (their cached hashes are not trusted). ``force``: allow a run directory that holds
+    other files. Raises :class:`~puzzle.errors.RunInUseError` when another search holds ``run_dir`` (or
+    ``shared_dir``), before writing anything.
     """
     from puzzle.peak import frozen_heap
 
@@ -115,25 +120,35 @@ def search(config: SearchConfig | Plan, run_dir: str | Path, *, progress: bool =
 
 def _search(config: SearchConfig | Plan, run_dir: str | Path, *, progress: bool, echo: Callable[[str], None] | None,
             verify: bool, force: bool, shared_dir: str | Path | None) -> SearchRun:
+    group = join()
+    plan = config if isinstance(config, Plan) else resolve(config)
+    check_group(plan, group)
+    typed = run_dir
+    run_dir = preflight(plan, run_dir, force=force)
+    shared = Path(shared_dir).expanduser().resolve() if shared_dir is not None else run_dir
+    if shared != run_dir:
+        check_free(shared, flag="shared_dir")
+        preflight(plan, shared, force=force)
+    group.barrier()  # every rank has checked the run directory before rank 0 writes into it
+    with one_writer(group, run_dir, shared, typed=typed):
+        if group.first:
+            prepare(plan, run_dir, shared, shareable=[s.name for s in REGISTRY.of(plan) if s.shareable])
+        group.barrier()
+        return _run_stages(plan, run_dir, shared, group, progress=progress, echo=echo, verify=verify)
+
+
+def _run_stages(plan: Plan, run_dir: Path, shared: Path, group: Group, *, progress: bool,
+                echo: Callable[[str], None] | None, verify: bool) -> SearchRun:
+    """Every stage in order (skipped when up to date), then the report; in a prepared, locked run directory."""
     from block_library.session import parent_fingerprint
     from puzzle.peak import peak_rss_bytes, pin_mmap_threshold, release_memory, reset_peak
     from puzzle.search.report import write_report
 
-    group = join()
-    plan = config if isinstance(config, Plan) else resolve(config)
-    check_group(plan, group)
-    run_dir = preflight(plan, run_dir, force=force)
-    shared = Path(shared_dir).expanduser().resolve() if shared_dir is not None else run_dir
-    if shared != run_dir:
-        preflight(plan, shared, force=force)
-    group.barrier()  # every rank has checked the run directory before rank 0 writes into it
-    if group.first:
-        prepare(plan, run_dir, shared, shareable=[s.name for s in REGISTRY.of(plan) if s.shareable])
-    group.barrier()
     pin_mmap_threshold()  # freed weights leave RSS: each stage's measured peak is its own
     ctx = StageContext(plan, run_dir, progress and group.first, group=group, shared_dir=shared)
     run = SearchRun(directory=run_dir, plan=plan)
-    upstream = {"parent": parent_fingerprint(ctx.source)}
+    # rank 0 reads the parent's bytes (under verify) once for the group; the others take its answer
+    upstream = {"parent": group.broadcast(parent_fingerprint(ctx.source, verify=verify) if group.first else None)}
     usage = Usage(run_dir, group)
     stages = REGISTRY.of(plan)
     for k, stage in enumerate(stages, start=1):

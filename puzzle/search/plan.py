@@ -166,6 +166,10 @@ def plan_space(plan: Plan) -> Any:
 
 
 def check_feasible(plan: Plan) -> None:
-    """:class:`InfeasibleBudgetError` naming the first unreachable budget and the best reachable value."""
+    """:class:`InfeasibleBudgetError` naming the first unreachable budget and the best reachable value.
+
+    Each bound alone, against the analytic extreme of the search space (:attr:`Plan.feasibility`); the
+    bounds together and with the custom constraints are solved for in
+    :func:`puzzle.search.constraints_check.check_constraints`."""
     if plan.feasibility.problems:
         raise InfeasibleBudgetError(plan.feasibility.problems[0])

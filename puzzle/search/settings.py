@@ -85,7 +85,8 @@ SETTINGS = Table([
     Spec(name="cluster", kind="str", stages=(PLAN,), default=DERIVED,
          default_text="torchrun's world size on this machine's device",
          help="The machines that run the search, one rank per device: 8xH100 (one node), 64xH100, 2xcpu; "
-              "not the deployment --budget."),
+              "not the deployment --budget. `puzzle search` refuses one this machine does not have (its GPUs, "
+              "its cores); `puzzle plan` sizes any."),
     Spec(name="max_memory_per_rank", kind="size", stages=(PLAN,), default=DERIVED,
          default_text="the device's memory less 10%; on the CPU the RAM less 10%, split between the ranks",
          help="Memory a rank may fill, e.g. 6GiB or 72GB; BLD trains its variants in rounds that fit it."),
