@@ -60,8 +60,8 @@ from benchmarks.tiny_parent import write_tiny_parent  # noqa: E402
 from puzzle.search import SearchConfig  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-COLUMNS = ["method", "preset", "seed", "budget", "flops_pct", "gkd", "kl", "ppl", "top1", "predicted_kl", "finalists",
-           "spearman", "detail"]
+COLUMNS = ["method", "preset", "seed", "ranks", "budget", "flops_pct", "gkd", "kl", "ppl", "top1", "predicted_kl",
+           "finalists", "spearman", "detail"]
 RESERVED = 16
 """Validation sequences of 256 tokens left to the search (its scoring and evaluation read the split's start)."""
 
@@ -158,7 +158,7 @@ def compare(run_dir: Path, *, quick: bool, preset: str, seed: int, fractions: li
     rows: list[dict[str, Any]] = []
     fidelity: list[pd.DataFrame] = []
     label = ("quick-test" if quick else preset) + ("+refit" if ffn_refit else "") + ("+child-refit" if child_refit else "")
-    base = {"preset": label, "seed": seed, "gkd": False}
+    base = {"preset": label, "seed": seed, "ranks": 1, "gkd": False}
     parent_blocks = uni.parent_config.blocks
     for r in fractions:
         uniform_blocks = [replace(b, ffn=FFNConfig.swiglu(uniform_width(uni, r))) for b in parent_blocks]
@@ -229,12 +229,17 @@ def _with_refit(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _merged(path: Path, new: pd.DataFrame) -> pd.DataFrame:
-    """``new`` with the rows of ``path`` of other (preset, seed) pairs."""
+    """``new`` with the rows of ``path`` of other (preset, seed, ranks) triples (rows written before the ``ranks``
+    column ran in one process)."""
     if not path.is_file():
         return new
     old = pd.read_csv(path)
-    keep = ~old.set_index(["preset", "seed"]).index.isin(new.set_index(["preset", "seed"]).index.unique())
-    return pd.concat([old[keep], new], ignore_index=True)
+    old["ranks"] = old["ranks"].fillna(1).astype(int) if "ranks" in old else 1
+    new = new.assign(ranks=new["ranks"].fillna(1).astype(int)) if "ranks" in new else new.assign(ranks=1)
+    key = ["preset", "seed", "ranks"]
+    keep = ~old.set_index(key).index.isin(new.set_index(key).index.unique())
+    return pd.concat([old[keep], new], ignore_index=True).reindex(columns=[c for c in COLUMNS if c in old or c in new]
+                                                                  + [c for c in old if c not in COLUMNS])
 
 
 def parse_fractions(text: str) -> list[float] | None:
@@ -297,6 +302,8 @@ def plot(df: pd.DataFrame, fid: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     data = df.dropna(subset=["kl"])
+    ranks = data["ranks"].fillna(1) if "ranks" in data else pd.Series(1, index=data.index)
+    sharded, data = data[ranks > 1], data[ranks == 1]  # the torchrun search's child: markers beside the lines
     presets = [p for p in PRESET_TITLES if p in set(data.preset)] + sorted(set(data.preset) - set(PRESET_TITLES))
     fig, axes = _grid(len(presets), sharex=True, sharey=True)
     drawn = [method for method, _, _ in PLOT_LINES]
@@ -309,6 +316,9 @@ def plot(df: pd.DataFrame, fid: pd.DataFrame, path: Path) -> None:
             ax.plot(g.index, g["mean"], label=label, **style)
             if d.seed.nunique() > 1:
                 ax.fill_between(g.index, g["min"], g["max"], color=style["color"], alpha=0.25, lw=0)
+        for n, g in sharded[(sharded.preset == preset) & (sharded.method == "puzzle_search_child_bld")].groupby("ranks"):
+            ax.plot(g.flops_pct, g.kl, ls="none", marker="x", ms=10, mew=2, color="C3",
+                    label=f"puzzle search's child on {int(n)} ranks (torchrun)")
         for x, y in d[d.method == "puzzle_search_child_bld"].groupby("flops_pct").kl.mean().items():
             ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, -13), ha="center", fontsize=8,
                         color="C0")
@@ -383,6 +393,9 @@ def main() -> None:
     ap.add_argument("--child-refit", action=argparse.BooleanOptionalAction, default=None,
                     help="child-aware BLD starts with the child-stream refit (default: the preset's, full on, quick off; "
                     "--quick off); rows labelled PRESET+child-refit")
+    ap.add_argument("--ranks", type=int, default=1, help="run `puzzle search` itself under torchrun on this many "
+                    "processes and measure its child (benchmarks/quality_ranks.py: rows puzzle_search and "
+                    "puzzle_search_child_bld with ranks = N); default 1: the in-process comparison")
     ap.add_argument("--plot-only", action="store_true", help="only redraw results/quality.png and "
                     "quality_fidelity.png from the committed CSVs (seconds; runs nothing)")
     ap.add_argument("--run", default=None, help="run directory (default runs/quality-PRESET-sSEED, "
@@ -407,7 +420,13 @@ def main() -> None:
     child_refit = args.child_refit if args.child_refit is not None else (
         False if args.quick else PRESETS[args.preset]["child_refit"])
     ffn_refit = bool(args.ffn_refit)
+    if args.ranks < 1:
+        ap.error(f"--ranks must be at least 1, got {args.ranks}")
+    if args.ranks > 1 and ffn_refit:
+        ap.error("--ranks N measures the search as it ships: drop --ffn-refit")
     t0 = time.perf_counter()
+    if args.ranks > 1:
+        return sharded_main(args, fractions, child_refit, t0)
     if args.quick:
         run_dir = Path(args.run or Path(tempfile.mkdtemp(prefix="puzzle-quality-")) / "run")
         write_tiny_parent(run_dir.parent / "parent") if not (run_dir.parent / "parent").exists() else None
@@ -431,6 +450,34 @@ def main() -> None:
     plot(df, fid, run_dir / "quality.png" if args.quick else RESULTS / "quality.png")
     print(df.drop(columns=["detail"]).round(4).to_string(index=False))
     print(f"wrote {RESULTS / f'quality{suffix}.csv'} in {time.perf_counter() - t0:.0f} s")
+
+
+def sharded_main(args: argparse.Namespace, fractions: list[float], child_refit: bool, t0: float) -> None:
+    """``--ranks N``: the search under torchrun, its child measured on quality.py's held-out text."""
+    from benchmarks.quality_ranks import sharded_rows
+    from puzzle.io import atomic_write_text
+    from puzzle.parents.embedded import resolve_embedded
+
+    label = ("quick-test" if args.quick else args.preset) + ("+child-refit" if child_refit else "")
+    if args.quick:
+        run_dir = Path(args.run or Path(tempfile.mkdtemp(prefix="puzzle-quality-")) / "run")
+        model = run_dir.parent / "parent"
+        write_tiny_parent(model) if not model.exists() else None
+    else:
+        run_dir = Path(args.run or f"runs/quality-{args.preset}-ranks{args.ranks}-s{args.seed}")
+        model = resolve_embedded("smollm2-135m")
+    rows = sharded_rows(run_dir, model=str(model), quick=args.quick, preset=args.preset, label=label, seed=args.seed,
+                        ranks=args.ranks, fractions=fractions, child_refit=child_refit,
+                        finalist_sequences=2 if args.quick else 4, eval_sequences=2 if args.quick else 8)
+    df = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    path = RESULTS / ("quality_quick.csv" if args.quick else "quality.csv")
+    RESULTS.mkdir(exist_ok=True)
+    df = _merged(path, df)
+    atomic_write_text(path, df.to_csv(index=False))
+    if not args.quick:
+        plot(df, pd.read_csv(RESULTS / "quality_fidelity.csv"), RESULTS / "quality.png")
+    print(df[df.ranks == args.ranks].drop(columns=["detail"]).round(4).to_string(index=False))
+    print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":
