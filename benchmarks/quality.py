@@ -333,10 +333,11 @@ def plot(df: pd.DataFrame, fid: pd.DataFrame, path: Path) -> None:
         ax.set_ylabel("KL to the parent")
         ax.label_outer()
     handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(3, len(handles)), frameon=False,
+               fontsize=9)
     fig.suptitle("KL to the parent at equal decoder FLOPs, held-out text, before GKD (lower is better; "
                  "band: lowest to highest seed)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.09, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     plot_fidelity(fid, path.with_name(f"{path.stem}_fidelity.png"))

@@ -104,6 +104,7 @@ def check_plan(plan: Plan) -> None:
     that exist), the engine loads the parent's blocks, and every stage fits the cluster (:class:`ResourceError`
     naming the smallest cluster that fits, before any work)."""
     from block_library.space_values import check_space
+
     check_engine(plan)
     check_space(plan)  # a --space value that gives no variant
     check_feasible(plan)
