@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.reliability_cases import COSTS, SCORES  # the same 3-layer problem for `puzzle solve`
 from puzzle.cli.main import main
 from puzzle.errors import StorageError
 from puzzle.io import (atomic_directory, atomic_file, atomic_write_text, replace_directory, save_safetensors,
@@ -27,15 +28,6 @@ from puzzle.io import (atomic_directory, atomic_file, atomic_write_text, replace
 from puzzle.os_errors import shown_path, storage_error
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# A 3-layer problem for `puzzle solve`: the parent's block, a smaller one and no attention on each layer.
-_VARIANTS = (("gqa:2|swiglu:96", 100, 32, 1.0, True), ("gqa:1|swiglu:48", 60, 16, 0.6, False),
-             ("no_op|swiglu:96", 80, 0, 0.7, False))
-SCORES = "layer,variant,kl\n" + "".join(f"{layer},{v},{0.0 if parent else 0.1 * (layer + 1)}\n"
-                                        for layer in range(3) for v, _, _, _, parent in _VARIANTS)
-COSTS = "layer,variant,params,weight_bytes,kv_bytes_per_token,decode_ms,is_parent\n-1,fixed,50,100,0,0.5,\n" + "".join(
-    f"{layer},{v},{p},{2 * p},{kv},{ms},{parent}\n" for layer in range(3) for v, p, kv, ms, parent in _VARIANTS)
-
 
 def _solve_argv(tmp: Path, out: Path) -> list[str]:
     (tmp / "scores.csv").write_text(SCORES)
