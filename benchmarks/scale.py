@@ -7,7 +7,7 @@ Writes a random parent of the shape (``benchmarks/random_parent.py``, cached und
 cache), then runs
 
     torchrun --nproc-per-node 2 -m puzzle.cli.main search --model DIR --cluster 2xcpu \\
-        --max-memory-per-rank 6GiB --budget 8xH100 --fuse-threshold 0 --gkd-steps 0 --no-speed \\
+        --max-memory-per-rank 6GiB --budget 8xH100 --fuse-threshold 0 --gkd-steps 4 --gkd-batch 2 --no-speed \\
         --space SPACE.yaml --engine transformers --bld-tokens 2048 --bld-eval-sequences 4 --finalists 4 \\
         --child-bld-tokens 2048 --child-refit ...
 
@@ -18,11 +18,14 @@ each stage). Prints the table, writes ``benchmarks/results/scale.csv`` (``scale_
 peak is off the plan by more than ``--tolerance`` (15%).
 
 Every quality stage runs sharded: the 4 finalists measured layer-sharded against the parent's cached
-top-1024 log-probabilities, child-aware BLD with the child-stream refit layer-sharded, and (``--quick``)
-GKD from the parent's top-64 targets, computed layer-sharded once. GKD is off in the full run because it
-cannot fit: FSDP2 shards the student's fp32 weights, gradients and AdamW moments (16 B/param) and the
-teacher (4 B/param), 12.4 GB per rank for 1.24 B parameters on 2 ranks, and the plan refuses it (naming
-the smallest cluster that fits); ``--quick`` runs it. Fusion runs only on GPU budgets' children
+top-1024 log-probabilities, child-aware BLD with the child-stream refit layer-sharded, and GKD (4 steps of
+2 sequences; 2 with ``--quick``) from the parent's top-64 targets of its training and validation sequences,
+computed layer-sharded once, so no rank loads the parent in training. The whole 1B student does not fit
+6 GiB a rank: FSDP2 holds 16 B per trained parameter (fp32 weight, gradient, two AdamW moments) over the
+ranks, 6.8 GB a rank for the child's 848 M before any layer is gathered or any logit computed. The plan
+falls back (``memory_options`` in ``puzzle/search/stages/gkd.py``) to training the child's
+replaced sub-blocks alone (38 M parameters here), the rest frozen at 4 B a parameter, and its ``how``
+column says so; ``--quick``'s small shape trains every weight. Fusion runs only on GPU budgets' children
 (``--fuse-threshold 0`` here).
 """
 
@@ -87,13 +90,26 @@ def search_setup(quick: bool, tmp: Path, *, memory: str | None = None) -> tuple[
     if quick:  # GKD from the parent's top-64 targets, computed layer-sharded once
         model = parent_dir(QUICK_SHAPE)
         flags += ["--gkd-steps", "2", "--gkd-batch", "2", "--child-bld-tokens", "4096"]
-    else:
+    else:  # the same, training the replaced sub-blocks only: the plan's fallback at 6 GiB a rank
         model = parent_dir("llama-3.2-1b")
-        flags += ["--gkd-steps", "0", "--child-bld-tokens", "2048"]
+        flags += ["--gkd-steps", "4", "--gkd-batch", "2", "--gkd-top-k", "64", "--child-bld-tokens", "2048"]
     space = tmp / "space.yaml"  # GQA with 2 KV heads, FFN widths 1/2 and 1/4, linear and no-op
     space.write_text(json.dumps({"space": SPACE}))
     # --engine transformers keeps the linear variants (vLLM's space drops them): memory is what is measured here
     return model, memory or ("2.5GiB" if quick else "6GiB"), flags + ["--space", str(space), "--engine", "transformers"]
+
+
+def replanned(run: Path, usage: pd.DataFrame) -> pd.DataFrame:
+    """The run's measured rows with today's plan beside them (``benchmarks/stage_times.py``'s :func:`replan`)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.stage_times import replan
+
+    _, stages = replan(run)
+    usage = usage.copy()
+    for i, row in usage.iterrows():
+        r = stages[row.stage].ranks[int(row["rank"])]
+        usage.loc[i, ["predicted_peak_gib", "predicted_s"]] = r.device_bytes / 2**30, r.seconds
+    return usage
 
 
 def compare(usage: pd.DataFrame, limit_gib: float, tolerance: float) -> pd.DataFrame:
@@ -116,16 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tolerance", type=float, default=0.15, help="largest |measured / predicted - 1| (default 0.15)")
     ap.add_argument("--keep", type=Path, help="run directory to keep (default: a temporary one)")
     ap.add_argument("--out", type=Path, help="CSV path (default: benchmarks/results/scale[_quick].csv)")
+    ap.add_argument("--run", type=Path, help="a finished run (--keep) to compare with today's plan, without running")
     args = ap.parse_args(argv)
 
     from puzzle.search.cluster import parse_size
 
     with tempfile.TemporaryDirectory() as tmp:
         model, memory, flags = search_setup(args.quick, Path(tmp), memory=args.memory)
-        out = args.keep or Path(tmp) / "run"
-        wall = run_search(model, out, ranks=args.ranks, memory=memory, flags=flags,
-                          timeout=1500 if args.quick else 4 * 3600)
-        usage = pd.read_csv(out / "resources.csv")
+        if args.run is not None:
+            out, wall = args.run, float("nan")
+            usage = replanned(out, pd.read_csv(out / "resources.csv"))
+        else:
+            out = args.keep or Path(tmp) / "run"
+            wall = run_search(model, out, ranks=args.ranks, memory=memory, flags=flags,
+                              timeout=1500 if args.quick else 4 * 3600)
+            usage = pd.read_csv(out / "resources.csv")
     table = compare(usage, parse_size(memory) / 2**30, args.tolerance)
     path = args.out or RESULTS / ("scale_quick.csv" if args.quick else "scale.csv")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -352,6 +352,26 @@ def scale(df: pd.DataFrame) -> str:
                   "time: plan / measured", "within plan and limit"], rows)
 
 
+def stage_times(df: pd.DataFrame) -> str:
+    """One row per stage, one column per run: the plan's seconds against the measured ones (ratio); stages under a
+    minute in plain figures, a stage outside 0.67-1.5 in bold, one measured beside other work marked (load)."""
+    runs = list(dict.fromkeys(df.run))
+    rows = []
+    for stage in dict.fromkeys(df.stage):
+        cells = []
+        for run in runs:
+            d = df[(df.run == run) & (df.stage == stage)]
+            if not len(d):
+                cells.append("-")
+                continue
+            r = d.loc[d.predicted_s.idxmax()]
+            cell = f"{r.predicted_s:.0f} / {r.measured_s:.0f} s ({r.ratio:.2f})"
+            cell = f"**{cell}**" if r.checked and not r.within else cell
+            cells.append(cell + ("" if r.quiet else f", load {r.load:.1f}"))
+        rows.append([stage, *cells])
+    return table(["stage", *[f"{run}: plan / measured (ratio)" for run in runs]], rows)
+
+
 def reliability(df: pd.DataFrame) -> str:
     """One row per case of benchmarks/reliability.py: its verdict, and what it said (the first line of stderr,
     which is what is judged; where it crashed or ran on, the last line, which says why)."""
@@ -372,7 +392,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "frontier.csv": frontier, "gkd_cache.csv": gkd_cache, "ffn_refit.csv": ffn_refit, "quality.csv": quality,
     "quality_fidelity.csv": quality_fidelity, "score_fidelity.csv": score_fidelity, "refine.csv": refine,
     "refine_children.csv": refine_children, "scale.csv": scale, "plan_tables.csv": plan_markdown,
-    "reliability.csv": reliability,
+    "reliability.csv": reliability, "stage_times.csv": stage_times,
 }
 """CSV name -> the function that turns it into a markdown table (its options are keyword arguments)."""
 

@@ -100,6 +100,8 @@ class RefitShape:
     chunk_tokens: int
     shared_embedding: bool = False
     """The child's embedding is the parent's (a library child): rank 0 holds one for both streams."""
+    layers: tuple[int, ...] | None = None
+    """The layers whose FFN is refit (None: every walked layer, an upper bound); only these hold a Gram."""
 
     @property
     def embeddings(self) -> int:
@@ -204,7 +206,8 @@ def refit_peak(shape: LayerShape, layers: range, refit: RefitShape, *, whole: bo
     walked = [l for l in layers if l <= refit.last]
     if not walked:
         return 0.0
-    width = max(shape.width[l] for l in walked)
+    fitted = [l for l in walked if refit.layers is None or l in refit.layers]  # the layers that hold a Gram
+    width = max((shape.width[l] for l in fitted), default=0)
     gram = refit_bytes(refit.tokens, shape.hidden, width, FP32, refit.chunk_tokens, drift=refit.drift,
                        select=refit.select, host=host)
     embeds = FP32 * shape.embedding * refit.embeddings if first else 0
@@ -219,8 +222,8 @@ def refit_host_peak(shape: LayerShape, layers: range, refit: RefitShape) -> floa
     (:func:`~puzzle.distill.child_refit.refit_host_bytes` at its widest refit layer)."""
     from puzzle.distill.child_refit import refit_host_bytes
 
-    walked = [l for l in layers if l <= refit.last]
-    return float(refit_host_bytes(shape.hidden, max(shape.width[l] for l in walked), refit.select)) if walked else 0.0
+    fitted = [l for l in layers if l <= refit.last and (refit.layers is None or l in refit.layers)]
+    return float(refit_host_bytes(shape.hidden, max(shape.width[l] for l in fitted), refit.select)) if fitted else 0.0
 
 
 def plan_rank(shape: LayerShape, layers: range, *, batch: int, seq_len: int, window: int, first: bool, cpu: bool,

@@ -160,7 +160,7 @@ def _rank_plan(metas: tuple[Any, Any], parts: list[tuple[int, str]], todo: list[
     B, T = config.step_batch, config.seq_len
     window = window_steps(config.steps, config.checkpoint_every, B * T * shape.hidden * 4, window_bytes)
     refit = (RefitShape(tokens=rids.numel(), last=todo[-1], drift=config.refit_drift > 0, select=config.refit_select,
-                        chunk_tokens=config.batch * T, shared_embedding=shared) if todo else None)
+                        chunk_tokens=config.batch * T, shared_embedding=shared, layers=tuple(todo)) if todo else None)
     plan = plan_rank(shape, run, batch=B, seq_len=T, window=window, first=shard.first,
                      cpu=shard.device.type == "cpu", budget=budget, refit=refit, max_layers=max_layers)
     if budget is not None and plan.peak > budget:

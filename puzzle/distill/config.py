@@ -25,12 +25,14 @@ from puzzle.errors import ConfigError
 from puzzle.io import config_from_yaml
 
 HIDDEN = ("final", "all")
+TRAIN = ("all", "decoder", "replaced")
+"""What GKD trains (:mod:`puzzle.distill.trainable`): every weight, the decoder's, or the replaced sub-blocks'."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class GKDConfig(TrainingSchedule):
-    """How a child is distilled against its frozen parent (every child weight is trained). ``lr``,
-    ``warmup_fraction``, ``min_lr_ratio`` and ``grad_clip`` are the schedule of
+    """How a child is distilled against its frozen parent (every child weight is trained unless ``train`` says).
+    ``lr``, ``warmup_fraction``, ``min_lr_ratio`` and ``grad_clip`` are the schedule of
     :class:`~block_library.schedule.TrainingSchedule` (AdamW without weight decay)."""
 
     sources: tuple[str, ...] = ("stdlib",)
@@ -77,6 +79,12 @@ class GKDConfig(TrainingSchedule):
     """Under torchrun on GPUs: keep the student's fp32 shards, gradients and AdamW moments in host RAM
     (FSDP2's ``CPUOffloadPolicy``; the optimizer steps on the CPU), so a device holds only the layers being
     computed. For children whose training state does not fit the GPUs. Not part of the run's identity."""
+    train: str = "all"
+    """Which of the child's weights train (:mod:`puzzle.distill.trainable`): ``all``; ``decoder`` (the embedding and
+    LM head frozen); ``replaced`` (only the sub-blocks that differ from the parent's, each with its norm: the
+    parent's own sub-blocks, the final norm and the embedding frozen). A frozen weight keeps no gradient and no
+    AdamW moments, so a rank holds 4 bytes of it instead of 16: the memory plan's fallbacks when the whole student
+    does not fit. Part of the run's identity unless ``all``."""
 
     def __post_init__(self) -> None:
         sources = (self.sources,) if isinstance(self.sources, str) else tuple(self.sources or ())
@@ -107,6 +115,8 @@ class GKDConfig(TrainingSchedule):
             raise ConfigError(f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         if self.hidden not in HIDDEN:
             raise ConfigError(f"hidden must be one of {HIDDEN}, got {self.hidden!r}")
+        if self.train not in TRAIN:
+            raise ConfigError(f"train must be one of {TRAIN}, got {self.train!r}")
 
     @property
     def train_sequences(self) -> int:
@@ -137,4 +147,6 @@ class GKDConfig(TrainingSchedule):
         out = self.to_dict()
         for how in ("checkpoint_every", "activation_checkpointing", "offload"):  # how it runs, not what it computes
             out.pop(how)
+        if self.train == "all":  # the runs from before the field keep their identity
+            out.pop("train")
         return out

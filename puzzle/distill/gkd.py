@@ -18,7 +18,12 @@ trains on its share of each batch (:mod:`puzzle.distill.sharding`; memory per pr
 rounding. Every process returns the same result; rank 0 writes the files. With cached teacher targets
 (``teacher=``, the same on every process: :func:`puzzle.distill.teacher_sharded.sharded_targets` computes them
 layer-sharded) each process reads its rows' targets and no training step runs the parent; the sharded parent
-then serves validation alone (forward only).
+then serves validation alone (forward only), unless the validation sequences' targets are cached too
+(``val_teacher=``): then no process loads the parent at all.
+
+``cfg.train`` (:mod:`puzzle.distill.trainable`) freezes part of the child (``requires_grad`` False before it is
+sharded; the optimizer gets the trained parameters alone): the embedding and LM head (``decoder``), or everything
+but the sub-blocks that differ from the parent's (``replaced``). Frozen weights come back bit for bit as given.
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ from block_library.distributed import Shard
 from puzzle.data.packing import load_sequences
 from puzzle.distill import artifact, sharding
 from puzzle.distill.config import GKDConfig
-from puzzle.distill.losses import (LayerMap, batch_losses, cached_batch_losses, check_compatible, resolve_layer_map,
-                                   validation_metrics, validation_sums)
+from puzzle.distill.losses import (LayerMap, batch_losses, cached_batch_losses, cached_validation_sums,
+                                   check_compatible, resolve_layer_map, validation_metrics, validation_sums)
 from puzzle.distill.teacher_cache import TeacherTargets, targets_key
+from puzzle.distill.trainable import freeze, trained_names
 from puzzle.errors import ConfigError, NumericalError
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.weights import model_from_state_dict
@@ -76,7 +82,8 @@ class GKDResult:
 def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer: Any, out_dir: str | Path,
                   cfg: GKDConfig | None = None, *, layer_map: Sequence[Sequence[int]] | None = None,
                   force: bool = False, progress: bool = True, teacher: TeacherTargets | None = None,
-                  on_step: Callable[[int], None] | None = None) -> GKDResult:
+                  val_teacher: TeacherTargets | None = None, on_step: Callable[[int], None] | None = None
+                  ) -> GKDResult:
     """Distill ``child`` against ``parent`` (or resume, or reuse a complete run in ``out_dir``).
 
     ``layer_map``: (child hidden index, parent hidden index) pairs for ``hidden="all"`` when the depths
@@ -89,6 +96,9 @@ def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer
     :func:`puzzle.distill.teacher_cache.teacher_targets` (``artifact.model_fingerprint``); under torchrun with stored
     models :func:`puzzle.distill.teacher_sharded.sharded_targets` with ``parent_sha256 =
     artifact.files_fingerprint(parent)``, the same targets on every process (each takes its rows of every batch).
+    ``val_teacher``: the same for :func:`gkd_val_ids`, with ``labels`` (the parent's log-probability of each next
+    token): validation measures the child against them (the KL coarsened to their top k, exact when k = V), and
+    with ``teacher`` too no process loads the parent (it is read for its fingerprint and config alone).
 
     Under ``torchrun`` (WORLD_SIZE > 1) every process calls this with the same arguments (the models may
     stay on the CPU: the shards go to the process's GPU, or stay on the CPU without CUDA); ``out_dir`` must
@@ -105,12 +115,14 @@ def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer
     pairs = resolve_layer_map(cfg, child.config.num_hidden_layers, parent.config.num_hidden_layers, layer_map)
     if cfg.batch % world:
         raise ConfigError(f"batch {cfg.batch} does not split over {world} processes: use a multiple of {world}")
-    if teacher is not None and cfg.hidden != "final":
+    if (teacher is not None or val_teacher is not None) and cfg.hidden != "final":
         raise ConfigError("cached teacher targets hold the last hidden state only (hidden='final'); "
                           "drop them (a live parent) or use hidden='final'")
-    train_ids = gkd_train_ids(cfg, tokenizer)
-    val_ids = load_sequences(cfg.sources, tokenizer, seq_len=cfg.seq_len, num_sequences=cfg.val_sequences,
-                             split="validation")
+    trained = trained_names(child, parent.config, cfg.train)
+    if not trained:
+        raise ConfigError(f"GKD with train={cfg.train!r} has nothing to train: the child has no sub-block that "
+                          "differs from the parent's")
+    train_ids, val_ids = gkd_train_ids(cfg, tokenizer), gkd_val_ids(cfg, tokenizer)
     fingerprint = artifact.files_fingerprint if on_disk else artifact.model_fingerprint
     inputs = {"config": cfg.identity(), "child_sha256": fingerprint(child),
               "parent_sha256": fingerprint(parent), "layer_map": [list(p) for p in pairs],
@@ -123,6 +135,13 @@ def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer
             raise ConfigError(f"the cached teacher targets are of other tokens or another parent: compute them "
                               f"with {how}")
         inputs["teacher_top_k"] = teacher.top_k  # the coarsened KL trains other weights than the full one
+    if val_teacher is not None:
+        if val_teacher.key != targets_key(inputs["parent_sha256"], val_ids, val_teacher.top_k) or \
+                val_teacher.label is None:
+            raise ConfigError("the cached validation targets are of other tokens or another parent, or lack the "
+                              "parent's next-token log-probs: compute them with sharded_targets(parent_dir, "
+                              "gkd_val_ids(cfg, tokenizer), top_k, path, shard=..., parent_sha256=..., labels=True)")
+        inputs["val_teacher_top_k"] = val_teacher.top_k  # the validation KL is the coarsened one
     joined = sharding.join()
     shard, mesh = joined if joined is not None else (None, None)
     done = sharding.on_rank0(lambda: artifact.prepare(out, inputs, force=force), shard)
@@ -130,19 +149,25 @@ def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer
         log.info("%s already holds this GKD run (complete); nothing to do", out)
         return _stored_result(out, done, load=not on_disk)
 
-    student, teacher_model, plain = _models(child, parent, cfg, mesh)
+    live = teacher is None or val_teacher is None  # the parent runs in some step or validation
+    student, teacher_model, plain = _models(child, parent if live else None, cfg, mesh, trained)
     if teacher is not None:
-        log.info("GKD on the parent's cached top-%d targets: the parent runs in validation only", teacher.top_k)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+        log.info("GKD on the parent's cached top-%d targets: the parent runs %s", teacher.top_k,
+                 "in validation only" if live else "nowhere (validation reads its cached targets too)")
+    params = [p for p in student.parameters() if p.requires_grad]
+    counts = (sum(p.numel() for p in params), sum(p.numel() for p in student.parameters()))
+    log.info("GKD trains %d of the child's %d parameters (train=%s)", *counts, cfg.train)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     key = artifact.inputs_sha256(inputs)
     start, rows = artifact.load_checkpoint(out, model=student, optimizer=optimizer, inputs_key=key)
     if start:
         log.info("resuming GKD at step %d of %d", start, cfg.steps)
     else:
-        rows = [_val_row(student, teacher_model, val_ids, pairs, cfg, step=0, shard=shard)]
+        rows = [_val_row(student, teacher_model, val_ids, pairs, cfg, step=0, shard=shard, cached=val_teacher)]
     t0 = time.perf_counter()
     rows = _train(student, teacher_model, optimizer, cfg, pairs, train_ids=train_ids, val_ids=val_ids, rows=rows,
-                  start=start, out=out, key=key, shard=shard, progress=progress, on_step=on_step, cached=teacher)
+                  start=start, out=out, key=key, shard=shard, progress=progress, on_step=on_step,
+                  cached=(teacher, val_teacher))
     seconds = time.perf_counter() - t0
 
     model = plain(student)
@@ -153,7 +178,8 @@ def distill_child(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, tokenizer
         "initial": initial, "final": final, "parent_val_lm": rows[0]["val_parent_lm"], "child": artifact.CHILD,
         "tokens": {"train": cfg.steps * cfg.batch * cfg.seq_len, "validation": int(val_ids.numel())},
         "train_tokens_per_s": round((cfg.steps - start) * cfg.batch * cfg.seq_len / max(seconds, 1e-9), 1),
-        "seconds_this_run": round(seconds, 2), "resumed_at_step": start, "processes": world}
+        "seconds_this_run": round(seconds, 2), "resumed_at_step": start, "processes": world,
+        "params": {"trained": counts[0], "frozen": counts[1] - counts[0]}}
     if on_disk:  # every rank gathers tensor by tensor; rank 0 writes each one and drops it
         artifact.save_child_sharded(out, model, tokenizer, shard)
         model = None
@@ -173,11 +199,20 @@ def gkd_train_ids(cfg: GKDConfig, tokenizer: Any) -> torch.Tensor:
     return load_sequences(cfg.sources, tokenizer, seq_len=cfg.seq_len, num_sequences=cfg.train_sequences, split="train")
 
 
-def _models(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, cfg: GKDConfig, mesh: DeviceMesh | None
-            ) -> tuple[PuzzleForCausalLM, PuzzleForCausalLM, Callable[[PuzzleForCausalLM], PuzzleForCausalLM]]:
-    """The student (fp32 master weights), the teacher, and what turns the trained student into the plain result."""
+def gkd_val_ids(cfg: GKDConfig, tokenizer: Any) -> torch.Tensor:
+    """(val_sequences, seq_len) ids: the validation split's sequences GKD measures the child on."""
+    return load_sequences(cfg.sources, tokenizer, seq_len=cfg.seq_len, num_sequences=cfg.val_sequences,
+                          split="validation")
+
+
+def _models(child: PuzzleForCausalLM, parent: PuzzleForCausalLM | None, cfg: GKDConfig, mesh: DeviceMesh | None,
+            trained: list[str]) -> tuple[PuzzleForCausalLM, PuzzleForCausalLM | None,
+                                         Callable[[PuzzleForCausalLM], PuzzleForCausalLM]]:
+    """The student (fp32 master weights, only the ``trained`` parameters requiring gradients), the teacher (None when
+    ``parent`` is: every target is cached), and what turns the trained student into the plain result."""
     if mesh is None:
-        student = copy.deepcopy(child).float().train().requires_grad_(True)  # `child` untouched
+        student = copy.deepcopy(child).float().train()  # `child` untouched
+        freeze(student, trained)
         undo = sharding.checkpoint_layers(student) if cfg.activation_checkpointing else (lambda: None)
 
         def plain(trained: PuzzleForCausalLM) -> PuzzleForCausalLM:
@@ -185,15 +220,16 @@ def _models(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, cfg: GKDConfig,
             return trained.eval().requires_grad_(False)
 
         return student, parent, plain
-    log.info("GKD over %d processes: both models sharded (FSDP2)", mesh.size())
+    log.info("GKD over %d processes: %s sharded (FSDP2)", mesh.size(), "both models" if parent else "the student")
     from puzzle.loading import stored_tensors
 
-    on_disk = on_meta(child) and on_meta(parent)  # stored models: each rank reads only its shards from the files
+    on_disk = on_meta(child)  # stored models: each rank reads only its shards from the files
     student = sharding.shard_model(child, mesh, dtype=torch.float32, trainable=True,
                                    activation_checkpointing=cfg.activation_checkpointing, offload=cfg.offload,
-                                   stored=stored_tensors(child.name_or_path) if on_disk else None)
-    teacher = sharding.shard_model(parent, mesh, dtype=next(parent.parameters()).dtype, trainable=False,
-                                   stored=stored_tensors(parent.name_or_path) if on_disk else None)
+                                   stored=stored_tensors(child.name_or_path) if on_disk else None, trained=trained)
+    teacher = None if parent is None else sharding.shard_model(
+        parent, mesh, dtype=next(parent.parameters()).dtype, trainable=False,
+        stored=stored_tensors(parent.name_or_path) if on_disk else None)
     if on_disk:
         return student, teacher, lambda trained: trained  # written tensor by tensor: see artifact.save_child_sharded
 
@@ -204,11 +240,14 @@ def _models(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, cfg: GKDConfig,
     return student, teacher, gathered
 
 
-def _train(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, optimizer: torch.optim.Optimizer, cfg: GKDConfig,
-           pairs: LayerMap, *, train_ids: torch.Tensor, val_ids: torch.Tensor, rows: list[dict[str, Any]], start: int,
-           out: Path, key: str, shard: Shard | None, progress: bool,
-           on_step: Callable[[int], None] | None, cached: TeacherTargets | None = None) -> list[dict[str, Any]]:
-    """Steps ``start`` .. ``cfg.steps``: one curve row each, validations and checkpoints on schedule."""
+def _train(student: PuzzleForCausalLM, parent: PuzzleForCausalLM | None, optimizer: torch.optim.Optimizer,
+           cfg: GKDConfig, pairs: LayerMap, *, train_ids: torch.Tensor, val_ids: torch.Tensor,
+           rows: list[dict[str, Any]], start: int, out: Path, key: str, shard: Shard | None, progress: bool,
+           on_step: Callable[[int], None] | None,
+           cached: tuple[TeacherTargets | None, TeacherTargets | None] = (None, None)) -> list[dict[str, Any]]:
+    """Steps ``start`` .. ``cfg.steps``: one curve row each, validations and checkpoints on schedule. ``cached``: the
+    parent's targets of the training and of the validation sequences, or None where the parent runs live."""
+    train_targets, val_targets = cached
     device = next(student.parameters()).device
     writer = sharding.is_writer(shard)
     rank, world = (shard.rank, shard.world) if shard is not None else (0, 1)
@@ -223,11 +262,11 @@ def _train(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, optimizer: tor
         rows_of_step = [(step * cfg.batch + j) % n for j in range(rank * local, (rank + 1) * local)]
         idx = order[rows_of_step]
         batch = train_ids[idx].to(device)  # (local, T)
-        targets = cached.rows(idx) if cached is not None else None
+        targets = train_targets.rows(idx) if train_targets is not None else None
         row = {"step": done, "lr": lr,
                **_train_step(student, parent, batch, optimizer, lr, cfg, pairs, step, shard=shard, cached=targets)}
         if done == cfg.steps or (cfg.val_every and done % cfg.val_every == 0):
-            row.update(_val_row(student, parent, val_ids, pairs, cfg, step=done, shard=shard))
+            row.update(_val_row(student, parent, val_ids, pairs, cfg, step=done, shard=shard, cached=val_targets))
         rows.append(row)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             tensors = artifact.training_state(student, optimizer, keep=writer)  # every process: a collective
@@ -275,19 +314,22 @@ def _train_step(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, batch: to
     return {f"train_{k}": v for k, v in totals.items()}
 
 
-def _val_row(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, val_ids: torch.Tensor, pairs: LayerMap,
-             cfg: GKDConfig, *, step: int, shard: Shard | None) -> dict[str, float]:
+def _val_row(student: PuzzleForCausalLM, parent: PuzzleForCausalLM | None, val_ids: torch.Tensor, pairs: LayerMap,
+             cfg: GKDConfig, *, step: int, shard: Shard | None, cached: TeacherTargets | None = None
+             ) -> dict[str, float]:
     """The ``val_*`` columns of a curve row; non-finite metrics raise :class:`NumericalError`. Processes split the
-    sequences and sum their token sums; each runs as many forward passes as the one with the most sequences."""
+    sequences and sum their token sums; each runs as many forward passes as the one with the most sequences.
+    ``cached``: the parent's targets on ``val_ids``, measured against instead of ``parent``."""
     world = shard.world if shard is not None else 1
     chunk = cfg.micro_batch or cfg.batch // world
-    if shard is None:
-        sums = validation_sums(student, parent, val_ids, pairs, chunk=chunk)
+    rows = torch.tensor_split(torch.arange(val_ids.shape[0]), world)  # the first is the longest
+    mine = rows[shard.rank] if shard is not None else rows[0]
+    passes = -(-rows[0].shape[0] // chunk)
+    if cached is not None:
+        sums = cached_validation_sums(student, cached.rows(mine), val_ids[mine], chunk=chunk, passes=passes)
     else:
-        parts = torch.tensor_split(val_ids, world)  # the first is the longest
-        sums = validation_sums(student, parent, parts[shard.rank], pairs, chunk=chunk,
-                               passes=-(-parts[0].shape[0] // chunk))
-        sums = sharding.all_sum(sums, shard)
+        sums = validation_sums(student, parent, val_ids[mine], pairs, chunk=chunk, passes=passes)
+    sums = sharding.all_sum(sums, shard)
     metrics = validation_metrics(sums)
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:

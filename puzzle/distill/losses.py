@@ -148,6 +148,43 @@ def validation_sums(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, ids: to
             "tokens": float(sums.tokens), "cos": cos_sum, "cos_n": float(cos_n)}
 
 
+@torch.no_grad()
+def cached_validation_sums(child: PuzzleForCausalLM, targets: TeacherTargets, ids: torch.Tensor, *, chunk: int,
+                           passes: int | None = None) -> dict[str, float]:
+    """:func:`validation_sums` against the parent's cached targets on the same ids (N, T) (``targets.label`` held:
+    :func:`puzzle.distill.teacher_sharded.sharded_targets` with ``labels``) instead of a parent forward pass: the KL
+    coarsened to the parent's top k (:func:`~puzzle.distill.teacher_cache.cached_kl`; the exact one when k = V),
+    agreement with its most likely token, its own cross-entropy from ``label``, and the cosine distance of the last
+    hidden states (``hidden="final"``). ``passes`` as in :func:`validation_sums`."""
+    device = next(child.parameters()).device
+    was_training = child.training
+    child.eval()
+    kl, agree, child_nll, parent_nll, tokens, cos_sum, cos_n = 0.0, 0.0, 0.0, 0.0, 0, 0.0, 0
+    passes = -(-ids.shape[0] // chunk) if passes is None else passes
+    for k in range(passes):
+        rows = torch.arange(k * chunk, min((k + 1) * chunk, ids.shape[0]))
+        x = ids[rows].to(device)  # (b, T)
+        counted = x.shape[0] > 0
+        if not counted:
+            x = ids[:1].to(device) if ids.shape[0] else torch.zeros(1, ids.shape[1], dtype=ids.dtype, device=device)
+        with autocast(device):
+            c_out = child(input_ids=x, use_cache=False, output_hidden_states=True)
+        if not counted:
+            continue
+        part, q, labels = targets.rows(rows), next_token_logprobs(c_out.logits), x[:, 1:]  # q (b, T-1, V) fp32
+        kl += float(cached_kl(q, part).double())
+        agree += float((q.argmax(-1) == part.index[..., 0].to(device)).sum())
+        child_nll -= float(q.gather(-1, labels.unsqueeze(-1)).double().sum())
+        parent_nll -= float(part.label.double().sum())
+        tokens += labels.numel()
+        d = _cos_distance([c_out.hidden_states[-1]], [part.hidden.to(device)], [(0, 0)], torch.float64)
+        cos_sum += float(d.sum())
+        cos_n += d.numel()
+    child.train(was_training)
+    return {"kl": kl, "agree": agree, "child_nll": child_nll, "parent_nll": parent_nll, "tokens": float(tokens),
+            "cos": cos_sum, "cos_n": float(cos_n)}
+
+
 def validation_metrics(sums: dict[str, float]) -> dict[str, float]:
     """``kl``, ``top1``, ``lm`` (child), ``cos`` and the parent's ``parent_lm``, means of :func:`validation_sums`."""
     n = max(sums["tokens"], 1.0)

@@ -76,10 +76,14 @@ def _units(model: PuzzleForCausalLM) -> Iterator[torch.nn.Module]:
 
 def shard_model(model: PuzzleForCausalLM, mesh: DeviceMesh, *, dtype: torch.dtype, trainable: bool,
                 activation_checkpointing: bool = False, offload: bool = False,
-                stored: dict[str, Callable[[], torch.Tensor]] | None = None) -> PuzzleForCausalLM:
+                stored: dict[str, Callable[[], torch.Tensor]] | None = None,
+                trained: list[str] | None = None) -> PuzzleForCausalLM:
     """A copy of ``model`` in ``dtype``, sharded over ``mesh`` (FSDP2) and filled from ``model``, which is not changed.
 
-    ``trainable`` False: a forward-only teacher (no gradients). Each rank allocates only its shards.
+    ``trainable`` False: a forward-only teacher (no gradients). ``trained``: with ``trainable``, the names of the
+    parameters that train (:func:`puzzle.distill.trainable.trained_names`; default all); the others are marked
+    ``requires_grad`` False before sharding, and FSDP2 keeps them in the same units, gathering them for the forward
+    and the backward but never reducing a gradient of theirs. Each rank allocates only its shards.
     ``stored``: read each tensor from disk instead (``puzzle.loading.stored_tensors``; ``model`` may
     then be on the meta device), one at a time: no rank ever holds the whole model. ``offload``: the
     shards (and their gradients and optimizer state) live in host RAM (``CPUOffloadPolicy``; CUDA only).
@@ -89,6 +93,10 @@ def shard_model(model: PuzzleForCausalLM, mesh: DeviceMesh, *, dtype: torch.dtyp
     if model.config.tie_word_embeddings:
         sharded.lm_head.weight = sharded.model.embed_tokens.weight
     sharded.to(dtype).requires_grad_(trainable).train(trainable)
+    if trainable and trained is not None:
+        from puzzle.distill.trainable import freeze
+
+        freeze(sharded, trained)
     if activation_checkpointing:
         checkpoint_layers(sharded)
     policy = {"offload_policy": CPUOffloadPolicy()} if offload and mesh.device_type == "cuda" else {}

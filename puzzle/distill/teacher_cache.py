@@ -13,7 +13,10 @@ one outcome "elsewhere":
 
 It is at most the full KL (the log-sum inequality) and equal to it when k = V; the child is pulled toward the
 parent's top-k probabilities and its total mass elsewhere. The cosine term reads the cached last hidden state
-(``hidden="final"``). Validation still runs the parent, so the KL a GKD run reports is the exact one.
+(``hidden="final"``). In one process validation still runs the parent, so the KL a GKD run reports is the exact
+one; under torchrun the parent's targets on the validation sequences are cached too (with ``label``, its
+log-probability of each next token, for its own cross-entropy), no rank loads the parent in GKD, and the reported
+validation KL is the coarsened one (the exact one when k = V).
 
 Per token the file holds k log-probabilities (float32) and token ids (int32) and the hidden state (bfloat16 by
 default): 64 x 8 + 576 x 2 = 1.6 KB for SmolLM2, 64 x 8 + 8192 x 2 = 16.9 KB for a 70B parent.
@@ -54,6 +57,9 @@ class TeacherTargets:
     """(N, T, H): the parent's last layer output, before the final norm (what ``hidden="final"`` compares)."""
     key: str
     """sha256 of the parent's fingerprint, the ids and k: what the targets are the targets of."""
+    label: torch.Tensor | None = None
+    """(N, T-1) float32: the parent's log-probability of each next token of the ids, or None. Validation targets hold
+    it (the parent's own cross-entropy, wherever its next token falls); training ones need not."""
 
     @property
     def top_k(self) -> int:
@@ -61,10 +67,12 @@ class TeacherTargets:
 
     def rows(self, idx: torch.Tensor) -> TeacherTargets:
         """The targets of sequences ``idx`` (b,)."""
-        return TeacherTargets(self.logp[idx], self.index[idx], self.rest[idx], self.hidden[idx], self.key)
+        label = self.label[idx] if self.label is not None else None
+        return TeacherTargets(self.logp[idx], self.index[idx], self.rest[idx], self.hidden[idx], self.key, label)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.logp, self.index.to(torch.int32), self.rest, self.hidden))
+        tensors = [self.logp, self.index.to(torch.int32), self.rest, self.hidden]
+        return sum(t.numel() * t.element_size() for t in tensors + ([self.label] if self.label is not None else []))
 
 
 def bytes_per_token(top_k: int, hidden_size: int) -> int:
@@ -82,8 +90,9 @@ def targets_key(parent_sha256: str, ids: torch.Tensor, top_k: int) -> str:
 
 @torch.no_grad()
 def compute_targets(parent: PuzzleForCausalLM, ids: torch.Tensor, top_k: int, *, key: str = "", chunk: int = 2,
-                    hidden_dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> TeacherTargets:
-    """The parent's targets on ids (N, T), ``chunk`` sequences per forward pass."""
+                    hidden_dtype: torch.dtype = torch.bfloat16, labels: bool = False,
+                    progress: bool = False) -> TeacherTargets:
+    """The parent's targets on ids (N, T), ``chunk`` sequences per forward pass (``labels``: with ``label``)."""
     vocab = parent.config.vocab_size
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab:
         raise ConfigError(f"top_k must be an integer from 1 to the vocabulary size {vocab}, got {top_k!r}")
@@ -92,7 +101,7 @@ def compute_targets(parent: PuzzleForCausalLM, ids: torch.Tensor, top_k: int, *,
     device = next(parent.parameters()).device
     was_training = parent.training
     parent.eval()
-    logps, indexes, rests, hiddens = [], [], [], []
+    logps, indexes, rests, hiddens, nexts = [], [], [], [], []
     bar = tqdm(total=ids.shape[0], desc="teacher targets", unit="seq", disable=not progress)
     for s in range(0, ids.shape[0], chunk):
         x = ids[s:s + chunk].to(device)  # (b, T)
@@ -103,10 +112,18 @@ def compute_targets(parent: PuzzleForCausalLM, ids: torch.Tensor, top_k: int, *,
         logps.append(top.cpu())
         indexes.append(idx.cpu())
         hiddens.append(out.hidden_states[-1].to(hidden_dtype).cpu())  # (b, T, H)
+        if labels:
+            nexts.append(label_logprob(p, x[:, 1:]).cpu())
         bar.update(x.shape[0])
     bar.close()
     parent.train(was_training)
-    return TeacherTargets(torch.cat(logps), torch.cat(indexes), torch.cat(rests), torch.cat(hiddens), key)
+    return TeacherTargets(torch.cat(logps), torch.cat(indexes), torch.cat(rests), torch.cat(hiddens), key,
+                          torch.cat(nexts) if labels else None)
+
+
+def label_logprob(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(b, T-1) log-probabilities of ``labels`` (b, T-1) under logp (b, T-1, V)."""
+    return logp.gather(-1, labels.to(logp.device).unsqueeze(-1)).squeeze(-1)
 
 
 def teacher_targets(parent: PuzzleForCausalLM, ids: torch.Tensor, top_k: int, path: str | Path, *,
@@ -136,8 +153,11 @@ def teacher_targets(parent: PuzzleForCausalLM, ids: torch.Tensor, top_k: int, pa
 def save_targets(targets: TeacherTargets, path: str | Path) -> None:
     from block_library.artifact import write_state
 
-    write_state({"logp": targets.logp, "index": targets.index.to(torch.int32), "rest": targets.rest,
-                 "hidden": targets.hidden}, Path(path), metadata={"format": FORMAT, "key": targets.key})
+    tensors = {"logp": targets.logp, "index": targets.index.to(torch.int32), "rest": targets.rest,
+               "hidden": targets.hidden}
+    if targets.label is not None:
+        tensors["label"] = targets.label
+    write_state(tensors, Path(path), metadata={"format": FORMAT, "key": targets.key})
 
 
 def load_targets(path: str | Path) -> TeacherTargets:
@@ -148,14 +168,16 @@ def load_targets(path: str | Path) -> TeacherTargets:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             t = {name: f.get_tensor(name) for name in ("logp", "index", "rest", "hidden")}
+            label = f.get_tensor("label") if "label" in f.keys() else None  # validation targets
     except Exception as e:  # a truncated or foreign file
         raise CorruptArtifactError(f"{path} is not a readable teacher-targets file ({type(e).__name__}: {e})") from None
     if meta.get("format") != FORMAT:
         raise CorruptArtifactError(f"{path} is not a teacher-targets file of format {FORMAT}")
     n, t1, k = t["logp"].shape
-    if t["index"].shape != (n, t1, k) or t["rest"].shape != (n, t1) or t["hidden"].shape[:2] != (n, t1 + 1):
+    if t["index"].shape != (n, t1, k) or t["rest"].shape != (n, t1) or t["hidden"].shape[:2] != (n, t1 + 1) or (
+            label is not None and label.shape != (n, t1)):
         raise CorruptArtifactError(f"{path}: its tensors' shapes do not agree")
-    return TeacherTargets(t["logp"], t["index"].to(torch.int64), t["rest"], t["hidden"], meta.get("key", ""))
+    return TeacherTargets(t["logp"], t["index"].to(torch.int64), t["rest"], t["hidden"], meta.get("key", ""), label)
 
 
 def cached_kl(q: torch.Tensor, targets: TeacherTargets) -> torch.Tensor:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from block_library.distributed import Shard
-from puzzle.distill.teacher_cache import TeacherTargets, load_targets, outside_logprob, save_targets, targets_key
+from puzzle.distill.teacher_cache import (TeacherTargets, label_logprob, load_targets, outside_logprob, save_targets,
+                                          targets_key)
 from puzzle.errors import ConfigError, CorruptArtifactError
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,12 @@ def layer_ranges(config: Any, world: int) -> list[range]:
         raise ConfigError(f"cannot split {config.num_hidden_layers} layers over {world} processes: {e}") from None
 
 
-def _holds(path: Path, key: str) -> bool:
+def _holds(path: Path, key: str, labels: bool) -> bool:
     if not path.is_file():
         return False
     try:
-        return load_targets(path).key == key
+        stored = load_targets(path)
+        return stored.key == key and (stored.label is not None or not labels)
     except CorruptArtifactError as e:
         log.warning("%s; computing the teacher's targets again", e)
         return False
@@ -50,10 +52,12 @@ def _holds(path: Path, key: str) -> bool:
 @torch.no_grad()
 def sharded_targets(source: Any, ids: torch.Tensor, top_k: int, path: str | Path, *, shard: Shard,
                     parent_sha256: str, chunk: int = 2, dtype: torch.dtype = torch.float32,
-                    hidden_dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> TeacherTargets:
+                    hidden_dtype: torch.dtype = torch.bfloat16, labels: bool = False,
+                    progress: bool = False) -> TeacherTargets:
     """The parent's (a model directory ``source``) targets on ids (N, T), read from ``path`` when it holds these
     (same ``parent_sha256``, ids and k), else computed over the ranks of ``shard`` and written there; every rank
-    calls it with the same ids and returns the same targets."""
+    calls it with the same ids and returns the same targets. ``labels``: with the parent's log-probability of each
+    next token (``TeacherTargets.label``: the validation sequences' targets)."""
     from puzzle.loading import load_config, resolve_source
     from block_library.part import Part
 
@@ -65,12 +69,12 @@ def sharded_targets(source: Any, ids: torch.Tensor, top_k: int, path: str | Path
         raise ConfigError(f"teacher targets need token ids of shape (N >= 1, T >= 2), got {tuple(ids.shape)}")
     path = Path(path)
     key = targets_key(parent_sha256, ids, top_k)
-    if shard.broadcast(_holds(path, key) if shard.first else None):
+    if shard.broadcast(_holds(path, key, labels) if shard.first else None):
         log.info("teacher targets reused from %s", path)
         return load_targets(path)
     part = Part.load(src, layer_ranges(config, shard.world)[shard.rank], shard, dtype=dtype)
-    logps, indexes, rests, hiddens = [], [], [], []
-    for h in part.chunks(ids, chunk, desc="teacher targets", progress=progress):
+    logps, indexes, rests, hiddens, nexts = [], [], [], [], []
+    for c, h in zip(range(0, ids.shape[0], chunk), part.chunks(ids, chunk, desc="teacher targets", progress=progress)):
         if shard.last:  # h (b, T, H): the last layer's output
             p = part.logprobs(h[:, :-1])  # (b, T-1, V) float32
             top, idx = p.topk(top_k, dim=-1)  # (b, T-1, k)
@@ -78,6 +82,8 @@ def sharded_targets(source: Any, ids: torch.Tensor, top_k: int, path: str | Path
             logps.append(top.cpu())
             indexes.append(idx.cpu())
             hiddens.append(h.to(hidden_dtype).cpu())
+            if labels:
+                nexts.append(label_logprob(p, ids[c:c + chunk, 1:]).cpu())
             del p
     del part
     gc.collect()
@@ -86,7 +92,7 @@ def sharded_targets(source: Any, ids: torch.Tensor, top_k: int, path: str | Path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_targets(TeacherTargets(torch.cat(logps), torch.cat(indexes), torch.cat(rests), torch.cat(hiddens),
-                                        key), path)
+                                        key, torch.cat(nexts) if labels else None), path)
         except Exception as e:  # raised on every rank: the others would wait for the file forever
             error = e
     error = shard.broadcast(error, src=shard.world - 1)

@@ -47,11 +47,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown-cpu"
 
 
-def fingerprint() -> str:
-    """``amd-epyc-2t-torch2.13.0-1a2b3c4d``: CPU model, torch threads, torch version (+ a hash of all three)."""
+def fingerprint(threads: int | None = None) -> str:
+    """``amd-epyc-2t-torch2.13.0-1a2b3c4d``: CPU model, torch threads (default: this process's), torch version
+    (+ a hash of all three)."""
     import torch
 
-    model, threads, version = _cpu_model(), torch.get_num_threads(), torch.__version__
+    model, version = _cpu_model(), torch.__version__
+    threads = threads or torch.get_num_threads()
     slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")[:40]
     digest = hashlib.sha256(f"{model}|{threads}|{version}|{platform.machine()}".encode()).hexdigest()[:8]
     return f"{slug}-{threads}t-torch{version.split('+')[0]}-{digest}"
@@ -164,6 +166,11 @@ def cpu_peaks(*, refresh: bool = False) -> dict[str, Any]:
         peaks = {"version": PEAKS_VERSION, "fingerprint": fp, **measure_cpu_peaks()}
         atomic_write_json(path, peaks)
     return peaks
+
+
+def cached_peaks(threads: int) -> dict[str, Any] | None:
+    """The peaks measured on this CPU at ``threads`` torch threads, or None when they never were."""
+    return _load_peaks(hardware_dir() / f"{fingerprint(threads)}.json")
 
 
 _FP32_MEMO: dict[str, float] = {}

@@ -55,6 +55,8 @@ class Cluster:
     """FLOP/s a rank reaches in training and scoring kernels (fp32 on the CPU, bf16 on GPUs)."""
     given_memory: bool = False
     """True when ``--max-memory-per-rank`` set the limit."""
+    threads: int = 0
+    """torch threads of a CPU rank (:func:`rank_threads`); 0 on GPUs."""
 
     @property
     def is_cpu(self) -> bool:
@@ -73,8 +75,9 @@ class Cluster:
         """The same kind of rank, ``count`` of them (on the CPU: this machine's RAM split ``count`` ways)."""
         if self.is_cpu and not self.given_memory:
             total = self.memory_per_rank * self.count
-            return dataclasses.replace(self, count=count, memory_per_rank=total / count,
-                                       host_per_rank=total / count, flops_per_rank=self.flops_per_rank * self.count / count)
+            threads = rank_threads(count)
+            return dataclasses.replace(self, count=count, memory_per_rank=total / count, host_per_rank=total / count,
+                                       flops_per_rank=cpu_rank_flops(threads), threads=threads)
         return dataclasses.replace(self, count=count)
 
     def to_dict(self) -> dict[str, object]:
@@ -99,18 +102,42 @@ def parse_cluster(text: str, *, max_memory: str | float | int | None = None) -> 
         raise UnknownTargetError(f"--cluster {text!r}: the rank count must be >= 1")
     limit = None if max_memory is None else parse_size(max_memory)
     if m.group("name").lower() == CPU:
-        from puzzle.profiler.cpu import fp32_flops, total_ram_gb
+        from puzzle.profiler.cpu import total_ram_gb
 
         ram = total_ram_gb() * 1e9
         share = MEMORY_MARGIN * ram / count
-        flops = TRAIN_EFFICIENCY["cpu"] * fp32_flops() / count  # the ranks share the cores
+        threads = rank_threads(count)  # the ranks share the cores
         memory = float(limit) if limit is not None else share
-        return Cluster(device=CPU, count=count, memory_per_rank=memory, host_per_rank=memory, flops_per_rank=flops,
-                       given_memory=limit is not None)
+        return Cluster(device=CPU, count=count, memory_per_rank=memory, host_per_rank=memory,
+                       flops_per_rank=cpu_rank_flops(threads), given_memory=limit is not None, threads=threads)
     acc = lookup_accelerator(m.group("name"))
     memory = float(limit) if limit is not None else MEMORY_MARGIN * acc.memory_bytes
     return Cluster(device=acc.name, count=count, memory_per_rank=memory, host_per_rank=HOST_BYTES_PER_GPU,
                    flops_per_rank=TRAIN_EFFICIENCY["gpu"] * acc.peak_flops("bf16"), given_memory=limit is not None)
+
+
+def rank_threads(count: int) -> int:
+    """torch threads each of ``count`` ranks on this CPU runs: this process's alone or under torchrun (where
+    ``OMP_NUM_THREADS`` set them), else the cores split between the ranks (set ``OMP_NUM_THREADS`` to that)."""
+    import os
+
+    import torch
+
+    if count == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.get_num_threads()
+    return max(1, (os.cpu_count() or count) // count)
+
+
+def cpu_rank_flops(threads: int) -> float:
+    """FLOP/s a CPU rank of ``threads`` threads reaches in training kernels: :data:`TRAIN_EFFICIENCY` of the fp32
+    GEMM peak measured at that thread count (this process's, scaled by the thread ratio, when never measured)."""
+    import torch
+
+    from puzzle.profiler.cpu import cached_peaks, fp32_flops
+
+    peaks = cached_peaks(threads)
+    peak = float(peaks["fp32_flops"]) if peaks else fp32_flops() * threads / max(1, torch.get_num_threads())
+    return TRAIN_EFFICIENCY["cpu"] * peak
 
 
 def default_cluster() -> str:

@@ -19,6 +19,8 @@ factor of about two, and ``benchmarks/scale.py`` compares them with runs.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,8 +196,10 @@ def one_rank(cluster: Cluster, *, device: float, seconds: float, disk: float = 0
 
 
 def stage_use(name: str, how: str, ranks: list[RankUse], cluster: Cluster, note: str = "") -> StageUse:
-    """The stage's use of every rank: ``ranks`` as given, the ranks after them idle."""
-    b = base_bytes(cluster)
+    """The stage's use of every rank: ``ranks`` as given, the ranks after them idle. A stage ends on every rank at
+    once (the ranks meet at its end), so each working rank is given the stage's time: the slowest rank's."""
+    b, wall = base_bytes(cluster), max((r.seconds for r in ranks), default=0.0)
+    ranks = [dataclasses.replace(r, seconds=wall) if r.seconds > 0 else r for r in ranks]
     ranks = ranks + [RankUse(r, (0, 0), b, host_bytes(cluster, b), 0.0, 0.0) for r in range(len(ranks), cluster.count)]
     return StageUse(name, how, tuple(ranks), cluster.memory_per_rank, cluster.host_per_rank, note)
 

@@ -34,6 +34,7 @@ def fixed_cpu(monkeypatch):
     monkeypatch.setattr(cpu, "_MEMO", {})
     monkeypatch.setattr(cpu, "cpu_peaks", lambda **kw: dict(peaks))
     monkeypatch.setattr(cpu, "fp32_flops", lambda: 1e11)
+    monkeypatch.setattr(cpu, "cached_peaks", lambda threads: dict(peaks))
     monkeypatch.setattr(cpu, "total_ram_gb", lambda: 24.0)
 
 
@@ -91,13 +92,19 @@ def _without_sharded_quality(plan: dict) -> dict:
 
 
 def _without_child_bld_resources(plan: dict) -> dict:
-    """child_bld's resources changed on purpose on one rank too: it is planned in layer rounds (its keys did not)."""
+    """child_bld's resources changed on purpose on one rank too: it is planned in layer rounds (its keys did not);
+    every stage's time too: the op-count clock of :mod:`puzzle.search.timing` replaced the flat rate (issue 30)."""
     plan = json.loads(json.dumps(plan))
     for what in ("resources", "child_resources"):
         r = plan[what]
         r["stages"] = [s for s in r["stages"] if s["stage"] != "child_bld"]
         for total in ("fits", "problem", "smallest_cluster", "predicted_s"):
             r.pop(total, None)
+        r["cluster"].pop("tflops_per_rank", None)  # a CPU rank's rate is its own thread count's, not divided
+        for s in r["stages"]:
+            s.pop("predicted_s", None)
+            for rank in s["ranks"]:
+                rank.pop("predicted_s", None)
     return plan
 
 

@@ -9,6 +9,7 @@ its memory, every round replaying the teacher pass (:mod:`block_library.rounds`)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,20 +53,41 @@ class BLDStage(Stage):
             parts.append((fixed, round_params(round_items(sizes, layers), cluster.memory_per_rank - fixed,
                                               TRAIN_BYTES_PER_PARAM)))
         common = max(len(r) for _, r in parts)  # every rank replays the teacher pass in every round
-        val_tokens = s.bld_eval_sequences * SEQ_LEN
         for rank, (layers, (fixed, rounds)) in enumerate(zip(ranges, parts)):
             teacher = sum(sizes[l].parent_params for l in layers)
             variants = sum(sizes[l].trainable_params for l in layers)
-            flops = common * 2 * teacher * (s.bld_tokens + val_tokens) + 6 * variants * s.bld_tokens
-            flops += 2 * variants * val_tokens
             checkpoint = 12 * max(rounds)  # weights and two moments of the round in flight
             disk = INIT_BYTES_PER_PARAM * variants + checkpoint
             steps = max(1, s.bld_tokens // (BLD_BATCH * SEQ_LEN))
             peak = fixed + train_peak_bytes_per_param(steps) * max(rounds)  # rounds are sized at 16 B/param
             out.append(RankUse(rank, layer_range(layers), peak, host_bytes(cluster, peak, 4 * teacher), disk,
-                               flops / cluster.flops_per_rank + disk / DISK_BYTES_PER_S, common))
+                               0.0, common))
+        seconds = bld_seconds(s, cluster, shapes, ranges, common) + max(u.disk_bytes for u in out) / DISK_BYTES_PER_S
+        out = [dataclasses.replace(u, seconds=seconds) for u in out]
         note = f"{common} round{'s' if common != 1 else ''} of variants per rank" if common > 1 else ""
         return stage_use(self.name, "layers split over ranks; variants trained in rounds", out, cluster, note)
+
+
+def bld_seconds(s: LibrarySettings, cluster: Cluster, shapes: Shapes, ranges: list[range], rounds: int) -> float:
+    """Every round: its steps (the teacher's layers, each variant's forward and backward, AdamW over the round's
+    variants) and its validation (the teacher and the variants), batches passed rank to rank; then building and
+    loading the trained variants' modules (per parameter)."""
+    from puzzle.search.timing import KAPPA, batches, pipeline, rank_clock
+
+    clock, config, sizes = rank_clock(cluster, shapes.parent), shapes.parent, shapes.layers
+    steps = max(1, s.bld_tokens // (BLD_BATCH * SEQ_LEN))
+    vb, vm = batches(s.bld_eval_sequences, BLD_BATCH)
+    step, val, trained = [], [], []
+    for r in ranges:
+        params = sum(sizes[l].trainable_params for l in r)
+        variants = [v for l in r for v in sizes[l].trainable]
+        step.append(clock.blocks([config.blocks[l] for l in r], BLD_BATCH, SEQ_LEN)
+                    + (KAPPA * sum(clock.variant(v, config, BLD_BATCH, SEQ_LEN) for v in variants)
+                       + clock.optimizer(params)) / rounds)
+        val.append(clock.blocks([config.blocks[l] for l in r], vb, SEQ_LEN)
+                   + sum(clock.variant(v, config, vb, SEQ_LEN) for v in variants) / rounds)
+        trained.append(params)
+    return rounds * (pipeline(step, steps) + pipeline(val, vm)) + clock.modules(max(trained), "bld")
 
 
 STAGE = BLDStage()

@@ -170,7 +170,9 @@ def _layer_sharded(s: ChildBLDSettings, cfg: Any, cluster: Cluster, shapes: Shap
     world = min(cluster.count, config.num_hidden_layers)
     parts = _parts(shapes)
     shape, need = layer_shape(config, child, parts), max((l for l, _ in parts), default=-1)
-    B, T, fps = cfg.step_batch, cfg.seq_len, cluster.flops_per_rank
+    from puzzle.search.timing import rank_clock
+
+    B, T, clock = cfg.step_batch, cfg.seq_len, rank_clock(cluster, config)
     stream = B * T * config.hidden_size * 4  # one step's stream (float32)
     window = window_steps(cfg.steps, cfg.checkpoint_every, stream, _window_bound(cluster))
     refit = _refit_shape(s, cfg, child, parts)
@@ -187,12 +189,14 @@ def _layer_sharded(s: ChildBLDSettings, cfg: Any, cluster: Cluster, shapes: Shap
         teacher, decoder = sum(shape.parent[l] for l in run), sum(shape.child[l] for l in run)
         trained = sum(shape.trained[l] for l in run)
         edges = (rank > 0) + (rank < world - 1 and run.stop <= need)  # streams received and sent
-        train = (cfg.steps * B * T * (2 * teacher + 2 * decoder + 4 * trained) / fps
+        train = (cfg.steps * _step_seconds(clock, config, child, run, [p for p in parts if p[0] in run], B, T)
                  + cfg.steps * stream * edges / link + _io_seconds(shape, rp.rounds, cfg, window, period, rank == 0))
         upstream = max(upstream, train)  # a rank steps no faster than the ones before it
         if refit is not None and run and run.start <= refit.last:
-            refit_done += _refit_seconds(shape, run, refit, whole=rp.refit_whole, fps=fps,
-                                         link=link if rank > 0 else 0.0, host_fps=host_fps if rp.refit_host else 0.0)
+            refit_done += _refit_seconds(shape, run, refit, clock=clock, config=config, child=child,
+                                         refits=[l for l, sub in parts if sub == "ffn" and l in run],
+                                         whole=rp.refit_whole, link=link if rank > 0 else 0.0,
+                                         host_fps=host_fps if rp.refit_host else 0.0)
         # on disk: its tensors and checkpoints (weights and AdamW moments: two roots, a third with rounds), the
         # refit's layers; rank 0 reads and writes the child
         roots, written = 3 if len(rp.rounds) > 1 else 2, shapes.child_params * 4 * (rank == 0)
@@ -230,29 +234,86 @@ def _refit_shape(s: ChildBLDSettings, cfg: Any, child: Any, parts: list[tuple[in
     rc, T = type(cfg)(tokens=1), cfg.seq_len
     return RefitShape(tokens=min(cfg.steps * cfg.step_batch, max(1, REFIT_MAX_TOKENS // T)) * T, last=max(swiglu),
                       drift=rc.refit_drift > 0, select=rc.refit_select, chunk_tokens=cfg.batch * T,
-                      shared_embedding=True)  # the library's child: its embedding is the parent's
+                      shared_embedding=True, layers=tuple(swiglu))  # the library's child: its embedding is the parent's
 
 
-def _refit_seconds(shape: Any, run: range, refit: Any, *, whole: bool, fps: float, link: float,
-                   host_fps: float = 0.0) -> float:
-    """A rank's refit: the forward passes of its layers up to the last refit one (the parent's twice: its own
-    stream and the targets) and each one's G, C and solve (``host_fps``: the solve on the host's CPU at that rate,
-    its float64 sums copied there a chunk at a time); the streams received (``link``: 0 on rank 0); one layer at a
-    time, each read from disk."""
+def _step_seconds(clock: Any, config: Any, child: Any, run: range, parts: list[tuple[int, str]], B: int,
+                  T: int) -> float:
+    """One training step of a rank: the parent's layers (the targets) and the child's forward, the replaced
+    sub-blocks' backward (twice their forward), AdamW over them."""
+    from puzzle.search.timing import KAPPA
+
+    trained = [getattr(child.blocks[l], sub) for l, sub in parts]
+    return (clock.blocks([config.blocks[l] for l in run], B, T) + clock.blocks([child.blocks[l] for l in run], B, T)
+            + (KAPPA - 1) * sum(clock.sub(sub, c, B, T) for (_, sub), c in zip(parts, trained))
+            + clock.optimizer(sum(_params(sub, c, child) for (_, sub), c in zip(parts, trained))))
+
+
+def _params(sub: str, cfg: Any, config: Any) -> int:
+    from puzzle.summary import attention_params, ffn_params
+
+    return attention_params(cfg, config) if sub == "attention" else ffn_params(cfg, config)
+
+
+def _refit_seconds(shape: Any, run: range, refit: Any, *, clock: Any, config: Any, child: Any, refits: list[int],
+                   whole: bool, link: float, host_fps: float = 0.0) -> float:
+    """A rank's refit: the forward passes of its layers up to the last refit one (the parent's twice with the drift:
+    its own stream and the targets), in chunks; each refit layer's G and C and its channel selection
+    (:func:`obs_seconds`; ``host_fps``: on the host's CPU at that rate, its float64 sums copied there a chunk at a
+    time); the streams received (``link``: 0 on rank 0); one layer at a time, each read from disk."""
     from puzzle.distill.child_refit import refit_flops, refit_solve_flops
 
     walked = [l for l in run if l <= refit.last]
+    refits = [l for l in refits if l <= refit.last and child.blocks[l].ffn.kind == "swiglu"]
     n, H = refit.tokens, shape.hidden
-    child, parent = sum(shape.child[l] for l in walked), sum(shape.parent[l] for l in walked)
-    flops = n * (2 * child + 4 * parent) + sum(refit_flops(n, H, shape.width[l], refit.select) for l in walked)
+    b, chunks = max(1, refit.chunk_tokens // T_REFIT), -(-n // refit.chunk_tokens)
+    passes = chunks * (clock.blocks([child.blocks[l] for l in walked], b, T_REFIT)
+                       + (2 if refit.drift else 1) * clock.blocks([config.blocks[l] for l in walked], b, T_REFIT))
+    sums = sum(refit_flops(n, H, shape.width[l], False) - refit_solve_flops(H, shape.width[l], False) for l in refits)
+    solves = [(shape.width[l], _kept(child, l, shape.width[l])) for l in refits]
     host = 0.0
     if host_fps:
-        solve = sum(refit_solve_flops(H, shape.width[l], refit.select) for l in walked)
-        chunks = -(-n // refit.chunk_tokens)
-        copied = sum(chunks * (shape.width[l] ** 2 + shape.width[l] * H) * 4 for l in walked)  # float32 sums
-        flops, host = flops - solve, solve / host_fps + copied / HOST_COPY_BYTES_PER_S
+        elimination = sum(refit_solve_flops(H, D, refit.select) for D, _ in solves)
+        copied = sum(chunks * (D ** 2 + D * H) * 4 for D, _ in solves)  # float32 sums
+        host = elimination / host_fps + copied / HOST_COPY_BYTES_PER_S
+    else:
+        host = sum(obs_seconds(clock, D, k, H, select=refit.select) for D, k in solves)
     received = n * H * 4 * (2 if refit.drift else 1) / link if link else 0.0
-    return flops / fps + host + received + (0.0 if whole else 4 * (child + parent) / DISK_BYTES_PER_S)
+    child_params, parent_params = sum(shape.child[l] for l in walked), sum(shape.parent[l] for l in walked)
+    return passes + clock.gemm(sums) + host + received + (
+        0.0 if whole else 4 * (child_params + parent_params) / DISK_BYTES_PER_S)
+
+
+T_REFIT = 256
+"""Tokens per sequence of the refit's chunks (the training's sequence length)."""
+LAPACK_SLOWDOWN = 6.0
+"""The Cholesky factor and inverse of a (D, D) float64 Gram against a float64 GEMM of the same FLOPs (measured:
+3.3 s for D = 3072 on one thread of this machine's CPU)."""
+ELIMINATION_BYTES = (24.0, 48.0)
+"""Memory traffic of one elimination step per element of the (D, D) inverse (its in-place rank-m update, the zeroed
+row and column) and of the (D, H) fit (its update, the costs' squares and sums)."""
+ELIMINATION_STEP_SECONDS = 0.02
+"""The fixed part of an elimination step: two small solves, the top-m of the costs, indexing (eager, float64)."""
+
+
+def obs_seconds(clock: Any, D: int, k: int, H: int, *, select: bool) -> float:
+    """The channel selection of one refit layer keeping ``k`` of ``D`` channels
+    (:func:`puzzle.distill.channel_select.obs_select`: the inverse, 256 elimination steps, the final solve); without
+    ``select`` the solve alone. Measured on one thread: 130 s for the 1.24 B proof's D = 8192 (k = 4096, H = 2048),
+    7 s for SmolLM2's D = 1536."""
+    solve = clock.gemm(2.0 * k * k * H + 2.0 / 3.0 * k ** 3, fp64=True) * LAPACK_SLOWDOWN
+    if not select:
+        return solve
+    steps = min(256, max(0, D - k))
+    step = clock.memory(ELIMINATION_BYTES[0] * D * D + ELIMINATION_BYTES[1] * D * H) + ELIMINATION_STEP_SECONDS
+    return clock.gemm(float(D) ** 3, fp64=True) * LAPACK_SLOWDOWN + steps * step + solve
+
+
+def _kept(child: Any, l: int, D: int) -> int:
+    """The channels the refit keeps in layer ``l``: the child's width, half the parent's when the child is not known
+    yet (the parent stands in for it)."""
+    k = child.blocks[l].ffn.intermediate_size
+    return k if k < D else D // 2
 
 
 HOST_COPY_BYTES_PER_S = 2.0e10

@@ -26,7 +26,11 @@ from puzzle.search.stages.base import Stage
 from puzzle.search.stages.profile import ProfileSettings, costing_target
 
 SPEED_SECONDS = 120.0
-"""Planned time of timing the parent and the child on rank 0."""
+"""Planned time of timing the parent and the child on rank 0 of a GPU cluster."""
+SPEED_STEPS = 16
+"""Steps :func:`~puzzle.evaluation.speed.measure_speed` times per model and scenario (5 rounds of 2, warm-ups)."""
+ENGINE_SECONDS = 60.0
+"""Starting the serving engine (vLLM) once per model on the CPU, beside its timed steps."""
 
 
 @dataclass(frozen=True)
@@ -94,8 +98,7 @@ class EvaluateStage(Stage):
         s, config, sizes = EvaluateSettings.of(plan), shapes.parent, shapes.layers
         child, C = shapes.child_config, shapes.child_params
         P, world = shapes.parent_params, min(cluster.count, len(sizes), child.num_hidden_layers)
-        seconds = 2 * (P + C) * s.eval_sequences * SEQ_LEN / cluster.flops_per_rank / world
-        timing = SPEED_SECONDS if s.measure_speed else 0.0
+        seconds, timing = evaluate_seconds(plan, cluster, shapes, world)
         if world == 1:
             peak = base_bytes(cluster) + (P + C) * 4 + 5 * 256 * config.vocab_size * 4
             return stage_use(self.name, "one process: parent and child whole",
@@ -114,6 +117,36 @@ class EvaluateStage(Stage):
         how = "layers split over ranks, the parent's then the child's" + (", rank 0 times both whole"
                                                                            if s.measure_speed else "")
         return stage_use(self.name, how, out, cluster)
+
+
+def evaluate_seconds(plan: Plan, cluster: Cluster, shapes: Shapes, world: int) -> tuple[float, float]:
+    """``(quality, speed)``: the parent's and the child's forwards over the evaluation's sequences in chunks of 2
+    (layer-sharded: passed rank to rank) with the head and the metrics; timing both in every scenario on rank 0
+    (:data:`SPEED_STEPS` steps each) and, when the budget is this CPU, inside the engine too."""
+    from block_library.distributed import split_layers
+    from puzzle.evaluation.engine_speed import ENGINES_TIMED, engine_available
+    from puzzle.evaluation.memory import layer_params
+    from puzzle.profiler.counts import ModelShape
+    from puzzle.profiler.roofline import model_ms
+    from puzzle.search.timing import VOCAB_METRIC, batches, pipeline, rank_clock
+
+    s, clock = EvaluateSettings.of(plan), rank_clock(cluster, shapes.parent)
+    b, m = batches(s.eval_sequences, 2)
+    quality = 0.0
+    for config in (shapes.parent, shapes.child_config):
+        ranges = split_layers(layer_params(config), max(1, min(world, len(config.blocks))))
+        quality += pipeline([clock.blocks([config.blocks[l] for l in r], b, SEQ_LEN) for r in ranges], m)
+        quality += m * clock.head(b * (SEQ_LEN - 1), VOCAB_METRIC)
+    if not s.measure_speed:
+        return quality, 0.0
+    if clock.target is None:
+        return quality, SPEED_SECONDS
+    shape = ModelShape.from_config(shapes.parent)
+    steps = sum(model_ms(shape, config.blocks, sc, clock.target) for config in (shapes.parent, shapes.child_config)
+                for sc in plan.scenarios) / 1e3
+    timed = plan.target.is_cpu and s.engine in ENGINES_TIMED and engine_available(s.engine)
+    engine = 2 * ENGINE_SECONDS + steps * SPEED_STEPS if timed else 0.0
+    return quality, steps * SPEED_STEPS + engine
 
 
 STAGE = EvaluateStage()

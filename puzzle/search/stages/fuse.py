@@ -74,12 +74,11 @@ class FuseStage(Stage):
             return stage_use(self.name, "off (the child goes on as it is)",
                              one_rank(cluster, device=base_bytes(cluster), seconds=0.0), cluster)
         tokens = s.fuse_sequences * SEQ_LEN
-        flops = 2 * P * tokens * 6 + s.fuse_distill_steps * 6 * max(x.parent_params for x in sizes) * 2 * SEQ_LEN
         if cluster.count == 1:
             peak = base_bytes(cluster) + 3 * P * 4 + 3 * tokens * config.vocab_size * 4  # parent, child, fused (fp32)
             return stage_use(self.name, "one process: parent, child and fused child whole",
                              one_rank(cluster, device=peak, disk=P * 4, layers=(0, len(sizes)),
-                                      seconds=flops / cluster.flops_per_rank), cluster)
+                                      seconds=fuse_seconds(s, cluster, shapes, 1)), cluster)
         from block_library.distributed import split_layers
         from puzzle.evaluation.memory import layer_params
         from puzzle.fusion.memory import fuse_layer_costs, fuse_rank_bytes
@@ -94,8 +93,33 @@ class FuseStage(Stage):
                                    device=device_kind(cluster))
             staged = 4 * sum(sizes[l].parent_params for l in layers)
             out.append(RankUse(rank, layer_range(layers), peak, host_bytes(cluster, peak, staged), P * 4 / world,
-                               flops / world / cluster.flops_per_rank))
+                               fuse_seconds(s, cluster, shapes, world)))
         return stage_use(self.name, "layers split over ranks: FFN runs fused where they live", out, cluster)
+
+
+SEGMENTS = 2
+"""Fused segments the plan times (the child is not known yet; the README's child fuses two FFN pairs)."""
+FUSE_FIXED_SECONDS = 10.0
+"""Copies of the model per segment, writing the fused child and its plot."""
+
+
+def fuse_seconds(s: FuseSettings, cluster: Cluster, shapes: Shapes, world: int) -> float:
+    """The calibration pass, then full passes with the head and the metrics over the held-out sequences (chunks of
+    2): the references, the unfused child, each segment fused alone, the fused child before and after its
+    distillation; the distillation's steps of each segment's fused FFN (twice as wide) on 2 sequences."""
+    from block_library.distributed import split_layers
+    from puzzle.evaluation.memory import layer_params
+    from puzzle.schema import FFNConfig
+    from puzzle.search.timing import KAPPA, VOCAB_METRIC, batches, pipeline, rank_clock
+
+    clock, child = rank_clock(cluster, shapes.parent), shapes.child_config
+    b, m = batches(s.fuse_sequences, 2)
+    ranges = split_layers(layer_params(child), max(1, min(world, len(child.blocks))))
+    forward = pipeline([clock.blocks([child.blocks[l] for l in r], b, SEQ_LEN) for r in ranges], m)
+    passes = forward + (9 + SEGMENTS) * (forward + m * clock.head(b * (SEQ_LEN - 1), VOCAB_METRIC))
+    widest = max((blk.ffn.intermediate_size for blk in shapes.parent.blocks if blk.ffn.kind == "swiglu"), default=0)
+    step = KAPPA * clock.sub("ffn", FFNConfig.swiglu(2 * widest), 2, SEQ_LEN) if widest else 0.0
+    return FUSE_FIXED_SECONDS + passes + SEGMENTS * s.fuse_distill_steps * step
 
 
 STAGE = FuseStage()

@@ -9,6 +9,7 @@ its memory. The library's settings (search space, data, BLD sizes, seed) are one
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,27 +72,58 @@ class LibraryStage(Stage):
 
     def resources(self, plan: Plan, cluster: Cluster, shapes: Shapes) -> StageUse:
         s, config, sizes = LibrarySettings.of(plan), shapes.parent, shapes.layers
-        db, out = cluster.dtype_bytes, []
-        calib_tokens = val_tokens = s.bld_eval_sequences * SEQ_LEN
-        for rank, layers in enumerate(layer_ranges(sizes, cluster.count)):
+        db, out, local = cluster.dtype_bytes, [], []
+        ranges = layer_ranges(sizes, cluster.count)
+        for rank, layers in enumerate(ranges):
             first = rank == 0
             fixed = build_fixed_bytes(config, sizes, layers, first=first, batch=BLD_BATCH, seq_len=SEQ_LEN,
                                       dtype_bytes=db, device="cpu" if cluster.is_cpu else "gpu", ffn_refit=s.ffn_refit)
             rounds = round_params(round_items(sizes, layers), cluster.memory_per_rank - fixed, INIT_BYTES_PER_PARAM)
             teacher = sum(sizes[l].parent_params for l in layers)
             variants = sum(sizes[l].trainable_params for l in layers)
-            flops = 2 * teacher * calib_tokens + len(rounds) * 2 * teacher * val_tokens + 2 * variants * val_tokens
-            flops += sum(sizes[l].lsq_subblocks for l in layers) * 2 * config.hidden_size ** 3  # the solves
-            if s.ffn_refit:  # the Gram matrices (m^2 per token) and one (k, k) solve per pruned width
-                pruned = [(l, sum(v.kind == "swiglu" for v in sizes[l].trainable)) for l in layers]
-                flops += sum((2 * calib_tokens + 2 * n * sizes[l].ffn_width) * sizes[l].ffn_width ** 2
-                             for l, n in pruned)
             disk = INIT_BYTES_PER_PARAM * variants + (INIT_BYTES_PER_PARAM * embedding_params(config) if first else 0)
             peak = fixed + INIT_BYTES_PER_PARAM * max(rounds)
             gram = gram_bytes(sizes, layers, ffn_refit=s.ffn_refit)  # host memory; in ``fixed`` on a CPU
             out.append(RankUse(rank, layer_range(layers), peak, host_bytes(cluster, peak, 4 * teacher + gram), disk,
-                               flops / cluster.flops_per_rank + disk / DISK_BYTES_PER_S, len(rounds)))
+                               0.0, len(rounds)))
+            # the build packs every variant it owns into its rounds, the parent's own copies too
+            copies = [(f"parent{l}", sizes[l].parent_params) for l in layers]
+            built = round_params(round_items(sizes, layers) + copies, cluster.memory_per_rank - fixed,
+                                 INIT_BYTES_PER_PARAM)
+            local.append((len(built), _rank_seconds(s, cluster, shapes, layers, disk)))
+        seconds = _passes_seconds(s, cluster, shapes, ranges, max(n for n, _ in local)) + max(t for _, t in local)
+        out = [dataclasses.replace(u, seconds=seconds) for u in out]
         return stage_use(self.name, "layers split over ranks; variants initialized in rounds", out, cluster)
+
+
+def _passes_seconds(s: LibrarySettings, cluster: Cluster, shapes: Shapes, ranges: list[range], rounds: int) -> float:
+    """The teacher's calibration pass and every round's validation pass (the teacher and that round's variants),
+    batches of :data:`BLD_BATCH` sequences passed rank to rank."""
+    from puzzle.search.timing import batches, pipeline, rank_clock
+
+    clock, config, sizes = rank_clock(cluster, shapes.parent), shapes.parent, shapes.layers
+    b, m = batches(s.bld_eval_sequences, BLD_BATCH)
+    teacher = [clock.blocks([config.blocks[l] for l in r], b, SEQ_LEN) for r in ranges]
+    variants = [sum(clock.variant(v, config, b, SEQ_LEN) for l in r for v in sizes[l].trainable) / rounds
+                for r in ranges]
+    return pipeline(teacher, m) + rounds * pipeline([t + v for t, v in zip(teacher, variants)], m)
+
+
+def _rank_seconds(s: LibrarySettings, cluster: Cluster, shapes: Shapes, layers: range, disk: float) -> float:
+    """A rank's own work: the float64 statistics of its least-squares variants (X^T X, X^T Y) and their solves,
+    the FFN channel importance (gate and up again), building every variant's modules, and its writes."""
+    from puzzle.search.timing import rank_clock
+
+    clock, sizes, H = rank_clock(cluster, shapes.parent), shapes.layers, shapes.parent.hidden_size
+    n = s.bld_eval_sequences * SEQ_LEN
+    lsq = sum(sizes[l].lsq_subblocks for l in layers)
+    grams = clock.gemm(lsq * 4 * n * H * H + lsq * 8 / 3 * H**3, fp64=True)
+    importance = clock.gemm(sum(4 * n * H * sizes[l].ffn_width for l in layers))
+    if s.ffn_refit:  # the Gram matrices (m^2 per token) and one (k, k) solve per pruned width
+        grams += clock.gemm(sum((2 * n + 2 * sum(v.kind == "swiglu" for v in sizes[l].trainable) * sizes[l].ffn_width)
+                                * sizes[l].ffn_width ** 2 for l in layers), fp64=True)
+    owned = sum(sizes[l].parent_params + sizes[l].trainable_params for l in layers)
+    return grams + importance + clock.modules(owned, "library") + disk / DISK_BYTES_PER_S
 
 
 STAGE = LibraryStage()

@@ -65,9 +65,43 @@ class ProfileStage(Stage):
 
     def resources(self, plan: Plan, cluster: Cluster, shapes: Shapes) -> StageUse:
         calibrate = ProfileSettings.of(plan).calibrate
-        seconds = 60.0 if calibrate else 1.0  # timing a few blocks on this CPU; else the analytic table
+        seconds = calibrate_seconds(plan, cluster, shapes) if calibrate else 1.0  # else the analytic table
         b = base_bytes(cluster) + (max(s.parent_params for s in shapes.layers) * 4 if calibrate else 0)
         return stage_use(self.name, "rank 0: the cost table", one_rank(cluster, device=b, seconds=seconds), cluster)
+
+
+FIT_SECONDS = 5.0
+"""The grid fit of the efficiencies to the timings."""
+
+
+def calibrate_seconds(plan: Plan, cluster: Cluster, shapes: Shapes) -> float:
+    """Timing every distinct attention and FFN of the library in every scenario: each one built in as many copies
+    as fill :data:`~puzzle.profiler.measure.STREAM_BYTES` (so that the timed steps stream their weights from memory,
+    as serving does), 10 repeats after 2 warm-ups of all copies at the roofline's time for this CPU; then the fit.
+    On GPUs a minute."""
+    from puzzle.profiler.calibrate import sub_blocks
+    from puzzle.profiler.counts import ModelShape, block_params
+    from puzzle.profiler.measure import MAX_COPIES, STREAM_BYTES
+    from puzzle.profiler.roofline import block_ms
+    from puzzle.schema import BlockConfig
+    from puzzle.search.timing import rank_clock, variant_config
+
+    clock, config = rank_clock(cluster, shapes.parent), shapes.parent
+    if clock.target is None:
+        return 60.0
+    candidates = [[config.blocks[l]] + [BlockConfig(attention=variant_config(v, config), ffn=config.blocks[l].ffn)
+                                        if v.subblock == "attention" else
+                                        BlockConfig(attention=config.blocks[l].attention, ffn=variant_config(v, config))
+                                        for v in size.trainable] for l, size in enumerate(shapes.layers)]
+    shape, seconds = ModelShape.from_config(config), FIT_SECONDS
+    for sc in plan.scenarios:
+        for b in sub_blocks(candidates):
+            params = block_params(shape, b)
+            cache = 2 * sc.batch * b.attention.num_key_value_heads * sc.length * config.head_dim \
+                if b.attention.kind == "gqa" and sc.phase == "decode" else 0
+            copies = max(1, min(MAX_COPIES, -(-STREAM_BYTES // max(1, 4 * (params + cache)))))
+            seconds += copies * (12 * block_ms(shape, b, sc, clock.target) / 1e3 + clock.modules(params, "library"))
+    return seconds
 
 
 STAGE = ProfileStage()

@@ -8,7 +8,7 @@ hold the later layers (:mod:`puzzle.scoring.sharded`). Resumes from its finished
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,20 +56,46 @@ class ScoreStage(Stage):
         world = min(cluster.count, len(sizes))
         ranges = split_layers(score_layer_costs(config), world)
         n, T = s.score_sequences, s.score_seq_len
-        total_flops = 0.0
-        for l, size in enumerate(sizes):  # a replacement at layer l runs its block, the later layers and the head
-            later = sum(x.parent_params for x in sizes[l + 1:]) + V * H
-            reps = 1 + len(size.trainable) + 2  # the parent block, every trained variant, the no-ops
-            total_flops += reps * 2 * (size.parent_params + later) * n * T
+        seconds = score_seconds(cluster, shapes, ranges, n, T)
         out = []
         for rank, layers in enumerate(ranges):
             peak = score_rank_bytes(config, sizes, layers, first=rank == 0, last=rank == world - 1, sequences=n,
                                     seq_len=T, device=device_kind(cluster))
             staged = 4 * sum(sizes[l].parent_params for l in layers)
-            out.append(RankUse(rank, layer_range(layers), peak, host_bytes(cluster, peak, staged), 0.0,
-                               total_flops / world / cluster.flops_per_rank))
+            out.append(RankUse(rank, layer_range(layers), peak, host_bytes(cluster, peak, staged), 0.0, seconds))
         return stage_use(self.name, "layers split over ranks; replacements stream through the later layers (fp32)",
                          out, cluster)
+
+
+SCORE_FIXED_SECONDS = 10.0
+"""Reading the library's index, tokenizing, and the parent's pass that caches every layer's streams."""
+
+
+def score_seconds(cluster: Cluster, shapes: Shapes, ranges: Sequence[range], n: int, T: int) -> float:
+    """The parent's pass (with its log-probabilities), then every replacement: its block (an attention variant with
+    the parent's FFN), the later layers and the head with the metrics. Layer-sharded, the rank owning the layer runs
+    the block and its later layers, each later rank all its layers and the last rank the head of every job: the
+    busiest rank bounds the stage."""
+    from puzzle.search.timing import VOCAB_LOGSOFTMAX, VOCAB_METRIC, rank_clock, variant_config
+
+    clock, config, sizes = rank_clock(cluster, shapes.parent), shapes.parent, shapes.layers
+    blocks = [clock.block(b, n, T) for b in config.blocks]
+    head = clock.head(n * (T - 1), VOCAB_METRIC)
+    work = [0.0] * len(ranges)
+    owner = {l: r for r, rg in enumerate(ranges) for l in rg}
+    for l, size in enumerate(sizes):
+        parent_ffn = clock.sub("ffn", config.blocks[l].ffn, n, T)
+        jobs = [parent_ffn, parent_ffn, 0.0]  # the parent's row and the two no-ops (each still runs the rest)
+        jobs += [clock.sub(v.subblock, variant_config(v, config), n, T) + (parent_ffn if v.subblock == "attention"
+                                                                         else 0.0) for v in size.trainable]
+        r0 = owner[l]
+        for job in jobs:
+            work[r0] += job + sum(blocks[l + 1:ranges[r0].stop])
+            for r in range(r0 + 1, len(ranges)):
+                work[r] += sum(blocks[ranges[r].start:ranges[r].stop])
+            work[-1] += head
+    parent = sum(blocks) + clock.head(n * (T - 1), VOCAB_LOGSOFTMAX)
+    return SCORE_FIXED_SECONDS + parent + max(work)
 
 
 STAGE = ScoreStage()

@@ -26,6 +26,7 @@ from puzzle.search.plan import Plan
 from puzzle.search.resources import (GIB, SEQ_LEN, RankUse, Shapes, StageUse, base_bytes, host_bytes, one_rank,
                                      stage_use)
 from puzzle.search.setting import Section
+from puzzle.search.timing import rank_clock
 from puzzle.search.stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ class SolveStage(Stage):
         P, C, tokens = shapes.parent_params, shapes.child_params, SEQUENCES * SEQ_LEN
         # parent and one finalist whole (fp32), the parent's log-probs, one chunk of 2 sequences' logits in flight
         peak = b + (P + C) * 4 + tokens * config.vocab_size * 4 + 3 * 2 * SEQ_LEN * config.vocab_size * 4
-        seconds = 5.0 * s.finalists + 2 * (P + s.finalists * C) * tokens / cluster.flops_per_rank
+        seconds = finalists_seconds(s.finalists, cluster, shapes, 1)
         how = f"one process: the MIP's {s.finalists} best different children measured"
         if s.refine_rounds:  # at most every variant half swapped into the child (it swaps the finalists' only),
             # through the later layers and the head
@@ -242,7 +243,7 @@ class SolveStage(Stage):
             swaps = sum(len(x.trainable) + 2 for x in sizes)  # every trained variant and the no-ops
             flops = sum((len(x.trainable) + 2) * 2 * (x.parent_params + sum(y.parent_params for y in sizes[l + 1:])
                                                       + V * H) for l, x in enumerate(sizes)) * tokens
-            seconds += s.refine_rounds * (5.0 + flops / cluster.flops_per_rank + 2 * C * tokens / cluster.flops_per_rank)
+            seconds += s.refine_rounds * (5.0 + (flops + 2 * C * tokens) / rank_clock(cluster, config).flops)
             # the child's streams (input and mid of every layer) and four swaps' streams in flight
             peak += 2 * len(sizes) * tokens * H * 4 + 4 * tokens * H * 4
             how += f", then {s.refine_rounds} refinement round(s) of at most {swaps} swaps"
@@ -267,8 +268,7 @@ def sharded_resources(name: str, finalists: int, cluster: Cluster, shapes: Shape
     V, H, k, N, T = config.vocab_size, config.hidden_size, finalist_top_k(config.vocab_size), SEQUENCES, SEQ_LEN
     targets = N * (T - 1) * (k * (4 + 8) + 4) + N * T * H * 2  # loaded: logp f32, index int64, rest; hidden bf16
     logits = 3 * 2 * (T - 1) * V * 4  # one chunk of 2 sequences' (b, T-1, V) float32 log-probs, ~3 copies
-    seconds = 5.0 * finalists + 2 * (shapes.parent_params + finalists * shapes.child_params) * N * T \
-        / cluster.flops_per_rank / world
+    seconds = finalists_seconds(finalists, cluster, shapes, world)
     out, child_ranges = [], split_layers(layer_params(child), world)
     for r, (pl, cl) in enumerate(zip(split_layers(layer_params(config), world), child_ranges)):
         first, last = r == 0, r == world - 1
@@ -291,6 +291,32 @@ def sharded_resources(name: str, finalists: int, cluster: Cluster, shapes: Shape
     how = (f"layer-sharded over {world} ranks: the parent's top-{k} log-probs cached once, each of the {finalists} "
            "finalists measured against them")
     return stage_use(name, how, out, cluster)
+
+
+MIP_SECONDS = 0.5
+"""One solve of the MIP for a finalist (the 0.1-1 s of CBC or CP-SAT on a library of 30-126 layers)."""
+SOLVE_FIXED_SECONDS = 2.0
+"""Reading the costs, the scores and the library's index, and tokenizing the finalists' text."""
+
+
+def finalists_seconds(finalists: int, cluster: Cluster, shapes: Shapes, world: int) -> float:
+    """The MIP once per finalist, the parent's log-probabilities (once) and every finalist assembled from the
+    library's files and measured, chunks of 2 sequences passed rank to rank (layer-sharded: each rank its layers)."""
+    from block_library.distributed import split_layers
+    from puzzle.evaluation.memory import layer_params
+    from puzzle.search.finalists import SEQUENCES
+    from puzzle.search.timing import ASSEMBLY_BYTES_PER_S, VOCAB_METRIC, VOCAB_TOPK, batches, pipeline
+
+    clock, T = rank_clock(cluster, shapes.parent), SEQ_LEN
+    b, m = batches(SEQUENCES, 2)
+
+    def passes(config: Any, vocab: float) -> float:
+        ranges = split_layers(layer_params(config), max(1, min(world, len(config.blocks))))
+        work = [clock.blocks([config.blocks[l] for l in r], b, T) for r in ranges]
+        return pipeline(work, m) + m * clock.head(b * (T - 1), vocab)
+
+    child = passes(shapes.child_config, VOCAB_METRIC) + 4 * shapes.child_params / world / ASSEMBLY_BYTES_PER_S
+    return SOLVE_FIXED_SECONDS + passes(shapes.parent, VOCAB_TOPK) + finalists * (MIP_SECONDS + child)
 
 
 STAGE = SolveStage()
