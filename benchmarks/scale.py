@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model, memory, flags = search_setup(args.quick, Path(tmp), memory=args.memory)
         if args.run is not None:
+            if not (args.run / "resources.csv").is_file():
+                raise SystemExit(f"--run {args.run}: no resources.csv there; name a kept run (scale.py --keep DIR)")
             out, wall = args.run, float("nan")
             usage = replanned(out, pd.read_csv(out / "resources.csv"))
         else:

@@ -118,6 +118,17 @@ def stage_load(run: Path, stage: str, seconds: float, log: pd.DataFrame | None) 
     return float(span.load.mean()), float(span.other.mean()) if "other" in span else float("nan")
 
 
+def run_config(run: Path) -> dict[str, Any]:
+    """The settings ``puzzle search`` recorded in ``run/run.json`` (less ``out``); exits with one line when ``run`` is
+    not a search's run directory."""
+    path = run / "run.json"
+    if not path.is_file():
+        raise SystemExit(f"--run {run}: no run.json there; name the --out directory of a puzzle search")
+    config = json.loads(path.read_text())["config"]
+    config.pop("out", None)
+    return config
+
+
 def replan(run: Path) -> tuple[Any, dict[str, Any]]:
     """``(plan, stages)``: the run's settings planned again with today's code, and each stage's use for the child the
     run's MIP chose (fused, for the stages after fusion), as the run itself records it (``puzzle.search.usage``)."""
@@ -127,9 +138,7 @@ def replan(run: Path) -> tuple[Any, dict[str, Any]]:
     from puzzle.search.resolver import resolve
     from puzzle.search.resource_plan import plan_resources
 
-    config = json.loads((run / "run.json").read_text())["config"]
-    config.pop("out", None)
-    plan = resolve(SearchConfig.from_dict(config))
+    plan = resolve(SearchConfig.from_dict(run_config(run)))
     chosen = run / "solve" / "blocks.json"
     child = plan.parent_config.with_blocks(load_blocks(chosen)) if chosen.is_file() else None
     fused = load_config(run / "fuse" / "model") if (run / "fuse" / "model" / "config.json").is_file() else child
@@ -147,9 +156,8 @@ def compare(run: Path, name: str, load_log: Path | None, *, shared: bool = False
     """One row per stage and rank of ``run``: today's plan for the chosen child against the measured seconds."""
     from puzzle.profiler.cpu import cached_peaks
 
+    config = run_config(run)
     plan, stages = replan(run)
-    config = json.loads((run / "run.json").read_text())["config"]
-    config.pop("out", None)
     chosen = run / "solve" / "blocks.json"
     log = None
     if load_log is not None and load_log.is_file():
