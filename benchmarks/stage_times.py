@@ -1,7 +1,7 @@
 """The plan's predicted stage times against a run's measured ones (``puzzle plan``'s time column, issue 30).
 
     python benchmarks/stage_times.py                          # the README's first command (about 10 min on 2 cores)
-    python benchmarks/stage_times.py --preset full --budget cpu   # the full preset (about 75 min)
+    python benchmarks/stage_times.py --preset full --budget cpu   # the full preset (about 90 min)
     python benchmarks/stage_times.py --run DIR --name NAME    # a finished run directory (e.g. scale.py --keep DIR)
     python benchmarks/stage_times.py --quick                  # a tiny random parent, under a minute
 
@@ -74,11 +74,11 @@ def _group_ticks(pgid: int) -> int:
 
 
 def sample_load(path: Path, stop: threading.Event, pgid: int, every: float = 5.0) -> None:
-    """Append ``EPOCH LOAD1 OTHER`` lines to ``path`` until ``stop`` is set: OTHER is the cores that processes outside
-    the search's group kept busy over the last interval (0: the search ran alone)."""
+    """Write ``EPOCH LOAD1 OTHER`` lines to ``path`` (a new file: one search's log) until ``stop`` is set: OTHER is
+    the cores that processes outside the search's group kept busy over the last interval (0: the search ran alone)."""
     hz = os.sysconf("SC_CLK_TCK")
     busy, mine = _busy_ticks(), _group_ticks(pgid)
-    with path.open("a") as f:
+    with path.open("w") as f:
         while not stop.wait(every):
             now_busy, now_mine = _busy_ticks(), _group_ticks(pgid)
             other = max(0.0, (now_busy - busy) - (now_mine - mine)) / hz / every

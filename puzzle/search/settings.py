@@ -128,7 +128,7 @@ SETTINGS = Table([
          help="The search space: a YAML file holding a library config's space: section, e.g. "
               "{ffn: {sizes: [0.5, 0.25]}, attention: {kv_heads: [2]}}."),
     Spec(name="preset", kind="str", stages=(PLAN,), default="quick", choices=PRESET_NAMES,
-         help="Stage sizes: quick (minutes on a laptop CPU), full (about an hour for SmolLM2 on a laptop CPU) or "
+         help="Stage sizes: quick (minutes on a laptop CPU), full (about 90 minutes for SmolLM2 on 2 CPU cores) or "
               "production (token counts that grow with the parent, from the Puzzle paper: docs/presets.md)."),
     # ---- stage sizes and research knobs
     Spec(name="bld_tokens", kind="int", stages=("library", "bld", "child_bld", "baselines"), presets=_sizes(4096, 65536, BLD_PER_BILLION),
