@@ -5,6 +5,7 @@
     puzzle evaluate runs/child --parent smollm2-135m --speed --out runs/eval   # + speed.csv
     puzzle evaluate smollm2-135m --speed --scenario decode:batch=1,context=512
     puzzle evaluate runs/search/export/model --parent smollm2-135m --engine vllm  # + speed inside vLLM
+    puzzle evaluate runs/child --parent smollm2-135m --context 256 --context 1024    # quality by context length
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "directories, .jsonl, .parquet; their validation split is read (default: stdlib)")
     p.add_argument("--sequences", type=int, default=8, help="held-out sequences (default: 8)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per held-out sequence (default: 256)")
+    p.add_argument("--context", type=int, action="append", default=[], metavar="N",
+                   help="also measure quality on --sequences sequences of N tokens, repeatable (e.g. --context 256 "
+                   "--context 1024 --context 2048): a table of perplexity, KL and top-1 agreement by context; at most "
+                   "the model's max_position_embeddings")
     p.add_argument("--tasks", nargs="+", default=[], metavar="FILE", help="multiple-choice task files, JSONL with "
                    '{"context": str, "choices": [str, ...], "answer": int} per line (see '
                    "examples/tasks/python_stdlib_mc.jsonl); each choice is scored by its tokens' summed log-prob")
@@ -56,6 +61,14 @@ def run(args: argparse.Namespace) -> int:
     from puzzle.profiler.scenario import parse_scenario
 
     # Everything the user typed is checked before any model is loaded.
+    from puzzle.evaluation.contexts import check_contexts
+
+    if args.sequences < 1 or args.seq_len < 2:
+        from puzzle.errors import ConfigError
+
+        raise ConfigError(f"--sequences must be at least 1 and --seq-len at least 2, got {args.sequences} and "
+                          f"{args.seq_len}")
+    check_contexts(args.context, None)
     scenarios = [parse_scenario(s) for s in args.scenario] if args.scenario else None
     tasks = load_tasks(args.tasks)
     src = resolve_source(args.model)
@@ -71,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
             engine_dir(source, role=role)
         vllm.require()
 
+    from puzzle.loading import load_config
+
+    check_contexts(args.context, getattr(load_config(src), "max_position_embeddings", None))
     model = load_model(src)
     parent = None
     if parent_src is not None:
@@ -85,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
     ev = evaluate(model, tokenizer, parent=parent, sources=args.data, seq_len=args.seq_len,
                   num_sequences=args.sequences, tasks=tasks, speed=args.speed or scenarios is not None,
-                  scenarios=scenarios, progress=not args.no_progress)
+                  scenarios=scenarios, contexts={c: args.sequences for c in args.context},
+                  progress=not args.no_progress)
     print(f"model {args.model}" + (f", parent {args.parent}" if args.parent else ""))
     print(ev.format())
     engine_table = None

@@ -38,10 +38,15 @@ class Evaluation:
     """Measured speed rows (:func:`measure_speed`), or None when not measured."""
     data: dict[str, Any] = field(default_factory=dict)
     """How the held-out ids were made: sources, split, seq_len, sequences."""
+    contexts: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Quality by context length (:mod:`puzzle.evaluation.contexts`): ``{tokens: quality + context, sequences}``."""
 
     def to_dict(self) -> dict[str, Any]:
+        from puzzle.evaluation.contexts import to_json
+
         speed = None if self.speed is None else self.speed.to_dict(orient="records")
-        return {"data": self.data, "quality": self.quality, "tasks": self.tasks, "speed": speed}
+        return {"data": self.data, "quality": self.quality, "tasks": self.tasks, "speed": speed,
+                "contexts": to_json(self.contexts)}
 
     def format(self) -> str:
         q, d = self.quality, self.data
@@ -56,6 +61,9 @@ class Evaluation:
             lines.append(f"  {'KL(parent||model)':18}{q['kl']:>12.4f} nats/token")
             lines.append(f"  {'loss delta':18}{q['loss_delta']:>+12.4f} nats/token")
             lines.append(f"  {'top-1 agreement':18}{q['top1_agreement']:>12.2%}")
+        if self.contexts:
+            lines.append("")
+            lines.append(context_table(self.contexts))
         if self.tasks:
             lines.append("")
             lines.append(_tasks_table(self.tasks))
@@ -67,6 +75,18 @@ class Evaluation:
             lines.append(table.to_string(index=False, formatters={
                 "ms": "{:.2f}".format, "tokens_per_s": "{:.1f}".format, "speedup": "{:.3f}x".format}))
         return "\n".join(lines)
+
+
+def context_table(contexts: Mapping[int, Mapping[str, float]]) -> str:
+    """Quality by context as text: one row per context length."""
+    rows = []
+    for c, q in sorted(contexts.items()):
+        row = {"context": c, "sequences": int(q["sequences"]), "ppl": q["ppl"]}
+        if "kl" in q:
+            row.update(parent_ppl=q["parent_ppl"], kl=q["kl"], top1_agreement=q["top1_agreement"])
+        rows.append(row)
+    return "quality by context (tokens per sequence)\n" + pd.DataFrame(rows).to_string(
+        index=False, float_format="{:.4f}".format)
 
 
 def _tasks_table(tasks: Mapping[str, Mapping[str, float]]) -> str:
@@ -84,14 +104,23 @@ def evaluate(model: PuzzleForCausalLM, tokenizer: Any, *, parent: PuzzleForCausa
              sources: Sequence[str | os.PathLike[str]] | str = ("stdlib",), seq_len: int = 256,
              num_sequences: int = 8, tasks: Sequence[str | os.PathLike[str]] | Mapping[str, Sequence[Question]] = (),
              speed: bool = False, scenarios: Sequence[Scenario] | None = None, chunk: int = 2,
-             progress: bool = False) -> Evaluation:
+             contexts: Mapping[int, int] | None = None, progress: bool = False) -> Evaluation:
     """Quality on the validation split of ``sources``, accuracy on ``tasks`` (JSONL paths or
     :func:`load_tasks` output) and, with ``speed``, measured step times on ``scenarios``
-    (default: prefill b1x1024, decode b8 ctx1024). ``parent`` adds the comparison columns."""
+    (default: prefill b1x1024, decode b8 ctx1024). ``parent`` adds the comparison columns.
+    ``contexts`` (``{tokens: sequences}``) adds the quality at each context length
+    (:func:`~puzzle.evaluation.contexts.quality_by_context`); ``seq_len`` among them is the main evaluation's."""
+    from puzzle.evaluation.contexts import quality_by_context
+
     loaded = tasks if isinstance(tasks, Mapping) else load_tasks(tasks)  # bad task files fail before any work
     ids = load_sequences(sources, tokenizer, seq_len=seq_len, num_sequences=num_sequences, split="validation")
     data = {"sources": source_names(sources), "split": "validation", "seq_len": seq_len, "sequences": ids.shape[0]}
     quality = evaluate_quality(model, ids, parent=parent, chunk=chunk, progress=progress)
+    others = {c: n for c, n in (contexts or {}).items() if (c, n) != (seq_len, num_sequences)}
+    by_context = quality_by_context(model, tokenizer, parent=parent, sources=sources, sequences=others, chunk=chunk,
+                                    progress=progress)
+    if contexts and (seq_len, num_sequences) in contexts.items():
+        by_context[seq_len] = {"context": seq_len, "sequences": int(ids.shape[0]), **quality}
 
     task_results = evaluate_tasks(model, tokenizer, loaded)
     if parent is not None and task_results:
@@ -104,4 +133,5 @@ def evaluate(model: PuzzleForCausalLM, tokenizer: Any, *, parent: PuzzleForCausa
         # the parent first: the speedup reference; a model compared with itself is timed once
         models = {"model": model} if parent is None or parent is model else {"parent": parent, "model": model}
         table = measure_speed(models, scenarios, progress=progress)
-    return Evaluation(quality=quality, tasks=task_results, speed=table, data=data)
+    return Evaluation(quality=quality, tasks=task_results, speed=table, data=data,
+                      contexts=dict(sorted(by_context.items())))

@@ -4,7 +4,8 @@ Rows: parent, child. Columns: layers, parameters, the serving engines that load 
 per device on the target, predicted step time (prefill, decode) and speedup on the target, measured
 step time and speedup on this machine (this project's runtime; inside vLLM too when it is installed
 and the target is this machine), and quality on held-out text (perplexity, KL to the parent, top-1
-agreement).
+agreement) at 256 tokens and by context: ``ppl_<T>``, ``kl_<T>``, ``top1_<T>`` for 256, the served
+context and twice it (``report.png`` plots the child's KL against the context).
 """
 
 from __future__ import annotations
@@ -60,7 +61,24 @@ def report_table(parent: Any, child: Any, target: Any, scenarios: list[Any], eva
     df.loc["child", "ppl"] = q.get("ppl", float("nan"))
     df.loc["parent", "kl_to_parent"], df.loc["child", "kl_to_parent"] = 0.0, q.get("kl", float("nan"))
     df.loc["parent", "top1_agreement"], df.loc["child", "top1_agreement"] = 1.0, q.get("top1_agreement", float("nan"))
+    from puzzle.evaluation.contexts import from_json
+
+    for c, qc in sorted(from_json(evaluation.get("contexts")).items()):
+        df.loc["parent", f"ppl_{c}"], df.loc["child", f"ppl_{c}"] = qc.get("parent_ppl", float("nan")), qc["ppl"]
+        df.loc["parent", f"kl_{c}"], df.loc["child", f"kl_{c}"] = 0.0, qc.get("kl", float("nan"))
+        df.loc["parent", f"top1_{c}"] = 1.0
+        df.loc["child", f"top1_{c}"] = qc.get("top1_agreement", float("nan"))
     return df.reset_index()
+
+
+def context_columns(df: pd.DataFrame, metric: str) -> dict[int, str]:
+    """``{context: column}`` of a report's by-context ``metric`` (``kl``, ``ppl``, ``top1``)."""
+    out = {}
+    for col in df.columns:
+        head, _, tail = col.rpartition("_")
+        if head == metric and tail.isdigit():
+            out[int(tail)] = col
+    return dict(sorted(out.items()))
 
 
 def plot_report(df: pd.DataFrame, path: Path, title: str) -> None:
@@ -70,8 +88,20 @@ def plot_report(df: pd.DataFrame, path: Path, title: str) -> None:
     panels += [(c, c.replace("_", " ")) for c in df.columns if c.endswith("_speedup")]
     panels += [("ppl", "perplexity"), ("kl_to_parent", "KL to parent")]
     panels = [(c, t) for c, t in panels if c in df]
-    fig = Figure(figsize=(2.3 * len(panels), 3.0))
-    axes = fig.subplots(1, len(panels))
+    by_context = context_columns(df, "kl")
+    fig = Figure(figsize=(2.3 * (len(panels) + bool(by_context)), 3.0))
+    axes = list(fig.subplots(1, len(panels) + bool(by_context), squeeze=False).flat)
+    if by_context:  # the child's KL where it is served: it grows with the context
+        ax = axes.pop()
+        child = df.set_index("model").loc["child"]
+        xs, ys = list(by_context), [child[col] for col in by_context.values()]
+        ax.plot(xs, ys, "o-", color="#2a7ab0")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_title("child's KL by context (tokens)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        for x, v in zip(xs, ys):
+            ax.annotate(f"{v:.3g}", (x, v), ha="center", va="bottom", fontsize=7)
     for ax, (col, label) in zip(axes, panels):
         ax.bar(df["model"], df[col], color=["#888888", "#2a7ab0"])
         ax.set_title(label, fontsize=8)

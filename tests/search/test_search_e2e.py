@@ -39,6 +39,10 @@ def test_every_stage_runs_and_the_export_loads(finished_run, tiny_text_parent):
     assert list(report.index) == ["parent", "child"]
     assert report.loc["child", "pred_decode_speedup"] > 1.0 and report.loc["child", "kl_to_parent"] > 0
     assert report.loc["child", "layers"] == child.config.num_hidden_layers
+    # quality by context: the tiny parent's rotary positions end at 256, so the served 1024 is not measured
+    evaluation = json.loads((run.directory / "evaluate" / "evaluation.json").read_text())
+    assert {c: q["sequences"] for c, q in evaluation["contexts"].items()} == {"256": 1}
+    assert report.loc["child", "kl_256"] == report.loc["child", "kl_to_parent"] and report.loc["parent", "kl_256"] == 0
     assert (run.directory / "report.png").stat().st_size > 1000
     with torch.no_grad():
         assert torch.isfinite(child(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False).logits).all()

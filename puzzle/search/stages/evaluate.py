@@ -2,7 +2,8 @@
 where they fit a rank whole, their step times on this machine (and inside the serving engine when the
 budget's device is this one).
 
-    run/evaluate/evaluation.json   quality, speed, the data it read
+    run/evaluate/evaluation.json   quality (at 256 tokens and by context: 256, the served context, twice it), speed,
+                                   the data it read
     run/evaluate/engine_speed.csv  parent and child timed inside the engine (cpu budgets with vLLM installed)
 
 Under torchrun every rank holds its layers of one model at a time (:mod:`puzzle.evaluation.sharded`);
@@ -49,7 +50,8 @@ class EvaluateStage(Stage):
     def key(self, plan: Plan, upstream: Mapping[str, str]) -> dict[str, Any]:
         s = EvaluateSettings.of(plan)
         return {"export": upstream["export"], "sequences": s.eval_sequences, "speed": s.measure_speed,
-                "scenarios": [sc.to_dict() for sc in plan.scenarios]}
+                "scenarios": [sc.to_dict() for sc in plan.scenarios],
+                "contexts": {str(c): n for c, n in quality_contexts(plan).items()}}
 
     def quality(self, ctx: StageContext, model: Any) -> dict[str, Any]:
         """One process: ``model``'s quality against the parent, as the child's evaluation measures it."""
@@ -60,24 +62,31 @@ class EvaluateStage(Stage):
 
     def run(self, ctx: StageContext, directory: Path) -> dict[str, Any]:
         from puzzle.evaluation import Evaluation, evaluate, evaluate_sharded, measure_speed
+        from puzzle.evaluation.contexts import context_chunk
         from puzzle.evaluation.engine_speed import ENGINES_TIMED, engine_available
         from puzzle.io import atomic_write_json, atomic_write_text
         from puzzle.loading import load_model
 
         s, plan, model = EvaluateSettings.of(ctx.plan), ctx.plan, ctx.out("export", "model")
+        contexts = quality_contexts(plan)
         if ctx.world > 1:  # every rank holds its layers of one model at a time; rank 0 times them whole if asked
-            quality = evaluate_sharded(model, ctx.source.directory, ctx.tokenizer, sources=s.data,
-                                       num_sequences=s.eval_sequences, progress=ctx.progress)
+            by_context = {}
+            for c, n in contexts.items():
+                q = evaluate_sharded(model, ctx.source.directory, ctx.tokenizer, sources=s.data, seq_len=c,
+                                     num_sequences=n, chunk=context_chunk(c), progress=ctx.progress)
+                by_context[c] = {"context": c, "sequences": n, **q}
+            quality = {k: v for k, v in by_context[SEQ_LEN].items() if k not in ("context", "sequences")}
             data = {"sources": list(s.data), "split": "validation", "seq_len": SEQ_LEN, "sequences": s.eval_sequences}
             if not ctx.first:
                 return {}
             speed = None
             if s.measure_speed:
                 speed = measure_speed({"parent": ctx.parent, "model": load_model(model)}, list(plan.scenarios))
-            ev = Evaluation(quality=quality, tasks={}, speed=speed, data=data)
+            ev = Evaluation(quality=quality, tasks={}, speed=speed, data=data, contexts=by_context)
         else:
             ev = evaluate(load_model(model), ctx.tokenizer, parent=ctx.parent, sources=s.data,
-                          num_sequences=s.eval_sequences, speed=s.measure_speed, scenarios=list(plan.scenarios))
+                          num_sequences=s.eval_sequences, speed=s.measure_speed, scenarios=list(plan.scenarios),
+                          contexts=contexts, progress=ctx.progress)
         doc = ev.to_dict()
         if s.measure_speed and plan.target.is_cpu and s.engine in ENGINES_TIMED and engine_available(s.engine):
             # the budget's device is this one: time parent and child inside the engine too, beside the prediction
@@ -93,29 +102,33 @@ class EvaluateStage(Stage):
 
     def resources(self, plan: Plan, cluster: Cluster, shapes: Shapes) -> StageUse:
         from block_library.distributed import split_layers
+        from puzzle.evaluation.contexts import context_chunk
         from puzzle.evaluation.memory import evaluate_rank_bytes, layer_params
 
         s, config, sizes = EvaluateSettings.of(plan), shapes.parent, shapes.layers
         child, C = shapes.child_config, shapes.child_params
         P, world = shapes.parent_params, min(cluster.count, len(sizes), child.num_hidden_layers)
         seconds, timing = evaluate_seconds(plan, cluster, shapes, world)
-        if world == 1:
-            peak = base_bytes(cluster) + (P + C) * 4 + 5 * 256 * config.vocab_size * 4
-            return stage_use(self.name, "one process: parent and child whole",
+        contexts = quality_contexts(plan)
+        longest = max(contexts)
+        if world == 1:  # the log-prob buffers of a chunk: context_chunk keeps them at 2 x 256 positions or one row
+            positions = max(2 * SEQ_LEN, longest * context_chunk(longest)) / (2 * SEQ_LEN)
+            peak = base_bytes(cluster) + (P + C) * 4 + 5 * 256 * config.vocab_size * 4 * positions
+            return stage_use(self.name, f"one process: parent and child whole, at {_contexts_text(contexts)} tokens",
                              one_rank(cluster, device=peak, layers=(0, len(sizes)), seconds=seconds + timing), cluster)
         ranges, child_ranges = split_layers(layer_params(config), world), split_layers(layer_params(child), world)
         out = []
         for rank, (layers, child_layers) in enumerate(zip(ranges, child_ranges)):
-            peak = evaluate_rank_bytes(config, child, layers, child_layers, first=rank == 0, last=rank == world - 1,
-                                       chunk=2, seq_len=SEQ_LEN, num_sequences=s.eval_sequences, dtype_bytes=4,
-                                       device=device_kind(cluster))
+            peak = max(evaluate_rank_bytes(config, child, layers, child_layers, first=rank == 0,
+                                           last=rank == world - 1, chunk=context_chunk(c), seq_len=c, num_sequences=n,
+                                           dtype_bytes=4, device=device_kind(cluster)) for c, n in contexts.items())
             if rank == 0 and s.measure_speed:
                 peak = max(peak, base_bytes(cluster) + (P + C) * 4)  # parent and child whole on rank 0, timed
             staged = 4 * sum(sizes[l].parent_params for l in layers)
             out.append(RankUse(rank, layer_range(layers), peak, host_bytes(cluster, peak, staged), 0.0,
                                seconds + (timing if rank == 0 else 0.0)))
-        how = "layers split over ranks, the parent's then the child's" + (", rank 0 times both whole"
-                                                                           if s.measure_speed else "")
+        how = (f"layers split over ranks, the parent's then the child's, at {_contexts_text(contexts)} tokens"
+               + (", rank 0 times both whole" if s.measure_speed else ""))
         return stage_use(self.name, how, out, cluster)
 
 
@@ -130,13 +143,16 @@ def evaluate_seconds(plan: Plan, cluster: Cluster, shapes: Shapes, world: int) -
     from puzzle.profiler.roofline import model_ms
     from puzzle.search.timing import VOCAB_METRIC, batches, pipeline, rank_clock
 
+    from puzzle.evaluation.contexts import context_chunk
+
     s, clock = EvaluateSettings.of(plan), rank_clock(cluster, shapes.parent)
-    b, m = batches(s.eval_sequences, 2)
     quality = 0.0
-    for config in (shapes.parent, shapes.child_config):
-        ranges = split_layers(layer_params(config), max(1, min(world, len(config.blocks))))
-        quality += pipeline([clock.blocks([config.blocks[l] for l in r], b, SEQ_LEN) for r in ranges], m)
-        quality += m * clock.head(b * (SEQ_LEN - 1), VOCAB_METRIC)
+    for c, n in quality_contexts(plan).items():
+        b, m = batches(n, context_chunk(c))
+        for config in (shapes.parent, shapes.child_config):
+            ranges = split_layers(layer_params(config), max(1, min(world, len(config.blocks))))
+            quality += pipeline([clock.blocks([config.blocks[l] for l in r], b, c) for r in ranges], m)
+            quality += m * clock.head(b * (c - 1), VOCAB_METRIC)
     if not s.measure_speed:
         return quality, 0.0
     if clock.target is None:
@@ -147,6 +163,22 @@ def evaluate_seconds(plan: Plan, cluster: Cluster, shapes: Shapes, world: int) -
     timed = plan.target.is_cpu and s.engine in ENGINES_TIMED and engine_available(s.engine)
     engine = 2 * ENGINE_SECONDS + steps * SPEED_STEPS if timed else 0.0
     return quality, steps * SPEED_STEPS + engine
+
+
+def quality_contexts(plan: Plan) -> dict[int, int]:
+    """``{tokens: sequences}`` the evaluation measures quality at: 256 (``eval_sequences`` rows), the budget
+    scenario's length (decode: its KV cache) and twice it where the parent's positions reach, each with about
+    as many tokens as the 256-token evaluation (:mod:`puzzle.evaluation.contexts`)."""
+    from puzzle.evaluation.contexts import context_sequences, report_contexts
+
+    s = EvaluateSettings.of(plan)
+    limit = getattr(plan.parent_config, "max_position_embeddings", None)
+    contexts = report_contexts(plan.budget_scenario.length, limit)
+    return {**context_sequences(contexts, s.eval_sequences * SEQ_LEN), SEQ_LEN: s.eval_sequences}
+
+
+def _contexts_text(contexts: Mapping[int, int]) -> str:
+    return ", ".join(f"{n} x {c}" for c, n in sorted(contexts.items()))
 
 
 STAGE = EvaluateStage()
