@@ -137,13 +137,12 @@ def evaluate_seconds(plan: Plan, cluster: Cluster, shapes: Shapes, world: int) -
     (layer-sharded: passed rank to rank) with the head and the metrics; timing both in every scenario on rank 0
     (:data:`SPEED_STEPS` steps each) and, when the budget is this CPU, inside the engine too."""
     from block_library.distributed import split_layers
+    from puzzle.evaluation.contexts import context_chunk
     from puzzle.evaluation.engine_speed import ENGINES_TIMED, engine_available
     from puzzle.evaluation.memory import layer_params
     from puzzle.profiler.counts import ModelShape
     from puzzle.profiler.roofline import model_ms
     from puzzle.search.timing import VOCAB_METRIC, batches, pipeline, rank_clock
-
-    from puzzle.evaluation.contexts import context_chunk
 
     s, clock = EvaluateSettings.of(plan), rank_clock(cluster, shapes.parent)
     quality = 0.0
