@@ -102,6 +102,8 @@ class RefitShape:
     """The child's embedding is the parent's (a library child): rank 0 holds one for both streams."""
     layers: tuple[int, ...] | None = None
     """The layers whose FFN is refit (None: every walked layer, an upper bound); only these hold a Gram."""
+    seq_len: int = 256
+    """Tokens per sequence of the chunks (the training's)."""
 
     @property
     def embeddings(self) -> int:

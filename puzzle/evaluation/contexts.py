@@ -1,6 +1,6 @@
-"""Quality by context length: the same held-out metrics on sequences of 256 tokens, of the served context and,
-where the parent's positions reach, of twice it (issue 32: a child costed at 1024 tokens of KV cache loses more
-to its parent there than at the 256 tokens every stage scores it on).
+"""Quality by context length: the same held-out metrics on sequences of 256 tokens (the library's BLD length), of
+the quality context (the served one by default) and, where the parent's positions reach, of twice it: a child
+costed at 1024 tokens of KV cache can lose more to its parent there than at 256 tokens.
 
     contexts = report_contexts(served=1024, max_positions=8192)            # (256, 1024, 2048)
     plan = context_sequences(contexts, tokens=16 * 256)                    # {256: 16, 1024: 4, 2048: 2}
@@ -22,7 +22,7 @@ from typing import Any
 from puzzle.errors import ConfigError
 
 BASE_CONTEXT = 256
-"""The length every stage has scored and trained at: the first column of every comparison."""
+"""The library's BLD length: the first column of every comparison."""
 LEAST_SEQUENCES = 2
 """Rows per context at least: one chunk of the evaluation (and a mean over more than one document)."""
 

@@ -27,12 +27,22 @@ from tqdm.auto import tqdm
 from puzzle.scoring.metrics import TokenSums, next_token_logprobs
 
 SEQ_LEN = 256
-"""Tokens per held-out sequence (the final evaluation's length)."""
+"""Tokens per held-out sequence where no quality context is given (a search's are its plan's: :func:`finalist_reads`)."""
 SEQUENCES = 4
-"""Held-out sequences a search measures each finalist on."""
+"""Held-out sequences of :data:`SEQ_LEN` tokens each finalist is measured on (1,024 tokens)."""
 MIN_SKIP = 16
 """A search's finalists read validation sequences after the first ``max(eval_sequences, MIN_SKIP)``: changing the
 evaluation's size (up to 16) does not change the finalists' tokens, so it reruns only the evaluation."""
+MIN_SKIP_TOKENS = MIN_SKIP * SEQ_LEN
+"""The same at any sequence length: the finalists skip at least 4,096 validation tokens."""
+
+
+def finalist_reads(eval_tokens: int, seq_len: int) -> tuple[int, int]:
+    """``(skip, sequences)`` of a search's finalists at its quality context ``seq_len``: they skip the final
+    evaluation's ``eval_tokens`` (its longest context's, at least :data:`MIN_SKIP_TOKENS`) and read at least
+    :data:`SEQUENCES` x :data:`SEQ_LEN` tokens, in at least 2 sequences."""
+    skip = -(-max(eval_tokens, MIN_SKIP_TOKENS) // seq_len)
+    return skip, max(2, SEQUENCES * SEQ_LEN // seq_len)
 
 
 @dataclass(frozen=True)
@@ -61,12 +71,13 @@ def finalist_skip(eval_sequences: int) -> int:
     return max(eval_sequences, MIN_SKIP)
 
 
-def finalist_ids(sources: Sequence[str], tokenizer: Any, *, skip: int, sequences: int) -> torch.Tensor:
-    """``sequences`` validation sequences of :data:`SEQ_LEN` tokens after the first ``skip`` (the final
-    evaluation's): ``(N, SEQ_LEN)``."""
+def finalist_ids(sources: Sequence[str], tokenizer: Any, *, skip: int, sequences: int,
+                 seq_len: int = SEQ_LEN) -> torch.Tensor:
+    """``sequences`` validation sequences of ``seq_len`` tokens after the first ``skip`` (the final
+    evaluation's): ``(N, seq_len)``."""
     from puzzle.data import load_sequences
 
-    ids = load_sequences(list(sources), tokenizer, seq_len=SEQ_LEN, num_sequences=skip + sequences,
+    ids = load_sequences(list(sources), tokenizer, seq_len=seq_len, num_sequences=skip + sequences,
                          split="validation")
     held_out = ids[skip:]
     if held_out.shape[0] == 0:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from puzzle.search.cluster import DISK_BYTES_PER_S, Cluster
-from puzzle.search.resources import SEQ_LEN, Shapes
+from puzzle.search.resources import Shapes
 
 __all__ = ["gkd_seconds", "fsdp_seconds"]
 
@@ -43,7 +43,7 @@ def gkd_seconds(s: Any, cluster: Cluster, shapes: Shapes, *, checkpointing: bool
     from puzzle.search.timing import (KAPPA, VOCAB_LOGSOFTMAX, VOCAB_LOSS, VOCAB_METRIC, VOCAB_TOPK, batches,
                                       rank_clock)
 
-    clock, W, T, C = rank_clock(cluster, shapes.parent), cluster.count, SEQ_LEN, shapes.child_params
+    clock, W, T, C = rank_clock(cluster, shapes.parent), cluster.count, s.quality_context, shapes.child_params
     child, parent = shapes.child_config, shapes.parent
     if clock.target is None:  # GPUs: the student's 6 (8 recomputing) and the parent's 2 FLOPs a parameter a token
         return s.gkd_steps * s.gkd_batch * T * ((8 if checkpointing else 6) * C + 2 * shapes.parent_params) / W \

@@ -68,7 +68,8 @@ def resolve(config: SearchConfig | None = None) -> Plan:
     target = choose_tensor_parallel(target, shape, parent.blocks, batch=budget_sc.batch,
                                     kv_tokens=budget_sc.kv_tokens, memory_bytes=memory_bytes, tp=config.tp)
     whole = _whole_bytes(parent, 4)  # timed in fp32, as loaded
-    derived = {"dtype": target.dtype, "tp": target.tp, "calibrate": target.is_cpu,
+    quality_context = _quality_context(settings, parent, budget_sc.length)
+    derived = {"quality_context": quality_context, "score_seq_len": quality_context,"dtype": target.dtype, "tp": target.tp, "calibrate": target.is_cpu,
                "fuse_threshold": 0.0 if target.is_cpu else 0.2, "cluster": cluster.name,
                "max_memory_per_rank": f"{cluster.memory_per_rank / 2**30:.1f}GiB",
                # timing needs the parent and the child whole on one rank, one after the other
@@ -95,6 +96,20 @@ def resolve(config: SearchConfig | None = None) -> Plan:
     plan = Plan(config=config, settings=settings, target=target, scenarios=scenarios, limits=limits,
                 feasibility=feasibility, parent=summary, parent_config=parent, cluster=cluster, notes=tuple(notes))
     return dataclasses.replace(plan, resources=plan_resources(plan))
+
+
+def _quality_context(settings: dict[str, Setting], parent: Any, length: int) -> int:
+    """The quality context: what the user said, else the budget scenario's length; at most the parent's positions
+    (``max_position_embeddings``), which a said value may not pass either (one line naming it)."""
+    limit = getattr(parent, "max_position_embeddings", None) or length
+    for name in ("quality_context", "score_seq_len"):
+        said = settings.get(name)
+        if said is not None and said.value is not None and said.value > limit:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {said.value} is longer than the parent's max_position_embeddings ({limit}): "
+                              f"use at most {limit}")
+    said = settings.get("quality_context")
+    return int(said.value) if said is not None and said.value is not None else min(length, limit)
 
 
 def _said_or_default(config: SearchConfig) -> dict[str, Setting]:

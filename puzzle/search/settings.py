@@ -62,11 +62,12 @@ BLD_PER_BILLION = PerParameter(1e9 / 70, least=65536, unit=256,
 CHILD_BLD_PER_BILLION = PerParameter(1e9 / 70 / 4, least=131072, unit=256,
                                      source="a quarter of BLD's: it trains the few dozen sub-blocks the MIP chose, "
                                             "not every variant of every layer")
-GKD_BATCH = 64
-"""The production preset's sequences per GKD step (16,384 tokens: 8 per rank on 8 GPUs)."""
-GKD_PER_BILLION = PerParameter(45e9 / 70 / (GKD_BATCH * 256), least=200,
+GKD_BATCH = 16
+"""The production preset's sequences per GKD step (16,384 tokens at the default quality context of 1024: 2 per rank
+on 8 GPUs)."""
+GKD_PER_BILLION = PerParameter(45e9 / 70 / (GKD_BATCH * 1024), least=200,
                                source="the Puzzle paper: Nemotron-51B was distilled from its 70B parent on at most 45B "
-                                      "tokens (0.64 per parent parameter), in steps of 64 x 256 tokens")
+                                      "tokens (0.64 per parent parameter), in steps of 16,384 tokens")
 """The production preset's GKD steps: 8B: 314 k steps (5.1 B tokens); 70B: 2.75 M steps (45 B tokens)."""
 
 
@@ -136,10 +137,17 @@ SETTINGS = Table([
     Spec(name="bld_eval_sequences", kind="int", stages=("library", "bld", "child_bld", "baselines"), presets=_sizes(16, 16, 64),
          advanced=True, help="Sequences of 256 tokens that calibrate the variants' initialization and on which "
                              "BLD validates them, each."),
-    Spec(name="score_sequences", kind="int", stages=("score",), presets=_sizes(2, 8, 32), advanced=True,
-         help="Held-out sequences of replace-1-block scoring."),
-    Spec(name="score_seq_len", kind="int", stages=("score",), presets=_sizes(128, 256, 256), advanced=True, at_least=2,
-         help="Tokens per scoring sequence."),
+    Spec(name="quality_context", kind="int", stages=(PLAN, "solve", "child_bld", "gkd", "evaluate", "baselines"),
+         default=DERIVED, advanced=True, at_least=2,
+         default_text="the budget scenario's length (--context: decode's KV cache, prefill's prompt), at most the "
+                      "parent's max_position_embeddings",
+         help="Tokens per sequence of every stage that measures or trains quality after the library: replace-1 "
+              "scoring (--score-seq-len), the finalists, child-aware BLD, GKD and the evaluation's headline "
+              "figures; the library's BLD stays at 256 tokens."),
+    Spec(name="score_sequences", kind="int", stages=("score",), presets=_sizes(1, 2, 8), advanced=True,
+         help="Held-out sequences of replace-1-block scoring, each --score-seq-len tokens."),
+    Spec(name="score_seq_len", kind="int", stages=("score",), default=DERIVED, advanced=True, at_least=2,
+         default_text="the quality context", help="Tokens per scoring sequence."),
     Spec(name="finalists", kind="int", stages=("solve",), presets=_sizes(4, 8, 8), advanced=True,
          help="The MIP's best solutions that differ in at least a tenth of their layers, each assembled and its KL "
               "to the parent measured; the lowest goes on (1: the MIP's optimum). Layer-sharded on a cluster of several ranks, against the parent's cached top-64 log-probabilities."),
@@ -165,13 +173,14 @@ SETTINGS = Table([
          help="Local distillation steps of each fused block."),
     Spec(name="gkd_steps", kind="int", stages=("gkd", "baselines"), presets=_sizes(16, 200, GKD_PER_BILLION), advanced=True,
          at_least=0, help="Global distillation steps; 0 skips GKD."),
-    Spec(name="gkd_batch", kind="int", stages=("gkd", "baselines"), presets=_sizes(2, 4, GKD_BATCH), advanced=True,
-         help="Sequences per GKD step."),
+    Spec(name="gkd_batch", kind="int", stages=("gkd", "baselines"), presets=_sizes(1, 1, GKD_BATCH), advanced=True,
+         help="Sequences per GKD step, each --quality-context tokens."),
     Spec(name="gkd_top_k", kind="int", stages=("gkd", "baselines"), presets=_sizes(64, 64, 0), advanced=True, at_least=0,
          help="The parent's top-k log-probabilities on the GKD tokens, cached once for the child and every "
               "baseline (layer-sharded on a cluster of several ranks, read by every FSDP2 rank); 0: a live parent every step."),
-    Spec(name="eval_sequences", kind="int", stages=("solve", "gkd", "evaluate", "baselines"), presets=_sizes(4, 16, 64),
-         advanced=True, help="Held-out sequences of the final evaluation."),
+    Spec(name="eval_sequences", kind="int", stages=("solve", "gkd", "evaluate", "baselines"), presets=_sizes(2, 8, 32),
+         advanced=True, help="Held-out sequences of the final evaluation, each --quality-context tokens (the report "
+                             "adds as many tokens in sequences of 256 and of twice the quality context)."),
     Spec(name="measure_speed", kind="bool", stages=("evaluate", "baselines"), default=DERIVED, flag="--speed",
          default_text="on where the parent and the child fit a rank whole",
          help="Measure parent and child step time on this machine in the evaluation."),

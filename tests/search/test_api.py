@@ -42,7 +42,7 @@ def test_overrides_keep_what_was_said_and_the_plan_derives_the_rest(calls, tiny_
     plan = resolve(calls[0][0])
     assert plan.value("speedup") is None and plan.value("throughput") == 500.0  # no default speedup beside a budget
     sizes = tuple(plan.value(n) for n in ("bld_tokens", "gkd_steps", "eval_sequences"))
-    assert sizes == (2048, 16, 16)  # said sizes kept, others preset
+    assert sizes == (2048, 16, 8)  # said sizes kept, others preset
     assert plan.settings["gkd_steps"].source == "keyword" and plan.settings["eval_sequences"].source == "preset"
     run_search(SearchConfig(speedup=2.0), "r", memory=20.0)
     assert (calls[1][0].speedup, calls[1][0].memory) == (2.0, 20.0)  # a given speedup stays next to a new budget

@@ -1,5 +1,6 @@
-"""The evaluate stage measures quality at 256 tokens, at the served context and at twice it (issue 32), and the plan
-counts those longer sequences: a rank's peak is the largest context's, the time is every context's."""
+"""The evaluate stage measures quality at the quality context (the served one by default), at 256 tokens and at twice
+the quality context (issue 32), and the plan counts those longer sequences: a rank's peak is the largest context's,
+the time is every context's."""
 
 from __future__ import annotations
 
@@ -14,14 +15,16 @@ def _plan(**settings):
     return resolve(SearchConfig(model="smollm2-135m", **settings))
 
 
-def test_the_served_context_and_twice_it_each_with_the_256_token_evaluations_tokens():
-    plan = _plan()  # quick: 4 x 256 evaluation tokens; decode with 1024 tokens of KV cache
-    assert plan.parent_config.max_position_embeddings == 8192
-    assert quality_contexts(plan) == {256: 4, 1024: 2, 2048: 2}
-    assert quality_contexts(_plan(preset="full")) == {256: 16, 1024: 4, 2048: 2}
-    assert quality_contexts(_plan(context=4096)) == {256: 4, 4096: 2, 8192: 2}
-    assert quality_contexts(_plan(context=8192)) == {256: 4, 8192: 2}  # 16384 is past SmolLM2's positions
+def test_the_quality_context_and_twice_it_and_256_each_with_the_headline_evaluations_tokens():
+    plan = _plan()  # quick: 2 x 1024 evaluation tokens at the quality context, decode's 1024 tokens of KV cache
+    assert plan.parent_config.max_position_embeddings == 8192 and plan.value("quality_context") == 1024
+    assert quality_contexts(plan) == {256: 8, 1024: 2, 2048: 2}
+    assert quality_contexts(_plan(preset="full")) == {256: 32, 1024: 8, 2048: 4}
+    assert quality_contexts(_plan(context=4096)) == {256: 32, 4096: 2, 8192: 2}
+    assert quality_contexts(_plan(context=8192)) == {256: 64, 8192: 2}  # 16384 is past SmolLM2's positions
+    assert quality_contexts(_plan(context=16384)) == {256: 64, 8192: 2}  # the quality context stops at 8192
     assert quality_contexts(_plan(scenario="prefill", context=512)) == {256: 4, 512: 2, 1024: 2}
+    assert quality_contexts(_plan(quality_context=256)) == {256: 2, 512: 2}  # said: the headline at 256
 
 
 def test_two_ranks_are_planned_at_the_longest_context():

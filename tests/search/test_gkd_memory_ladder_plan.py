@@ -17,7 +17,7 @@ from puzzle.search.resource_plan import plan_resources
 from puzzle.search.resources import GIB
 from puzzle.search.stages import gkd
 
-FLAGS = dict(gkd_steps=4, gkd_batch=2, eval_sequences=2)  # benchmarks/scale.py's full run
+FLAGS = dict(gkd_steps=4, gkd_batch=2, eval_sequences=2, quality_context=256)  # benchmarks/scale.py's full run
 
 
 def _plan(memory: str, model: str = "llama-3.2-1b", cluster: str = "2xcpu"):

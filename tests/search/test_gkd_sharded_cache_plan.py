@@ -9,18 +9,19 @@ import pytest
 from block_library.memory import PROCESS_BYTES
 from puzzle.distill.teacher_cache import bytes_per_token
 from puzzle.search import SearchConfig, resolve
-from puzzle.search.resources import GIB, SEQ_LEN
+from puzzle.search.resources import GIB
 from puzzle.summary import totals
 
 
 def _gkd(cluster: str, memory: str | None, **settings):
     plan = resolve(SearchConfig(model="smollm2-135m", cluster=cluster, max_memory_per_rank=memory, **settings))
-    s = {k: plan.value(k) for k in ("gkd_steps", "gkd_batch", "gkd_top_k", "eval_sequences")}
+    s = {k: plan.value(k) for k in ("gkd_steps", "gkd_batch", "gkd_top_k", "eval_sequences",
+                                          "quality_context")}
     return plan.resources.stage("gkd"), s, plan.parent_config
 
 
 def _cache(s, config, k: int) -> tuple[float, float]:
-    tokens = (s["gkd_steps"] * s["gkd_batch"] + min(8, s["eval_sequences"])) * SEQ_LEN  # training, validation
+    tokens = (s["gkd_steps"] * s["gkd_batch"] + min(8, s["eval_sequences"])) * s["quality_context"]  # training, validation
     file = tokens * bytes_per_token(k, config.hidden_size)
     return file + tokens * 4 * k, file  # in memory the token ids are int64
 
@@ -30,7 +31,7 @@ def _teacher(s, config, world: int, dtype_bytes: int) -> float:
     them) and its share of the logits' buffers, less the cached last hidden state (fp32 once read)."""
     H, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
     per_token = dtype_bytes * H * (L + 1) + 32 * V - (4 * H + 24 * V)
-    return dtype_bytes * totals(config).params / world + s["gkd_batch"] // world * SEQ_LEN * per_token
+    return dtype_bytes * totals(config).params / world + s["gkd_batch"] // world * s["quality_context"] * per_token
 
 
 def test_two_cpu_ranks_hold_the_cache_in_their_one_memory():
@@ -43,8 +44,9 @@ def test_two_cpu_ranks_hold_the_cache_in_their_one_memory():
     assert "student and teacher sharded" in live.how and "FSDP2 over 2 ranks: the student sharded," in cached.how
     first, last = cached.ranks
     drop = _teacher(s, config, 2, 4)
-    # SmolLM2's 135 M fp32 parameters over 2 ranks (0.25 GiB), its hidden states and logits' share of a sequence
-    assert drop / GIB == pytest.approx(0.361, abs=0.001)
+    # SmolLM2's 135 M fp32 parameters over 2 ranks (0.25 GiB), its hidden states and logits' share of a sequence of
+    # the quality context's 1024 tokens
+    assert drop / GIB == pytest.approx(0.691, abs=0.001)
     assert first.device_bytes == pytest.approx(live.ranks[0].device_bytes - drop + held)
     assert first.host_bytes == first.device_bytes  # the CPU: one memory
     assert last.device_bytes == pytest.approx(max(live.ranks[1].device_bytes - drop + held,

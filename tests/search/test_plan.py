@@ -141,6 +141,7 @@ FLAG_VALUES = {  # a value for every setting, different from its default, and ho
     "bld_eval_sequences": (5, ["--bld-eval-sequences", "5"]), "ffn_refit": (True, ["--ffn-refit"]),
     "space": ({"ffn": {"sizes": [0.5]}, "attention": {"kv_heads": [1]}}, ["--space", "{tmp}/space.yaml"]),
     "score_sequences": (5, ["--score-sequences", "5"]), "score_seq_len": (77, ["--score-seq-len", "77"]),
+    "quality_context": (512, ["--quality-context", "512"]),
     "finalists": (3, ["--finalists", "3"]), "refine_rounds": (2, ["--refine-rounds", "2"]), "child_bld_tokens": (4096, ["--child-bld-tokens", "4096"]),
     "child_refit": (True, ["--child-refit"]), "fuse_threshold": (0.05, ["--fuse-threshold", "0.05"]), "fuse_sequences": (6, ["--fuse-sequences", "6"]),
     "fuse_distill_steps": (7, ["--fuse-distill-steps", "7"]), "gkd_steps": (9, ["--gkd-steps", "9"]),
@@ -227,7 +228,9 @@ def test_the_quality_stages_keep_their_values_on_a_cluster_of_several_ranks(smol
     assert tuple(one.value(n) for n in names) == tuple(two.value(n) for n in names) == (4, 16384, False, 64)
     assert tuple(full.value(n) for n in names) == (8, 131072, True, 64)
     assert {full.settings[n].source for n in names} == {"preset"}
-    assert two.notes == () and full.notes == ()  # nothing changed: nothing to note
+    # nothing switched off; the one note: a GKD batch of one 1024-token sequence rounded up to split over 2 ranks
+    for plan in (two, full):
+        assert plan.notes == ("gkd_batch 2 (the preset said 1): FSDP2 splits every GKD batch over the 2 ranks",)
 
 
 def test_refinement_is_refused_on_several_ranks_and_a_preset_change_is_noted(smol_shape, monkeypatch):
@@ -254,9 +257,10 @@ def test_refinement_is_planned_in_the_solve_stage(smol_shape):
     plain = resolve(SearchConfig(model=smol_shape))
     refined = resolve(SearchConfig(model=smol_shape, refine_rounds=2))
     a, b = ({s.stage: s for s in p.resources.stages}["solve"] for p in (plain, refined))
-    assert a.how.endswith("children measured") and b.how.endswith("refinement round(s) of at most 240 swaps")  # 30 x (6 trained + 2 no-ops)
+    assert a.how.endswith("children measured on 2 x 1024 tokens")  # 2 sequences of the quality context
+    assert b.how.endswith("refinement round(s) of at most 240 swaps")  # 30 x (6 trained + 2 no-ops)
     ra, rb = a.ranks[0], b.ranks[0]
-    H, N = 576, 4 * 256  # SmolLM2's width; the finalists' tokens
+    H, N = 576, 2 * 1024  # SmolLM2's width; the finalists' tokens
     assert rb.device_bytes - ra.device_bytes == 2 * 30 * N * H * 4 + 4 * N * H * 4
     assert rb.seconds > ra.seconds + 10.0
     with pytest.raises(ConfigError, match="refine_rounds"):
@@ -270,7 +274,7 @@ def test_the_gkd_teacher_cache_is_planned_in_host_ram(smol_shape):
         return next(s for s in resolve(SearchConfig(model=smol_shape, **kw)).resources.stages if s.stage == "gkd")
 
     cached, live = gkd(), gkd(gkd_top_k=0)
-    tokens = 16 * 2 * 256  # the quick preset's GKD
+    tokens = 16 * 1 * 1024  # the quick preset's GKD: 16 steps of one sequence of the quality context
     assert cached.ranks[0].host_bytes - live.ranks[0].host_bytes == tokens * bytes_per_token(64, 576)
     assert "top-64 targets cached" in cached.how and "cached" not in live.how
     assert cached.ranks[0].device_bytes == live.ranks[0].device_bytes  # the parent stays loaded for validation

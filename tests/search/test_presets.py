@@ -18,7 +18,7 @@ def test_the_production_preset_grows_with_the_parent_and_fits_8xh100(model, bld_
     assert bld_millions[0] <= plan.value("bld_tokens") / 1e6 <= bld_millions[1]  # about 1B tokens for a 70B parent
     assert plan.value("child_bld_tokens") == CHILD_BLD_PER_BILLION.of(params)
     assert plan.value("gkd_steps") == GKD_PER_BILLION.of(params)
-    gkd_tokens = plan.value("gkd_steps") * plan.value("gkd_batch") * 256
+    gkd_tokens = plan.value("gkd_steps") * plan.value("gkd_batch") * plan.value("quality_context")
     assert gkd_billions[0] <= gkd_tokens / 1e9 <= gkd_billions[1]  # 45B tokens for a 70B parent (Nemotron-51B)
     assert (plan.value("finalists"), plan.value("child_refit"), plan.value("gkd_top_k")) == (8, True, 0)
     assert plan.notes == ()  # nothing switched off

@@ -108,11 +108,41 @@ def _without_child_bld_resources(plan: dict) -> dict:
     return plan
 
 
+BEFORE_QUALITY_CONTEXT = ("score_seq_len", "score_sequences", "gkd_batch", "eval_sequences")
+"""The sizes before the quality context (issue 32: scoring, the finalists, child-aware BLD, GKD and the evaluation
+at the served context, 1024 tokens by default): a case said with them, its keys are the old ones."""
+
+
+def _at_256_tokens(before: dict) -> tuple[dict, dict]:
+    """The case's config with the sizes of before the quality context said (the values its plan had), and those of
+    them the case did not say."""
+    config = before["config"]
+    pinned = {k: before["settings"][k]["value"] for k in BEFORE_QUALITY_CONTEXT if k in before["settings"]
+              and k not in config}
+    return {**config, **pinned, "quality_context": 256}, pinned
+
+
+def _without_evaluate(plan: dict) -> dict:
+    """The evaluation's key and resources changed on purpose (issue 32): it measures quality by context too; every
+    stage's ``how`` says which tokens it reads."""
+    plan = json.loads(json.dumps(plan))
+    plan["keys"].pop("evaluate")
+    for what in ("resources", "child_resources"):
+        plan[what]["stages"] = [{k: v for k, v in s.items() if k != "how"} for s in plan[what]["stages"]
+                                if s["stage"] != "evaluate"]
+    return plan
+
+
 @pytest.mark.parametrize("case", sorted(BEFORE))
 def test_keys_settings_and_resources_are_what_they_were_before_the_move(case, fixed_cpu):
     before = BEFORE[case]
-    now = _now(before["config"])
+    config, pinned = _at_256_tokens(before)
+    now = _now(config)
+    now["settings"].pop("quality_context")
+    for name in set(pinned) & set(now["settings"]):  # said here, a preset's or derived before
+        now["settings"][name]["source"] = before["settings"][name]["source"]
     before, now = _without_child_bld_resources(before), _without_child_bld_resources(now)
+    before, now = _without_evaluate(before), _without_evaluate(now)
     if before["settings"]["gkd_top_k"]["source"] == "default":  # its 64 is a preset value now (production: 0)
         before["settings"]["gkd_top_k"]["source"] = "preset"
     if any(before["settings"][n]["source"] == "derived" for n in SHARDED_QUALITY["settings"]):  # several ranks

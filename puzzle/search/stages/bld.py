@@ -65,7 +65,10 @@ class BLDStage(Stage):
         seconds = bld_seconds(s, cluster, shapes, ranges, common) + max(u.disk_bytes for u in out) / DISK_BYTES_PER_S
         out = [dataclasses.replace(u, seconds=seconds) for u in out]
         note = f"{common} round{'s' if common != 1 else ''} of variants per rank" if common > 1 else ""
-        return stage_use(self.name, "layers split over ranks; variants trained in rounds", out, cluster, note)
+        how = ("layers split over ranks; variants trained in rounds, on 256-token sequences whatever the quality "
+               "context (the library is shared by searches at every context; scoring, the finalists, child-aware BLD "
+               "and GKD judge and retrain at it)")
+        return stage_use(self.name, how, out, cluster, note)
 
 
 def bld_seconds(s: LibrarySettings, cluster: Cluster, shapes: Shapes, ranges: list[range], rounds: int) -> float:

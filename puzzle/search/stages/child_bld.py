@@ -24,6 +24,7 @@ from typing import Any
 from puzzle.search.cluster import DISK_BYTES_PER_S, Cluster
 from puzzle.search.context import StageContext
 from puzzle.search.plan import Plan
+from puzzle.search.resources import SEQ_LEN as LIBRARY_SEQ_LEN
 from puzzle.search.resources import Shapes, StageUse, base_bytes, one_rank, stage_use
 from puzzle.search.setting import Section
 from puzzle.search.stages.base import Stage
@@ -43,6 +44,12 @@ class ChildBLDSettings(Section):
     bld_eval_sequences: int
     bld_tokens: int
     """Child-aware BLD reads the train split's sequences after the library's calibration and BLD ones."""
+    quality_context: int
+    """Tokens per training sequence."""
+
+
+STEP_TOKENS = 1024
+"""Tokens of a child-aware BLD step: 4 sequences of 256 tokens, 1 of 1024 (at least one sequence)."""
 
 
 def refit_key(plan: Plan) -> dict[str, Any]:
@@ -59,7 +66,12 @@ def refit_key(plan: Plan) -> dict[str, Any]:
 def training_key(plan: Plan) -> dict[str, Any]:
     """What a model trained by this stage depends on besides its inputs (the baselines' keys hold it too)."""
     s = ChildBLDSettings.of(plan)
-    return {"child_bld": [s.child_bld_tokens, s.seed], **refit_key(plan)}
+    return {"child_bld": [s.child_bld_tokens, s.seed], **context_key(s), **refit_key(plan)}
+
+
+def context_key(s: ChildBLDSettings) -> dict[str, Any]:
+    """The training sequences' length in a key, when it is not the 256 tokens of the runs from before the setting."""
+    return {} if s.quality_context == LIBRARY_SEQ_LEN else {"seq_len": s.quality_context}
 
 
 CHECKPOINTS = 100
@@ -72,18 +84,21 @@ def training_config(s: ChildBLDSettings) -> Any:
     """The ``ChildBLDConfig`` of the stage's settings (the search's child and the baselines)."""
     from puzzle.distill.child_bld import ChildBLDConfig
 
-    cfg = ChildBLDConfig(tokens=s.child_bld_tokens, seed=s.seed, refit=bool(s.child_refit))
+    T = s.quality_context
+    cfg = ChildBLDConfig(tokens=s.child_bld_tokens, seed=s.seed, refit=bool(s.child_refit), seq_len=T,
+                         batch=max(1, STEP_TOKENS // T))
     every = max(1, cfg.steps // (CHECKPOINTS * cfg.checkpoint_every)) * cfg.checkpoint_every
-    return ChildBLDConfig(tokens=s.child_bld_tokens, seed=s.seed, refit=bool(s.child_refit), checkpoint_every=every)
+    return dataclasses.replace(cfg, checkpoint_every=every)
 
 
 def training_ids(plan: Plan, tokenizer: Any, cfg: Any) -> Any:
     """Child-aware BLD's training ids for ``cfg`` (a ``ChildBLDConfig``): the train split's sequences after the
-    library's calibration and BLD ones."""
+    library's calibration and BLD ones (sequences of 256 tokens: as many of ``cfg.seq_len`` as cover them)."""
     from puzzle.distill.child_bld import training_ids as ids_after
 
     s = ChildBLDSettings.of(plan)
-    return ids_after(s.data, tokenizer, cfg, skip=s.bld_eval_sequences + s.bld_tokens // cfg.seq_len)
+    library = s.bld_eval_sequences * LIBRARY_SEQ_LEN + s.bld_tokens
+    return ids_after(s.data, tokenizer, cfg, skip=-(-library // cfg.seq_len))
 
 
 class ChildBLDStage(Stage):
@@ -94,7 +109,8 @@ class ChildBLDStage(Stage):
     def key(self, plan: Plan, upstream: Mapping[str, str]) -> dict[str, Any]:
         s = ChildBLDSettings.of(plan)
         return {"solve": upstream["solve"], "bld": upstream["bld"], "tokens": s.child_bld_tokens, "seed": s.seed,
-                "data": list(s.data), "after": [s.bld_eval_sequences, s.bld_tokens], **refit_key(plan)}
+                "data": list(s.data), "after": [s.bld_eval_sequences, s.bld_tokens], **context_key(s),
+                **refit_key(plan)}
 
     def train(self, ctx: StageContext, model: Any, directory: Path) -> Any:
         """Child-aware BLD of ``model`` as the plan says, checkpoints and ``losses.csv`` in ``directory`` (a
@@ -234,7 +250,7 @@ def _refit_shape(s: ChildBLDSettings, cfg: Any, child: Any, parts: list[tuple[in
     rc, T = type(cfg)(tokens=1), cfg.seq_len
     return RefitShape(tokens=min(cfg.steps * cfg.step_batch, max(1, REFIT_MAX_TOKENS // T)) * T, last=max(swiglu),
                       drift=rc.refit_drift > 0, select=rc.refit_select, chunk_tokens=cfg.batch * T,
-                      shared_embedding=True, layers=tuple(swiglu))  # the library's child: its embedding is the parent's
+                      shared_embedding=True, layers=tuple(swiglu), seq_len=T)  # the library's child: its embedding is the parent's
 
 
 def _step_seconds(clock: Any, config: Any, child: Any, run: range, parts: list[tuple[int, str]], B: int,
@@ -266,9 +282,10 @@ def _refit_seconds(shape: Any, run: range, refit: Any, *, clock: Any, config: An
     walked = [l for l in run if l <= refit.last]
     refits = [l for l in refits if l <= refit.last and child.blocks[l].ffn.kind == "swiglu"]
     n, H = refit.tokens, shape.hidden
-    b, chunks = max(1, refit.chunk_tokens // T_REFIT), -(-n // refit.chunk_tokens)
-    passes = chunks * (clock.blocks([child.blocks[l] for l in walked], b, T_REFIT)
-                       + (2 if refit.drift else 1) * clock.blocks([config.blocks[l] for l in walked], b, T_REFIT))
+    T = refit.seq_len
+    b, chunks = max(1, refit.chunk_tokens // T), -(-n // refit.chunk_tokens)
+    passes = chunks * (clock.blocks([child.blocks[l] for l in walked], b, T)
+                       + (2 if refit.drift else 1) * clock.blocks([config.blocks[l] for l in walked], b, T))
     sums = sum(refit_flops(n, H, shape.width[l], False) - refit_solve_flops(H, shape.width[l], False) for l in refits)
     solves = [(shape.width[l], _kept(child, l, shape.width[l])) for l in refits]
     host = 0.0
@@ -284,8 +301,6 @@ def _refit_seconds(shape: Any, run: range, refit: Any, *, clock: Any, config: An
         0.0 if whole else 4 * (child_params + parent_params) / DISK_BYTES_PER_S)
 
 
-T_REFIT = 256
-"""Tokens per sequence of the refit's chunks (the training's sequence length)."""
 LAPACK_SLOWDOWN = 6.0
 """The Cholesky factor and inverse of a (D, D) float64 Gram against a float64 GEMM of the same FLOPs (measured:
 3.3 s for D = 3072 on one thread of this machine's CPU)."""

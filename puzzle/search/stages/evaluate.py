@@ -2,8 +2,8 @@
 where they fit a rank whole, their step times on this machine (and inside the serving engine when the
 budget's device is this one).
 
-    run/evaluate/evaluation.json   quality (at 256 tokens and by context: 256, the served context, twice it), speed,
-                                   the data it read
+    run/evaluate/evaluation.json   quality (at the quality context, and by context: 256, it, twice it), speed, the
+                                   data it read
     run/evaluate/engine_speed.csv  parent and child timed inside the engine (cpu budgets with vLLM installed)
 
 Under torchrun every rank holds its layers of one model at a time (:mod:`puzzle.evaluation.sharded`);
@@ -40,6 +40,8 @@ class EvaluateSettings(Section):
     measure_speed: bool
     data: tuple[str, ...]
     engine: str
+    quality_context: int
+    """The headline figures' tokens per sequence (``eval_sequences`` of them)."""
 
 
 class EvaluateStage(Stage):
@@ -58,7 +60,8 @@ class EvaluateStage(Stage):
         from puzzle.evaluation import evaluate
 
         s = EvaluateSettings.of(ctx.plan)
-        return evaluate(model, ctx.tokenizer, parent=ctx.parent, sources=s.data, num_sequences=s.eval_sequences).quality
+        return evaluate(model, ctx.tokenizer, parent=ctx.parent, sources=s.data, seq_len=s.quality_context,
+                        num_sequences=s.eval_sequences).quality
 
     def run(self, ctx: StageContext, directory: Path) -> dict[str, Any]:
         from puzzle.evaluation import Evaluation, evaluate, evaluate_sharded, measure_speed
@@ -75,8 +78,9 @@ class EvaluateStage(Stage):
                 q = evaluate_sharded(model, ctx.source.directory, ctx.tokenizer, sources=s.data, seq_len=c,
                                      num_sequences=n, chunk=context_chunk(c), progress=ctx.progress)
                 by_context[c] = {"context": c, "sequences": n, **q}
-            quality = {k: v for k, v in by_context[SEQ_LEN].items() if k not in ("context", "sequences")}
-            data = {"sources": list(s.data), "split": "validation", "seq_len": SEQ_LEN, "sequences": s.eval_sequences}
+            quality = {k: v for k, v in by_context[s.quality_context].items() if k not in ("context", "sequences")}
+            data = {"sources": list(s.data), "split": "validation", "seq_len": s.quality_context,
+                    "sequences": s.eval_sequences}
             if not ctx.first:
                 return {}
             speed = None
@@ -85,7 +89,7 @@ class EvaluateStage(Stage):
             ev = Evaluation(quality=quality, tasks={}, speed=speed, data=data, contexts=by_context)
         else:
             ev = evaluate(load_model(model), ctx.tokenizer, parent=ctx.parent, sources=s.data,
-                          num_sequences=s.eval_sequences, speed=s.measure_speed, scenarios=list(plan.scenarios),
+                          seq_len=s.quality_context, num_sequences=s.eval_sequences, speed=s.measure_speed, scenarios=list(plan.scenarios),
                           contexts=contexts, progress=ctx.progress)
         doc = ev.to_dict()
         if s.measure_speed and plan.target.is_cpu and s.engine in ENGINES_TIMED and engine_available(s.engine):
@@ -165,15 +169,15 @@ def evaluate_seconds(plan: Plan, cluster: Cluster, shapes: Shapes, world: int) -
 
 
 def quality_contexts(plan: Plan) -> dict[int, int]:
-    """``{tokens: sequences}`` the evaluation measures quality at: 256 (``eval_sequences`` rows), the budget
-    scenario's length (decode: its KV cache) and twice it where the parent's positions reach, each with about
-    as many tokens as the 256-token evaluation (:mod:`puzzle.evaluation.contexts`)."""
+    """``{tokens: sequences}`` the evaluation measures quality at: the quality context (``eval_sequences`` rows;
+    by default the budget scenario's length, decode's KV cache), 256 and twice the quality context where the
+    parent's positions reach, each with about as many tokens (:mod:`puzzle.evaluation.contexts`)."""
     from puzzle.evaluation.contexts import context_sequences, report_contexts
 
     s = EvaluateSettings.of(plan)
     limit = getattr(plan.parent_config, "max_position_embeddings", None)
-    contexts = report_contexts(plan.budget_scenario.length, limit)
-    return {**context_sequences(contexts, s.eval_sequences * SEQ_LEN), SEQ_LEN: s.eval_sequences}
+    contexts = report_contexts(s.quality_context, limit)
+    return {**context_sequences(contexts, s.eval_sequences * s.quality_context), s.quality_context: s.eval_sequences}
 
 
 def _contexts_text(contexts: Mapping[int, int]) -> str:

@@ -50,13 +50,21 @@ class GKDSettings(Section):
     data: tuple[str, ...]
     eval_sequences: int
     """GKD's own validation (before and after) is a progress check: no larger than the final evaluation."""
+    quality_context: int
+    """Tokens per training and validation sequence."""
+
+
+def context_key(s: GKDSettings) -> dict[str, Any]:
+    """The sequences' length in a key, when it is not the 256 tokens of the runs from before the setting."""
+    return {} if s.quality_context == SEQ_LEN else {"seq_len": s.quality_context}
 
 
 def training_key(plan: Plan) -> dict[str, Any]:
     """What a model distilled by this stage depends on besides its inputs (the baselines' keys hold it too): what it
     trains only when not every weight (the runs from before the memory plan's fallbacks keep their keys)."""
     s, train = GKDSettings.of(plan), planned_options(plan)[2]
-    return {"gkd": [s.gkd_steps, s.gkd_batch, s.seed, s.gkd_top_k], **({"gkd_train": train} if train != "all" else {})}
+    return {"gkd": [s.gkd_steps, s.gkd_batch, s.seed, s.gkd_top_k], **context_key(s),
+            **({"gkd_train": train} if train != "all" else {})}
 
 
 TRAIN_WHAT = {"decoder": "the decoder only", "replaced": "the replaced sub-blocks only"}
@@ -112,7 +120,7 @@ def _rank_bytes(plan: Plan, cluster: Cluster, shapes: Shapes, *, checkpointing: 
     P, C = shapes.parent_params, split.trained + split.frozen
     units = gathered_bytes(split.layers, split.edges, vocab_hidden=embedding_params(config), tied=split.tied)
     device = gkd_rank_bytes(C, P, unit_bytes=units, world=world, micro_batch=max(1, s.gkd_batch // world),
-                            seq_len=SEQ_LEN, hidden=config.hidden_size, layers=len(shapes.layers),
+                            seq_len=s.quality_context, hidden=config.hidden_size, layers=len(shapes.layers),
                             vocab=config.vocab_size, checkpointing=checkpointing, dtype_bytes=cluster.dtype_bytes,
                             frozen_params=split.frozen, teacher=not _cached(plan, world))
     if world == 1:
@@ -142,7 +150,7 @@ def sharded_cache(plan: Plan, shapes: Shapes, world: int) -> tuple[float, float]
     if world == 1 or not s.gkd_top_k:
         return 0.0, 0.0
     k = min(s.gkd_top_k, shapes.parent.vocab_size)
-    tokens = (s.gkd_steps * s.gkd_batch + min(GKDConfig.val_sequences, s.eval_sequences)) * SEQ_LEN
+    tokens = (s.gkd_steps * s.gkd_batch + min(GKDConfig.val_sequences, s.eval_sequences)) * s.quality_context
     file = tokens * bytes_per_token(k, shapes.parent.hidden_size)
     return float(file + tokens * 4 * k), float(file)
 
@@ -154,7 +162,8 @@ def _teacher_pass(plan: Plan, cluster: Cluster, shapes: Shapes) -> list[float]:
 
     if not _cached(plan, cluster.count):
         return [0.0] * cluster.count
-    return [base_bytes(cluster) + b for b in teacher_pass_bytes(shapes.parent, cluster.count, seq_len=SEQ_LEN,
+    return [base_bytes(cluster) + b for b in teacher_pass_bytes(shapes.parent, cluster.count,
+                                                                 seq_len=GKDSettings.of(plan).quality_context,
                                                                  dtype_bytes=cluster.dtype_bytes)]
 
 
@@ -189,7 +198,8 @@ class GKDStage(Stage):
     def key(self, plan: Plan, upstream: Mapping[str, str]) -> dict[str, Any]:
         s, train = GKDSettings.of(plan), planned_options(plan)[2]
         return {"fuse": upstream["fuse"], "steps": s.gkd_steps, "batch": s.gkd_batch, "seed": s.seed,
-                "data": list(s.data), "top_k": s.gkd_top_k, **({"train": train} if train != "all" else {})}
+                "data": list(s.data), "top_k": s.gkd_top_k, **context_key(s),
+                **({"train": train} if train != "all" else {})}
 
     def config(self, plan: Plan) -> Any:
         """The ``GKDConfig`` of this plan, with the memory options the plan chose (the child's and the baselines')."""
@@ -197,7 +207,7 @@ class GKDStage(Stage):
 
         s = GKDSettings.of(plan)
         checkpointing, offload, train = planned_options(plan)
-        return GKDConfig(sources=s.data, steps=s.gkd_steps, batch=s.gkd_batch, seed=s.seed,
+        return GKDConfig(sources=s.data, steps=s.gkd_steps, batch=s.gkd_batch, seed=s.seed, seq_len=s.quality_context,
                          val_sequences=min(GKDConfig.val_sequences, s.eval_sequences),
                          activation_checkpointing=checkpointing, offload=offload, train=train)
 
@@ -323,7 +333,8 @@ class GKDStage(Stage):
         if s.gkd_top_k and W == 1:  # the parent's targets, computed once, held in host RAM beside the rest
             from puzzle.distill.teacher_cache import bytes_per_token
 
-            cache = s.gkd_steps * s.gkd_batch * SEQ_LEN * bytes_per_token(s.gkd_top_k, shapes.parent.hidden_size)
+            tokens = s.gkd_steps * s.gkd_batch * s.quality_context
+            cache = tokens * bytes_per_token(s.gkd_top_k, shapes.parent.hidden_size)
             host += cache
             how += f", the parent's top-{s.gkd_top_k} targets cached ({cache / 2**30:.2f} GiB in host RAM)"
         held, file = sharded_cache(plan, shapes, W)  # under torchrun; `device` holds it already on the CPU

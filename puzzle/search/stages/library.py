@@ -93,7 +93,9 @@ class LibraryStage(Stage):
             local.append((len(built), _rank_seconds(s, cluster, shapes, layers, disk)))
         seconds = _passes_seconds(s, cluster, shapes, ranges, max(n for n, _ in local)) + max(t for _, t in local)
         out = [dataclasses.replace(u, seconds=seconds) for u in out]
-        return stage_use(self.name, "layers split over ranks; variants initialized in rounds", out, cluster)
+        how = ("layers split over ranks; variants initialized in rounds, on 256-token sequences whatever the quality "
+               "context (the library is shared by searches at every context)")
+        return stage_use(self.name, how, out, cluster)
 
 
 def _passes_seconds(s: LibrarySettings, cluster: Cluster, shapes: Shapes, ranges: list[range], rounds: int) -> float:

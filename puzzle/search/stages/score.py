@@ -63,8 +63,8 @@ class ScoreStage(Stage):
                                     seq_len=T, device=device_kind(cluster))
             staged = 4 * sum(sizes[l].parent_params for l in layers)
             out.append(RankUse(rank, layer_range(layers), peak, host_bytes(cluster, peak, staged), 0.0, seconds))
-        return stage_use(self.name, "layers split over ranks; replacements stream through the later layers (fp32)",
-                         out, cluster)
+        how = f"layers split over ranks; replacements stream through the later layers (fp32), on {n} x {T} tokens"
+        return stage_use(self.name, how, out, cluster)
 
 
 SCORE_FIXED_SECONDS = 10.0

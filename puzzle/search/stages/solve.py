@@ -23,7 +23,7 @@ from typing import Any
 from puzzle.search.cluster import Cluster
 from puzzle.search.context import StageContext
 from puzzle.search.plan import Plan
-from puzzle.search.resources import (GIB, SEQ_LEN, RankUse, Shapes, StageUse, base_bytes, host_bytes, one_rank,
+from puzzle.search.resources import (GIB, RankUse, Shapes, StageUse, base_bytes, host_bytes, one_rank,
                                      stage_use)
 from puzzle.search.setting import Section
 from puzzle.search.timing import rank_clock
@@ -41,6 +41,19 @@ class SolveSettings(Section):
     data: tuple[str, ...]
     eval_sequences: int
     """The finalists read held-out sequences after the evaluation's."""
+    quality_context: int
+    """The finalists' tokens per sequence."""
+
+
+def finalist_plan(plan: Plan) -> tuple[int, int, int]:
+    """``(skip, sequences, seq_len)`` of the finalists' held-out validation sequences: at the quality context, after
+    every token the evaluation reads (:func:`puzzle.search.finalists.finalist_reads`)."""
+    from puzzle.search.finalists import finalist_reads
+    from puzzle.search.stages.evaluate import quality_contexts
+
+    T = SolveSettings.of(plan).quality_context
+    skip, sequences = finalist_reads(max(c * n for c, n in quality_contexts(plan).items()), T)
+    return skip, sequences, T
 
 
 def budget_key(plan: Plan) -> dict[str, Any]:
@@ -99,14 +112,13 @@ class SolveStage(Stage):
     solves and the others return at once."""
 
     def key(self, plan: Plan, upstream: Mapping[str, str]) -> dict[str, Any]:
-        from puzzle.search.finalists import finalist_skip
-
         s = SolveSettings.of(plan)
         measured = s.finalists > 1 or bool(s.refine_rounds)
+        skip, sequences, T = finalist_plan(plan)
         return {"score": upstream["score"], "profile": upstream["profile"], **budget_key(plan), "solver": s.solver,
                 "constraints": list(s.constraints), "finalists": s.finalists,
-                **({"bld": upstream["bld"], "data": list(s.data), "after": finalist_skip(s.eval_sequences)}
-                   if measured else {}),
+                **({"bld": upstream["bld"], "data": list(s.data), "after": skip} if measured else {}),
+                **({"held_out": [sequences, T]} if measured and T != 256 else {}),  # older runs keep their keys
                 **({"refine_rounds": s.refine_rounds} if s.refine_rounds else {}),
                 **({"finalist_top_k": k} if (k := coarsened_top_k(plan)) is not None else {})}
 
@@ -154,13 +166,13 @@ class SolveStage(Stage):
         from block_library import open_library
         from puzzle.errors import solver_errors
         from puzzle.io import atomic_write_text
-        from puzzle.search.finalists import (SEQUENCES, finalist_ids, finalist_skip, measure_finalists,
-                                             parent_logprobs, score_fidelity)
+        from puzzle.search.finalists import finalist_ids, measure_finalists, parent_logprobs, score_fidelity
         from solvers.diverse import diverse_solutions
 
         with solver_errors():
             solutions = diverse_solutions(problem, s.finalists, min_fraction=0.1, backend=s.solver)
-        ids = finalist_ids(s.data, ctx.tokenizer, skip=finalist_skip(s.eval_sequences), sequences=SEQUENCES)
+        skip, sequences, T = finalist_plan(ctx.plan)
+        ids = finalist_ids(s.data, ctx.tokenizer, skip=skip, sequences=sequences, seq_len=T)
         lib = open_library(ctx.out("bld", "library"))
         reference = parent_logprobs(ctx.parent, ids)  # once, for the finalists and the refinement
         finalists = measure_finalists(lib, ctx.parent, solutions, ids, reference=reference, progress=ctx.progress)
@@ -192,7 +204,7 @@ class SolveStage(Stage):
         from block_library.session import parent_fingerprint
         from puzzle.errors import solver_errors
         from puzzle.io import atomic_write_text
-        from puzzle.search.finalists import SEQUENCES, finalist_ids, finalist_skip, score_fidelity
+        from puzzle.search.finalists import finalist_ids, score_fidelity
         from puzzle.search.finalists_sharded import (finalist_top_k, from_first, measure_finalists_sharded,
                                                      rank_shard, targets_name)
         from solvers.diverse import diverse_solutions
@@ -205,8 +217,8 @@ class SolveStage(Stage):
                 return diverse_solutions(problem, s.finalists, min_fraction=0.1, backend=s.solver)
 
         solutions = from_first(shard, mip)  # Solutions pickle whole (their Problem with them)
-        ids = from_first(shard, lambda: finalist_ids(s.data, ctx.tokenizer, skip=finalist_skip(s.eval_sequences),
-                                                     sequences=SEQUENCES))
+        skip, sequences, T = finalist_plan(ctx.plan)
+        ids = from_first(shard, lambda: finalist_ids(s.data, ctx.tokenizer, skip=skip, sequences=sequences, seq_len=T))
         k = finalist_top_k(ctx.plan.parent_config.vocab_size)
         finalists = measure_finalists_sharded(open_library(ctx.out("bld", "library")), ctx.source, solutions, ids,
                                               shard=shard, path=directory / targets_name(k),
@@ -229,14 +241,13 @@ class SolveStage(Stage):
                              one_rank(cluster, device=b, seconds=5.0, host=host_bytes(cluster, b) + 0.25 * GIB),
                              cluster)
         if cluster.count > 1:
-            return sharded_resources(self.name, s.finalists, cluster, shapes)
-        from puzzle.search.finalists import SEQUENCES
-
-        P, C, tokens = shapes.parent_params, shapes.child_params, SEQUENCES * SEQ_LEN
+            return sharded_resources(self.name, s.finalists, cluster, shapes, finalist_plan(plan)[1:])
+        _, N, T = finalist_plan(plan)
+        P, C, tokens = shapes.parent_params, shapes.child_params, N * T
         # parent and one finalist whole (fp32), the parent's log-probs, one chunk of 2 sequences' logits in flight
-        peak = b + (P + C) * 4 + tokens * config.vocab_size * 4 + 3 * 2 * SEQ_LEN * config.vocab_size * 4
-        seconds = finalists_seconds(s.finalists, cluster, shapes, 1)
-        how = f"one process: the MIP's {s.finalists} best different children measured"
+        peak = b + (P + C) * 4 + tokens * config.vocab_size * 4 + 3 * 2 * T * config.vocab_size * 4
+        seconds = finalists_seconds(s.finalists, cluster, shapes, 1, (N, T))
+        how = f"one process: the MIP's {s.finalists} best different children measured on {N} x {T} tokens"
         if s.refine_rounds:  # at most every variant half swapped into the child (it swaps the finalists' only),
             # through the later layers and the head
             V, H = config.vocab_size, config.hidden_size
@@ -251,7 +262,8 @@ class SolveStage(Stage):
                          cluster)
 
 
-def sharded_resources(name: str, finalists: int, cluster: Cluster, shapes: Shapes) -> StageUse:
+def sharded_resources(name: str, finalists: int, cluster: Cluster, shapes: Shapes,
+                      held_out: tuple[int, int] = (4, 256)) -> StageUse:
     """Every rank holds its layers of the parent, then of one finalist (fp32; the child planned as large as the
     parent until it is known); the last rank also the parent's top-k targets (host memory; twice while they are
     written and read back) and one chunk's log-probs (b x T x V floats, about three copies while the KL is
@@ -260,15 +272,14 @@ def sharded_resources(name: str, finalists: int, cluster: Cluster, shapes: Shape
     from block_library.distributed import split_layers
     from puzzle.distill.teacher_cache import bytes_per_token
     from puzzle.evaluation.memory import chunk_activation_bytes, layer_params, model_part_params
-    from puzzle.search.finalists import SEQUENCES
     from puzzle.search.finalists_sharded import finalist_top_k
 
     config, child, b = shapes.parent, shapes.child_config, base_bytes(cluster)
     world = min(cluster.count, config.num_hidden_layers, child.num_hidden_layers)
-    V, H, k, N, T = config.vocab_size, config.hidden_size, finalist_top_k(config.vocab_size), SEQUENCES, SEQ_LEN
+    V, H, k, (N, T) = config.vocab_size, config.hidden_size, finalist_top_k(config.vocab_size), held_out
     targets = N * (T - 1) * (k * (4 + 8) + 4) + N * T * H * 2  # loaded: logp f32, index int64, rest; hidden bf16
     logits = 3 * 2 * (T - 1) * V * 4  # one chunk of 2 sequences' (b, T-1, V) float32 log-probs, ~3 copies
-    seconds = finalists_seconds(finalists, cluster, shapes, world)
+    seconds = finalists_seconds(finalists, cluster, shapes, world, held_out)
     out, child_ranges = [], split_layers(layer_params(child), world)
     for r, (pl, cl) in enumerate(zip(split_layers(layer_params(config), world), child_ranges)):
         first, last = r == 0, r == world - 1
@@ -289,7 +300,7 @@ def sharded_resources(name: str, finalists: int, cluster: Cluster, shapes: Shape
         disk = N * T * bytes_per_token(k, H) if last else 0.0
         out.append(RankUse(r, (pl.start, pl.stop), peak, host, disk, seconds))  # the ranks wait for each other
     how = (f"layer-sharded over {world} ranks: the parent's top-{k} log-probs cached once, each of the {finalists} "
-           "finalists measured against them")
+           f"finalists measured against them on {N} x {T} tokens")
     return stage_use(name, how, out, cluster)
 
 
@@ -299,16 +310,16 @@ SOLVE_FIXED_SECONDS = 2.0
 """Reading the costs, the scores and the library's index, and tokenizing the finalists' text."""
 
 
-def finalists_seconds(finalists: int, cluster: Cluster, shapes: Shapes, world: int) -> float:
+def finalists_seconds(finalists: int, cluster: Cluster, shapes: Shapes, world: int,
+                      held_out: tuple[int, int] = (4, 256)) -> float:
     """The MIP once per finalist, the parent's log-probabilities (once) and every finalist assembled from the
     library's files and measured, chunks of 2 sequences passed rank to rank (layer-sharded: each rank its layers)."""
     from block_library.distributed import split_layers
     from puzzle.evaluation.memory import layer_params
-    from puzzle.search.finalists import SEQUENCES
     from puzzle.search.timing import ASSEMBLY_BYTES_PER_S, VOCAB_METRIC, VOCAB_TOPK, batches, pipeline
 
-    clock, T = rank_clock(cluster, shapes.parent), SEQ_LEN
-    b, m = batches(SEQUENCES, 2)
+    (N, T), clock = held_out, rank_clock(cluster, shapes.parent)
+    b, m = batches(N, 2)
 
     def passes(config: Any, vocab: float) -> float:
         ranges = split_layers(layer_params(config), max(1, min(world, len(config.blocks))))
