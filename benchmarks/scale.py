@@ -1,7 +1,8 @@
 """The plan against a run: a whole search of a Llama-3.2-1B-shaped parent under 2-process torchrun.
 
     python benchmarks/scale.py            # 1.24 B random parent, 2 ranks of 6 GiB (about an hour on 2 cores)
-    python benchmarks/scale.py --quick    # a small shape of the same family, 2 ranks of 2.5 GiB (under a minute)
+    python benchmarks/scale.py --quick    # a small shape of the same family, 2 ranks of 2.5 GiB, every quality
+                                          # stage at the budget's 1024 tokens (a few minutes)
 
 Writes a random parent of the shape (``benchmarks/random_parent.py``, cached under the puzzle
 cache), then runs
@@ -9,7 +10,7 @@ cache), then runs
     torchrun --nproc-per-node 2 -m puzzle.cli.main search --model DIR --cluster 2xcpu \\
         --max-memory-per-rank 6GiB --budget 8xH100 --fuse-threshold 0 --gkd-steps 4 --gkd-batch 2 --no-speed \\
         --space SPACE.yaml --engine transformers --bld-tokens 2048 --bld-eval-sequences 4 --finalists 4 \\
-        --child-bld-tokens 2048 --child-refit ...
+        --child-bld-tokens 2048 --child-refit --quality-context 256 --score-seq-len 64 ...
 
 and reads the run's ``resources.csv``: for every stage and rank the plan's predicted peak RSS and
 time beside the measured ones (``puzzle.peak``: the high-water mark of each rank, reset before
@@ -85,14 +86,17 @@ def run_search(model: Path, out: Path, *, ranks: int, memory: str, flags: list[s
 def search_setup(quick: bool, tmp: Path, *, memory: str | None = None) -> tuple[Path, str, list[str]]:
     """The parent, the memory per rank and the search flags of the full or ``quick`` run (writes the
     search-space file into ``tmp``)."""
-    flags = ["--bld-tokens", "2048", "--bld-eval-sequences", "4", "--score-sequences", "1", "--score-seq-len", "64",
+    flags = ["--bld-tokens", "2048", "--bld-eval-sequences", "4", "--score-sequences", "1",
              "--eval-sequences", "2", "--finalists", "4", "--child-refit"]
-    if quick:  # GKD from the parent's top-64 targets, computed layer-sharded once
+    if quick:  # GKD from the parent's top-64 targets, computed layer-sharded once; every quality stage at the
+        # default quality context, the budget's 1024 tokens
         model = parent_dir(QUICK_SHAPE)
         flags += ["--gkd-steps", "2", "--gkd-batch", "2", "--child-bld-tokens", "4096"]
-    else:  # the same, training the replaced sub-blocks only: the plan's fallback at 6 GiB a rank
+    else:  # the same, training the replaced sub-blocks only: the plan's fallback at 6 GiB a rank (measured at 256
+        # tokens a sequence, scoring at 64)
         model = parent_dir("llama-3.2-1b")
-        flags += ["--gkd-steps", "4", "--gkd-batch", "2", "--gkd-top-k", "64", "--child-bld-tokens", "2048"]
+        flags += ["--gkd-steps", "4", "--gkd-batch", "2", "--gkd-top-k", "64", "--child-bld-tokens", "2048",
+                  "--quality-context", "256", "--score-seq-len", "64"]
     space = tmp / "space.yaml"  # GQA with 2 KV heads, FFN widths 1/2 and 1/4, linear and no-op
     space.write_text(json.dumps({"space": SPACE}))
     # --engine transformers keeps the linear variants (vLLM's space drops them): memory is what is measured here

@@ -385,6 +385,15 @@ def reliability(df: pd.DataFrame) -> str:
     return table(["case", "issue 31 point", "verdict", "exit", "files written", "stderr"], rows)
 
 
+def context(df: pd.DataFrame) -> str:
+    """One row per quality context of benchmarks/context.py: the child it chose and its KL by judged context."""
+    rows = [[f"{r.context} tokens", r.attention_kept, f"{r.ffn_kept:.3f}", f"{r.speedup:.3f}x", f"{r.kl_256:.3f}",
+             f"{r.kl_1024:.3f}", f"{r.kl_ratio:.2f}", f"{r.top1_1024:.3f}", f"{r.ppl_1024:.1f}",
+             f"{r.search_s / 60:.1f} min"] for r in df.itertuples()]
+    return table(["searched at", "attention kept", "FFN width kept", "predicted speedup", "KL at 256",
+                  "KL at 1024", "KL 1024 / 256", "top-1 at 1024", "perplexity at 1024", "search"], rows)
+
+
 TABLES: dict[str, Callable[..., str]] = {
     "parent_load.csv": parent_load, "mip_scale.csv": mip_scale, "bld.csv": bld,
     "profiler_fidelity.csv": profiler_fidelity, "fusion.csv": fusion, "fusion_segments.csv": fusion_segments,
@@ -392,7 +401,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "frontier.csv": frontier, "gkd_cache.csv": gkd_cache, "ffn_refit.csv": ffn_refit, "quality.csv": quality,
     "quality_fidelity.csv": quality_fidelity, "score_fidelity.csv": score_fidelity, "refine.csv": refine,
     "refine_children.csv": refine_children, "scale.csv": scale, "plan_tables.csv": plan_markdown,
-    "reliability.csv": reliability, "stage_times.csv": stage_times,
+    "reliability.csv": reliability, "stage_times.csv": stage_times, "context.csv": context,
 }
 """CSV name -> the function that turns it into a markdown table (its options are keyword arguments)."""
 
