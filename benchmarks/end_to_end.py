@@ -10,7 +10,7 @@ sampled every 50 ms in a background thread (``/proc/self/status`` VmRSS, else ps
 sample goes to the stage running at that moment: a stage runs from the previous stage's end
 (the pipeline's ``echo`` callback fires as each stage ends) to its own end. The total row is the
 whole call's wall time (the report included) and peak RSS. ``--out`` reuses a run directory, whose
-up-to-date stages are then skipped (``skipped`` column). About 9 minutes on 2 CPU cores.
+up-to-date stages are then skipped (``skipped`` column). About 15 minutes on 2 CPU cores.
 
 ``--quick``: the same pipeline on a random 6-layer parent (hidden 64, SmolLM2's tokenizer) with
 tiny stage sizes, no GKD steps and no speed measurement, under a minute on 2 idle cores; it writes

@@ -1,6 +1,6 @@
 """The plan's predicted stage times against a run's measured ones (``puzzle plan``'s time column, issue 30).
 
-    python benchmarks/stage_times.py                          # the README's first command (about 10 min on 2 cores)
+    python benchmarks/stage_times.py                          # the README's first command (about 15 min on 2 cores)
     python benchmarks/stage_times.py --preset full --budget cpu   # the full preset (about 90 min)
     python benchmarks/stage_times.py --run DIR --name NAME    # a finished run directory (e.g. scale.py --keep DIR)
     python benchmarks/stage_times.py --quick                  # a tiny random parent, under a minute

@@ -226,7 +226,7 @@ def _layer_sharded(s: ChildBLDSettings, cfg: Any, cluster: Cluster, shapes: Shap
                            rounds=max(1, len(rp.rounds))))
     how = ("one process: the replaced sub-blocks trained" if world == 1 else
            f"layer-sharded over {world} ranks: each trains the replaced sub-blocks of its layers, the streams passed "
-           "rank to rank")
+           "rank to rank") + f", {cfg.steps} steps of {B} x {T} tokens"
     if windowed:
         how += f", in {max(u.rounds for u in out)} rounds of its layers, windows of {min(window, cfg.steps)} steps"
     if refit is not None:

@@ -342,6 +342,7 @@ class GKDStage(Stage):
             k = min(s.gkd_top_k, shapes.parent.vocab_size)
             how += (f", the parent's top-{k} targets of the training and validation sequences computed layer-sharded "
                     f"once ({file / 2**30:.2f} GiB), read by every rank: no rank loads the parent in training")
+        how += f"; {s.gkd_steps} steps of {s.gkd_batch} x {s.quality_context} tokens"
         if train != "all":
             how += _trained_how(plan, cluster, shapes, train)
         ranks = _ranks(cluster, len(shapes.layers), device=device, host=host, cache=(held, file),
