@@ -63,7 +63,9 @@ def markdown(df: pd.DataFrame, parent: str | None = None, preset: str = "full") 
     for c in clusters:
         rows = part[part.cluster == c]
         ok = rows.fits.all()
-        verdicts.append("fits" if ok else f"refused: smallest that fits {rows.smallest_cluster.iloc[0]}")
+        smallest = rows.smallest_cluster.iloc[0]
+        verdicts.append("fits" if ok else f"refused: smallest that fits {smallest}" if isinstance(smallest, str)
+                        else "refused: no cluster of this GPU fits")
     lines.append("| **plan** | " + " | ".join(verdicts) + " |")
     return head + "\n".join(lines)
 

@@ -86,4 +86,4 @@ def test_the_plan_counts_the_longer_sequences(stage):
     long = _plan(quality_context=2048, score_sequences=1, gkd_batch=1, eval_sequences=1).resources.stage(stage)
     assert long.ranks[0].seconds > short.ranks[0].seconds
     assert long.peak_device_bytes > short.peak_device_bytes
-    assert ("2048" in long.how) == (stage in ("score", "solve", "evaluate"))
+    assert "2048" in long.how  # the plan says which tokens each reads
