@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from puzzle.scoring.metrics import TokenSums, next_token_logprobs
 
 SEQ_LEN = 256
-"""Tokens per held-out sequence where no quality context is given (a search's are its plan's: :func:`finalist_reads`)."""
+"""Tokens per held-out sequence where no quality context is given (a search's: :func:`finalist_reads`)."""
 SEQUENCES = 4
 """Held-out sequences of :data:`SEQ_LEN` tokens each finalist is measured on (1,024 tokens)."""
 MIN_SKIP = 16

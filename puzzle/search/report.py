@@ -4,8 +4,8 @@ Rows: parent, child. Columns: layers, parameters, the serving engines that load 
 per device on the target, predicted step time (prefill, decode) and speedup on the target, measured
 step time and speedup on this machine (this project's runtime; inside vLLM too when it is installed
 and the target is this machine), and quality on held-out text (perplexity, KL to the parent, top-1
-agreement) at 256 tokens and by context: ``ppl_<T>``, ``kl_<T>``, ``top1_<T>`` for 256, the served
-context and twice it (``report.png`` plots the child's KL against the context).
+agreement) at the quality context and by context: ``ppl_<T>``, ``kl_<T>``, ``top1_<T>`` for 256, the quality
+context (the served one by default) and twice it (``report.png`` plots the child's KL against the context).
 """
 
 from __future__ import annotations

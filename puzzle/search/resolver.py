@@ -69,7 +69,8 @@ def resolve(config: SearchConfig | None = None) -> Plan:
                                     kv_tokens=budget_sc.kv_tokens, memory_bytes=memory_bytes, tp=config.tp)
     whole = _whole_bytes(parent, 4)  # timed in fp32, as loaded
     quality_context = _quality_context(settings, parent, budget_sc.length)
-    derived = {"quality_context": quality_context, "score_seq_len": quality_context,"dtype": target.dtype, "tp": target.tp, "calibrate": target.is_cpu,
+    derived = {"quality_context": quality_context, "score_seq_len": quality_context,
+               "dtype": target.dtype, "tp": target.tp, "calibrate": target.is_cpu,
                "fuse_threshold": 0.0 if target.is_cpu else 0.2, "cluster": cluster.name,
                "max_memory_per_rank": f"{cluster.memory_per_rank / 2**30:.1f}GiB",
                # timing needs the parent and the child whole on one rank, one after the other

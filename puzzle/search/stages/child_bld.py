@@ -250,7 +250,8 @@ def _refit_shape(s: ChildBLDSettings, cfg: Any, child: Any, parts: list[tuple[in
     rc, T = type(cfg)(tokens=1), cfg.seq_len
     return RefitShape(tokens=min(cfg.steps * cfg.step_batch, max(1, REFIT_MAX_TOKENS // T)) * T, last=max(swiglu),
                       drift=rc.refit_drift > 0, select=rc.refit_select, chunk_tokens=cfg.batch * T,
-                      shared_embedding=True, layers=tuple(swiglu), seq_len=T)  # the library's child: its embedding is the parent's
+                      shared_embedding=True,  # the library's child: its embedding is the parent's
+                      layers=tuple(swiglu), seq_len=T)
 
 
 def _step_seconds(clock: Any, config: Any, child: Any, run: range, parts: list[tuple[int, str]], B: int,

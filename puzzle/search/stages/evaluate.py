@@ -89,7 +89,8 @@ class EvaluateStage(Stage):
             ev = Evaluation(quality=quality, tasks={}, speed=speed, data=data, contexts=by_context)
         else:
             ev = evaluate(load_model(model), ctx.tokenizer, parent=ctx.parent, sources=s.data,
-                          seq_len=s.quality_context, num_sequences=s.eval_sequences, speed=s.measure_speed, scenarios=list(plan.scenarios),
+                          seq_len=s.quality_context, num_sequences=s.eval_sequences, speed=s.measure_speed,
+                          scenarios=list(plan.scenarios),
                           contexts=contexts, progress=ctx.progress)
         doc = ev.to_dict()
         if s.measure_speed and plan.target.is_cpu and s.engine in ENGINES_TIMED and engine_available(s.engine):

@@ -32,6 +32,9 @@ class FuseSettings(Section):
     data: tuple[str, ...]
 
 
+AT_256 = ", on 256-token sequences whatever the quality context (fusion merges FFNs, which read no context)"
+"""Why fusion calibrates and judges at the library's length."""
+
 class FuseStage(Stage):
     name, order = "fuse", 70
     sections = (FuseSettings,)
@@ -76,7 +79,7 @@ class FuseStage(Stage):
         tokens = s.fuse_sequences * SEQ_LEN
         if cluster.count == 1:
             peak = base_bytes(cluster) + 3 * P * 4 + 3 * tokens * config.vocab_size * 4  # parent, child, fused (fp32)
-            return stage_use(self.name, "one process: parent, child and fused child whole",
+            return stage_use(self.name, "one process: parent, child and fused child whole" + AT_256,
                              one_rank(cluster, device=peak, disk=P * 4, layers=(0, len(sizes)),
                                       seconds=fuse_seconds(s, cluster, shapes, 1)), cluster)
         from block_library.distributed import split_layers
@@ -94,7 +97,7 @@ class FuseStage(Stage):
             staged = 4 * sum(sizes[l].parent_params for l in layers)
             out.append(RankUse(rank, layer_range(layers), peak, host_bytes(cluster, peak, staged), P * 4 / world,
                                fuse_seconds(s, cluster, shapes, world)))
-        return stage_use(self.name, "layers split over ranks: FFN runs fused where they live", out, cluster)
+        return stage_use(self.name, "layers split over ranks: FFN runs fused where they live" + AT_256, out, cluster)
 
 
 SEGMENTS = 2
