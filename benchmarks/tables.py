@@ -226,6 +226,7 @@ def ffn_refit(df: pd.DataFrame) -> str:
 
 QUALITY_ROWS = {
     "uniform_ffn": "uniform FFN pruning (untrained)", "uniform_ffn_refit": "uniform FFN pruning, least-squares refit",
+    "uniform_ffn_child_refit": "control: uniform pruning + child-stream refit",
     "uniform_ffn_child_bld": "control: uniform pruning + child-aware BLD", "puzzle": "MIP optimum",
     "puzzle_child_bld": "MIP optimum + child-aware BLD", "puzzle_search": "best of the search's {n} finalists",
     "puzzle_search_child_refit": "+ child-stream refit",
@@ -267,6 +268,9 @@ def quality(df: pd.DataFrame, preset: str) -> str:
                 text += f", {pct(kl.mean() / uniform - 1)}"
             if method in ("uniform_ffn", "puzzle_search_child_bld"):
                 text += f", ppl {m[m.flops_pct == b].ppl.mean():.1f}"
+            control = d[(d.method == "uniform_ffn_child_bld") & (d.flops_pct == b)].kl.mean()
+            if method == "puzzle_search_child_bld" and control == control:  # the control trained as the child was
+                text += f", {pct(kl.mean() / control - 1)} vs the control"
             cells.append(f"**{text}**" if method == "puzzle_search_child_bld" else text)
         rows.append([label, *cells])
         for n, g in sharded[sharded.method == method].groupby("ranks") if method == "puzzle_search_child_bld" else ():
