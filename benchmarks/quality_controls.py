@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     fractions = parse_fractions(args.fractions)
     if fractions is None:
         ap.error(f"--fractions must be comma-separated keep-ratios strictly between 0 and 1, got {args.fractions!r}")
+    if args.child_bld_tokens is not None and args.child_bld_tokens < 1:
+        ap.error(f"--child-bld-tokens must be at least 1, got {args.child_bld_tokens}")
     tokens = args.child_bld_tokens or (1024 if args.quick else PRESETS[args.preset]["child_bld_tokens"])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

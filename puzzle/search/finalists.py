@@ -30,11 +30,9 @@ SEQ_LEN = 256
 """Tokens per held-out sequence where no quality context is given (a search's: :func:`finalist_reads`)."""
 SEQUENCES = 4
 """Held-out sequences of :data:`SEQ_LEN` tokens each finalist is measured on (1,024 tokens)."""
-MIN_SKIP = 16
-"""A search's finalists read validation sequences after the first ``max(eval_sequences, MIN_SKIP)``: changing the
-evaluation's size (up to 16) does not change the finalists' tokens, so it reruns only the evaluation."""
-MIN_SKIP_TOKENS = MIN_SKIP * SEQ_LEN
-"""The same at any sequence length: the finalists skip at least 4,096 validation tokens."""
+MIN_SKIP_TOKENS = 16 * SEQ_LEN
+"""A search's finalists skip at least 4,096 validation tokens: changing the evaluation's size within them does not
+change the finalists' tokens, so it reruns only the evaluation."""
 
 
 def finalist_reads(eval_tokens: int, seq_len: int) -> tuple[int, int]:
@@ -64,11 +62,6 @@ class Finalist:
         return {"mip_rank": self.mip_rank, "predicted_kl": self.solution.objective, "kl": self.kl,
                 "top1_agreement": self.quality["top1_agreement"], "params": t.params, "speedup": t.speedup,
                 "blocks": " ".join(self.solution.layer_labels())}
-
-
-def finalist_skip(eval_sequences: int) -> int:
-    """The validation sequences a search's finalists skip: the final evaluation's, at least :data:`MIN_SKIP`."""
-    return max(eval_sequences, MIN_SKIP)
 
 
 def finalist_ids(sources: Sequence[str], tokenizer: Any, *, skip: int, sequences: int,

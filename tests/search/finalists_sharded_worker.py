@@ -31,10 +31,10 @@ def main() -> None:
     from block_library.session import parent_fingerprint
     from puzzle.search import SearchConfig, resolve
     from puzzle.search.context import StageContext
-    from puzzle.search.finalists import SEQUENCES, finalist_ids, finalist_skip
+    from puzzle.search.finalists import finalist_ids
     from puzzle.search.finalists_sharded import from_first, measure_finalists_sharded, rank_shard
     from puzzle.search.ranks import join
-    from puzzle.search.stages.solve import STAGE, SolveSettings, solve_problem
+    from puzzle.search.stages.solve import STAGE, SolveSettings, finalist_plan, solve_problem
     from solvers.diverse import diverse_solutions
 
     args = json.loads(Path(sys.argv[1]).read_text())
@@ -46,8 +46,9 @@ def main() -> None:
     shard, s = rank_shard(group), SolveSettings.of(plan)
 
     solutions = from_first(shard, lambda: diverse_solutions(solve_problem(ctx), 4, min_fraction=0.1))
-    ids = from_first(shard, lambda: finalist_ids(s.data, ctx.tokenizer, skip=finalist_skip(s.eval_sequences),
-                                                 sequences=SEQUENCES))[:2, :64]
+    skip, sequences, T = finalist_plan(plan)  # the solve stage's held-out tokens
+    ids = from_first(shard, lambda: finalist_ids(s.data, ctx.tokenizer, skip=skip, sequences=sequences,
+                                                 seq_len=T))[:2, :64]
     vocab = plan.parent_config.vocab_size
     direct = measure_finalists_sharded(open_library(ctx.out("bld", "library")), ctx.source, solutions, ids,
                                        shard=shard, path=out / "direct" / "parent-all.safetensors",
