@@ -404,7 +404,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "realized_speedup.csv": realized_speedup, "engine_speed.csv": engine_speed, "end_to_end.csv": end_to_end,
     "frontier.csv": frontier, "gkd_cache.csv": gkd_cache, "ffn_refit.csv": ffn_refit, "quality.csv": quality,
     "quality_fidelity.csv": quality_fidelity, "score_fidelity.csv": score_fidelity, "refine.csv": refine,
-    "refine_children.csv": refine_children, "scale.csv": scale, "plan_tables.csv": plan_markdown,
+    "refine_children.csv": refine_children, "scale.csv": scale, "scale_context.csv": scale, "plan_tables.csv": plan_markdown,
     "reliability.csv": reliability, "stage_times.csv": stage_times, "context.csv": context,
 }
 """CSV name -> the function that turns it into a markdown table (its options are keyword arguments)."""

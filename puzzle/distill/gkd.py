@@ -254,7 +254,7 @@ def _train(student: PuzzleForCausalLM, parent: PuzzleForCausalLM | None, optimiz
     local = cfg.batch // world  # this process's rows of each batch
     # The visiting order is a function of the seed alone, so the data position of step s is s * batch.
     n = train_ids.shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    order = visit_order(cfg, n)
     bar = tqdm(total=cfg.steps, initial=start, desc="GKD", unit="step", disable=not (progress and writer))
     for step in range(start, cfg.steps):
         done = step + 1
@@ -314,6 +314,25 @@ def _train_step(student: PuzzleForCausalLM, parent: PuzzleForCausalLM, batch: to
     return {f"train_{k}": v for k, v in totals.items()}
 
 
+def visit_order(cfg: GKDConfig, n: int) -> torch.Tensor:
+    """(n,) the order the steps visit the ``n`` training sequences in: a function of the seed alone."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def train_rows(cfg: GKDConfig, n: int, rank: int, world: int) -> torch.Tensor:
+    """The training sequences process ``rank`` of ``world`` visits over all the steps (its ``batch / world`` rows of
+    each step's batch): the rows of the teacher's cache it reads (:func:`puzzle.distill.teacher_cache.load_targets`),
+    about 1/world of them."""
+    local = cfg.batch // world
+    at = [(step * cfg.batch + j) % n for step in range(cfg.steps) for j in range(rank * local, (rank + 1) * local)]
+    return torch.unique(visit_order(cfg, n)[at])
+
+
+def val_rows(n: int, rank: int, world: int) -> torch.Tensor:
+    """The validation sequences process ``rank`` of ``world`` measures (a split of the ``n``; the first the longest)."""
+    return torch.tensor_split(torch.arange(n), world)[rank]
+
+
 def _val_row(student: PuzzleForCausalLM, parent: PuzzleForCausalLM | None, val_ids: torch.Tensor, pairs: LayerMap,
              cfg: GKDConfig, *, step: int, shard: Shard | None, cached: TeacherTargets | None = None
              ) -> dict[str, float]:
@@ -323,7 +342,7 @@ def _val_row(student: PuzzleForCausalLM, parent: PuzzleForCausalLM | None, val_i
     world = shard.world if shard is not None else 1
     chunk = cfg.micro_batch or cfg.batch // world
     rows = torch.tensor_split(torch.arange(val_ids.shape[0]), world)  # the first is the longest
-    mine = rows[shard.rank] if shard is not None else rows[0]
+    mine = val_rows(val_ids.shape[0], shard.rank if shard is not None else 0, world)
     passes = -(-rows[0].shape[0] // chunk)
     if cached is not None:
         sums = cached_validation_sums(student, cached.rows(mine), val_ids[mine], chunk=chunk, passes=passes)

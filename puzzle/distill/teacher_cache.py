@@ -60,13 +60,23 @@ class TeacherTargets:
     label: torch.Tensor | None = None
     """(N, T-1) float32: the parent's log-probability of each next token of the ids, or None. Validation targets hold
     it (the parent's own cross-entropy, wherever its next token falls); training ones need not."""
+    held: torch.Tensor | None = None
+    """(n,) int64 ascending: the rows of the file these are (a rank's share, :func:`load_targets` with ``rows``), or
+    None when they are every row."""
 
     @property
     def top_k(self) -> int:
         return int(self.logp.shape[-1])
 
     def rows(self, idx: torch.Tensor) -> TeacherTargets:
-        """The targets of sequences ``idx`` (b,)."""
+        """The targets of sequences ``idx`` (b,) (rows of the whole file, also when only some are held)."""
+        if self.held is not None:
+            idx = torch.as_tensor(idx, dtype=torch.int64)
+            at = torch.searchsorted(self.held, idx).clamp(max=max(len(self.held) - 1, 0))
+            if len(self.held) == 0 or not bool((self.held[at] == idx).all()):
+                raise ValueError(f"rows {sorted(set(idx.tolist()) - set(self.held.tolist()))[:8]} are not among "
+                                 f"the {len(self.held)} rows read from the targets file")
+            idx = at
         label = self.label[idx] if self.label is not None else None
         return TeacherTargets(self.logp[idx], self.index[idx], self.rest[idx], self.hidden[idx], self.key, label)
 
@@ -160,24 +170,24 @@ def save_targets(targets: TeacherTargets, path: str | Path) -> None:
     write_state(tensors, Path(path), metadata={"format": FORMAT, "key": targets.key})
 
 
-def load_targets(path: str | Path) -> TeacherTargets:
-    """The targets in ``path``; :class:`CorruptArtifactError` if it is not a whole cache of this format."""
-    from safetensors import safe_open
+def load_targets(path: str | Path, rows: torch.Tensor | None = None) -> TeacherTargets:
+    """The targets in ``path``, or only its ``rows`` (any order; only their bytes are read: a rank's share under
+    torchrun); :class:`CorruptArtifactError` if it is not a whole cache of this format."""
+    from puzzle.distill.targets_file import read_rows
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            t = {name: f.get_tensor(name) for name in ("logp", "index", "rest", "hidden")}
-            label = f.get_tensor("label") if "label" in f.keys() else None  # validation targets
-    except Exception as e:  # a truncated or foreign file
-        raise CorruptArtifactError(f"{path} is not a readable teacher-targets file ({type(e).__name__}: {e})") from None
+    held = None if rows is None else torch.unique(torch.as_tensor(rows, dtype=torch.int64))  # ascending
+    t, meta, _ = read_rows(path, held)
+    if any(name not in t for name in ("logp", "index", "rest", "hidden")):
+        raise CorruptArtifactError(f"{path} is not a teacher-targets file of format {FORMAT}")
+    label = t.get("label")  # validation targets
     if meta.get("format") != FORMAT:
         raise CorruptArtifactError(f"{path} is not a teacher-targets file of format {FORMAT}")
     n, t1, k = t["logp"].shape
     if t["index"].shape != (n, t1, k) or t["rest"].shape != (n, t1) or t["hidden"].shape[:2] != (n, t1 + 1) or (
             label is not None and label.shape != (n, t1)):
         raise CorruptArtifactError(f"{path}: its tensors' shapes do not agree")
-    return TeacherTargets(t["logp"], t["index"].to(torch.int64), t["rest"], t["hidden"], meta.get("key", ""), label)
+    return TeacherTargets(t["logp"], t["index"].to(torch.int64), t["rest"], t["hidden"], meta.get("key", ""), label,
+                          held)
 
 
 def cached_kl(q: torch.Tensor, targets: TeacherTargets) -> torch.Tensor:

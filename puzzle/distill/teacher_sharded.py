@@ -4,8 +4,10 @@
 
 Each rank reads only its contiguous layers of the parent (rank 0 also the embedding, the last rank the final
 norm and LM head: :class:`block_library.part.Part`); hidden states flow rank to rank ``chunk`` sequences at a
-time, and the last rank turns each chunk into its top-k log-probabilities, the rest and the last hidden state,
-writes the file atomically and the others wait for it. Every rank then reads the same file: the targets of
+time, and the last rank turns each chunk into its top-k log-probabilities, the rest and the last hidden state and
+writes them into the file (:class:`~puzzle.distill.targets_file.TargetsWriter`: one chunk held at a time, the file
+renamed into place once whole); the others wait for it. Every rank then reads the same file, or only the rows it
+trains on (``rows``: 1/W of them under data parallelism): the targets of
 :func:`~puzzle.distill.teacher_cache.compute_targets` on the whole parent (to float rounding), without any rank
 holding more than its share of the parent. A file of the same key is reused; one process runs it alone.
 """
@@ -20,8 +22,8 @@ from typing import Any
 import torch
 
 from block_library.distributed import Shard
-from puzzle.distill.teacher_cache import (TeacherTargets, label_logprob, load_targets, outside_logprob, save_targets,
-                                          targets_key)
+from puzzle.distill.targets_file import TargetsWriter
+from puzzle.distill.teacher_cache import FORMAT, TeacherTargets, label_logprob, load_targets, outside_logprob, targets_key
 from puzzle.errors import ConfigError, CorruptArtifactError
 
 log = logging.getLogger(__name__)
@@ -53,11 +55,12 @@ def _holds(path: Path, key: str, labels: bool) -> bool:
 def sharded_targets(source: Any, ids: torch.Tensor, top_k: int, path: str | Path, *, shard: Shard,
                     parent_sha256: str, chunk: int = 2, dtype: torch.dtype = torch.float32,
                     hidden_dtype: torch.dtype = torch.bfloat16, labels: bool = False,
-                    progress: bool = False) -> TeacherTargets:
+                    progress: bool = False, rows: torch.Tensor | None = None) -> TeacherTargets:
     """The parent's (a model directory ``source``) targets on ids (N, T), read from ``path`` when it holds these
     (same ``parent_sha256``, ids and k), else computed over the ranks of ``shard`` and written there; every rank
     calls it with the same ids and returns the same targets. ``labels``: with the parent's log-probability of each
-    next token (``TeacherTargets.label``: the validation sequences' targets)."""
+    next token (``TeacherTargets.label``: the validation sequences' targets). ``rows``: this rank reads only these
+    rows of the file (its share of the steps' batches), else every row."""
     from puzzle.loading import load_config, resolve_source
     from block_library.part import Part
 
@@ -71,31 +74,37 @@ def sharded_targets(source: Any, ids: torch.Tensor, top_k: int, path: str | Path
     key = targets_key(parent_sha256, ids, top_k)
     if shard.broadcast(_holds(path, key, labels) if shard.first else None):
         log.info("teacher targets reused from %s", path)
-        return load_targets(path)
+        return load_targets(path, rows)
     part = Part.load(src, layer_ranges(config, shard.world)[shard.rank], shard, dtype=dtype)
-    logps, indexes, rests, hiddens, nexts = [], [], [], [], []
+    error: Exception | None = None
+    writer = None
+    if shard.last:  # the file written a chunk at a time: no rank holds the whole cache
+        try:
+            writer = TargetsWriter(path, n=ids.shape[0], seq_len=ids.shape[1], top_k=top_k, key=key, labels=labels,
+                                   hidden_size=config.hidden_size, fmt=FORMAT, hidden_dtype=hidden_dtype)
+        except Exception as e:  # raised on every rank below: the others would wait for the file forever
+            error = e
     for c, h in zip(range(0, ids.shape[0], chunk), part.chunks(ids, chunk, desc="teacher targets", progress=progress)):
-        if shard.last:  # h (b, T, H): the last layer's output
-            p = part.logprobs(h[:, :-1])  # (b, T-1, V) float32
-            top, idx = p.topk(top_k, dim=-1)  # (b, T-1, k)
-            rests.append(outside_logprob(p, idx).cpu())
-            logps.append(top.cpu())
-            indexes.append(idx.cpu())
-            hiddens.append(h.to(hidden_dtype).cpu())
-            if labels:
-                nexts.append(label_logprob(p, ids[c:c + chunk, 1:]).cpu())
-            del p
+        if shard.last and error is None:  # h (b, T, H): the last layer's output
+            try:
+                p = part.logprobs(h[:, :-1])  # (b, T-1, V) float32
+                top, idx = p.topk(top_k, dim=-1)  # (b, T-1, k)
+                writer.write(c, top, idx, outside_logprob(p, idx), h,
+                             label_logprob(p, ids[c:c + chunk, 1:]) if labels else None)
+                del p, top, idx
+            except Exception as e:
+                error = e
     del part
     gc.collect()
-    error: Exception | None = None
-    if shard.last:
+    if writer is not None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_targets(TeacherTargets(torch.cat(logps), torch.cat(indexes), torch.cat(rests), torch.cat(hiddens),
-                                        key, torch.cat(nexts) if labels else None), path)
-        except Exception as e:  # raised on every rank: the others would wait for the file forever
+            if error is None:
+                writer.commit()
+        except Exception as e:
             error = e
+        finally:
+            writer.abort()  # nothing left behind when the file was not committed
     error = shard.broadcast(error, src=shard.world - 1)
     if error is not None:
         raise error
-    return load_targets(path)
+    return load_targets(path, rows)

@@ -9,8 +9,10 @@ A rank of a sharded scoring run (:mod:`puzzle.scoring.sharded`; one process hold
 is both first and last) holds, all in float32 (scoring computes in float32),
 
 * the process itself (:data:`block_library.memory.PROCESS_BYTES`; on a GPU the CUDA context);
-* its parent layers, on the last the final norm and the LM head; the first rank's embedding stays
-  memory-mapped (a lookup makes only the looked-up rows resident);
+* its parent layers, on the last the final norm and the LM head; the first rank's embedding: on a GPU
+  copied whole to the device, on a CPU memory-mapped from the library's file, where a lookup makes resident
+  what the kernel reads around the looked-up row (:data:`MMAP_READAROUND_BYTES` a token, at most the whole
+  matrix: a few hundred random tokens make SmolLM2's resident);
 * one layer's own parent halves and one other variant at a time (loaded as used);
 * the parent pass's cache: the streams entering each of its layers and after each attention
   half, (N, T, H) twice per layer; on the last rank the parent's log-probs (N, T-1, V);
@@ -32,6 +34,10 @@ from puzzle.summary import attention_params, ffn_params
 
 FLOAT_BYTES = 4
 """Scoring's compute dtype: float32 (parent, variants, cache, log-probs)."""
+MMAP_READAROUND_BYTES = 1 << 20
+"""Resident bytes one random row lookup adds to a memory-mapped matrix: the kernel reads around the faulting page
+and maps what it read. Measured on a 96 MiB embedding (49,152 x 512 float32) read from the library's file on this
+machine: 16 random tokens 27 MiB, 64 tokens 63 MiB, 256 tokens the whole matrix (1-1.7 MiB a lookup)."""
 HEAD_TEMPORARIES = 5
 """(head_chunk, T, V) float32 tensors alive while one head chunk is scored: logits, the child's and the
 parent's log-probs, exp(p) and the difference inside the KL."""
@@ -51,10 +57,14 @@ def score_rank_bytes(config: Any, sizes: Sequence[LayerSizes], layers: Sequence[
     base = PROCESS_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
     # Parent weights: the rank's layers; the embedding (first), the final norm and the LM head (last).
     params = sum(sizes[l].parent_params for l in layers)
-    # The embedding stays memory-mapped from the library's shared file: a lookup makes only its rows
-    # resident. A head multiplies by all of it, so the last rank holds it whole (tied: the same matrix).
+    # A head multiplies by all of the embedding, so the last rank holds it whole (tied: the same matrix).
     if last:
         params += H + embedding_params(config)
+    # The first rank's embedding: copied to a GPU; on a CPU memory-mapped, resident around each looked-up token
+    # (the parent pass looks up the N x T tokens once: the replacements reuse its cached streams).
+    embedding = embedding_params(config) * dtype_bytes if first and not last else 0
+    if device == "cpu":
+        embedding = min(embedding, N * T * MMAP_READAROUND_BYTES)
     # The parent's own halves of one layer and one other variant at a time (scoring.replacements.LayerModules).
     variants = max((sizes[l].parent_params + max((v.params for v in sizes[l].trainable), default=0)
                     for l in layers), default=0)
@@ -68,4 +78,4 @@ def score_rank_bytes(config: Any, sizes: Sequence[LayerSizes], layers: Sequence[
     if pairs == "exact":  # every attention variant's output, reused by each FFN variant of the layer
         group += max((sum(v.subblock == "attention" for v in sizes[l].trainable) for l in layers), default=0) * stream
     head = HEAD_TEMPORARIES * min(head_chunk, N) * T * V * FLOAT_BYTES if last else 0
-    return float(base + params * dtype_bytes + variants * FLOAT_BYTES + cache + group + head)
+    return float(base + params * dtype_bytes + embedding + variants * FLOAT_BYTES + cache + group + head)

@@ -109,6 +109,9 @@ def test_targets_of_other_tokens_are_refused_and_replaced(two):
     for seen in ranks:
         assert seen["reused_same_file"]  # the same key: read back, not computed again
         assert "other tokens or another parent" in seen["stale_error"] and "sharded_targets" in seen["stale_error"]
+    # each rank read the rows it trains on: half the file each, together all of it
+    held = [set(seen.pop("held")) for seen in ranks]
+    assert len(held[0]) == len(held[1]) == ranks[0]["rows"] // 2 and held[0] | held[1] == set(range(ranks[0]["rows"]))
     assert ranks[0] == ranks[1]
     assert ranks[0]["stale_key"] != ranks[0]["key"]
     # the file of the stage's path now holds the other tokens' targets (16-token sequences), recomputed
@@ -168,6 +171,7 @@ def _worker(d: Path) -> None:
         error = str(e)
     rank = int(os.environ["RANK"])
     (d / f"rank{rank}.json").write_text(json.dumps({"reused_same_file": reused, "key": top16.key,
+                                                    "held": top16.held.tolist(), "rows": cfg.steps * cfg.batch,
                                                     "stale_key": stale.key, "stale_error": error}))
 
 

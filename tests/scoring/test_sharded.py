@@ -16,7 +16,7 @@ import pytest
 from block_library.distributed import split_layers
 from block_library.memory import PROCESS_BYTES, layer_sizes
 from puzzle.model import PuzzleConfig
-from puzzle.scoring.memory import FLOAT_BYTES, score_layer_costs, score_rank_bytes
+from puzzle.scoring.memory import FLOAT_BYTES, MMAP_READAROUND_BYTES, score_layer_costs, score_rank_bytes
 
 from .conftest import TINY_SCORE
 
@@ -122,7 +122,11 @@ def test_rank_memory_adds_up():
     assert per_rank[2:7] == [middle] * 5
     H, V, N, T = 8192, 128256, 8, 256
     # The last rank adds the norm, the head, the log-probs and the head's temporaries.
-    assert per_rank[0] == middle  # the embedding stays memory-mapped: only looked-up rows become resident
+    # The first rank's memory-mapped embedding (4.2 GB): the kernel reads around each of the 2,048 tokens looked up
+    # (1 MiB each), 2 GiB of it resident; on a GPU it is copied whole
+    assert per_rank[0] - middle == pytest.approx(min(V * H * FLOAT_BYTES, N * T * MMAP_READAROUND_BYTES)) == 2 * 2**30
+    gpu = [score_rank_bytes(pc, sizes, ranges[i], first=i == 0, last=i == 7, device="cuda", **kw) for i in (0, 1)]
+    assert gpu[0] - gpu[1] == pytest.approx(V * H * FLOAT_BYTES)
     assert per_rank[7] - middle == pytest.approx((H + V * H + N * (T - 1) * V + 5 * 2 * T * V) * FLOAT_BYTES)
     # A middle rank: its 10 parent layers, one layer's own halves and one other variant at a time (loaded as
     # used), the cache (2 streams a layer), and activations.

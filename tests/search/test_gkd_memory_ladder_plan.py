@@ -44,7 +44,8 @@ def test_the_1b_proof_trains_the_replaced_subblocks_only_and_says_why():
                                "weights frozen and counted again once it is chosen): the whole student's fp32 state "
                                "does not fit 6.0 GiB per rank, nor the decoder's; no cluster of up to 16xcpu fits it")
     assert "FSDP2 over 2 ranks: the student sharded, activation checkpointing" in before.how
-    assert before.peak_device_bytes / GIB == pytest.approx(4.971, abs=1e-3)  # the parent's 1.24 B weights frozen
+    # the parent's 1.24 B weights frozen; each rank reads its half of the cached targets (4.971 when it read all)
+    assert before.peak_device_bytes / GIB == pytest.approx(4.966, abs=1e-3)
 
     child = _proof_child(plan.parent_config)
     split = param_split(child, plan.parent_config, "replaced")

@@ -133,6 +133,19 @@ def _without_evaluate(plan: dict) -> dict:
     return plan
 
 
+def _without_score_first_rank(plan: dict) -> dict:
+    """Scoring's first rank changed on purpose when it is not the last too (issue 32, measured at 1024 tokens): its
+    memory-mapped embedding is resident around every looked-up token, whole on a GPU (it was left out)."""
+    plan = json.loads(json.dumps(plan))
+    for what in ("resources", "child_resources"):
+        for stage in plan[what]["stages"]:
+            if stage["stage"] == "score" and len(stage["ranks"]) > 1:
+                for d in (stage, stage["ranks"][0]):
+                    d.pop("peak_device_gib")
+                    d.pop("peak_host_gib")
+    return plan
+
+
 @pytest.mark.parametrize("case", sorted(BEFORE))
 def test_keys_settings_and_resources_are_what_they_were_before_the_move(case, fixed_cpu):
     before = BEFORE[case]
@@ -143,6 +156,7 @@ def test_keys_settings_and_resources_are_what_they_were_before_the_move(case, fi
         now["settings"][name]["source"] = before["settings"][name]["source"]
     before, now = _without_child_bld_resources(before), _without_child_bld_resources(now)
     before, now = _without_evaluate(before), _without_evaluate(now)
+    before, now = _without_score_first_rank(before), _without_score_first_rank(now)
     if before["settings"]["gkd_top_k"]["source"] == "default":  # its 64 is a preset value now (production: 0)
         before["settings"]["gkd_top_k"]["source"] = "preset"
     if any(before["settings"][n]["source"] == "derived" for n in SHARDED_QUALITY["settings"]):  # several ranks

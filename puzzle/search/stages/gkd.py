@@ -9,8 +9,9 @@
 
 In one process student and teacher are whole. Under torchrun FSDP2 shards the student over the ranks;
 the parent's top-k targets on the training and on the validation sequences are computed once with its
-layers split over the ranks (:func:`puzzle.distill.teacher_sharded.sharded_targets`) and every rank
-reads the whole files, so no rank loads the parent in GKD (``gkd_top_k`` 0: FSDP2 shards it too and it
+layers split over the ranks (:func:`puzzle.distill.teacher_sharded.sharded_targets`, the last rank writing
+the files a chunk at a time) and every rank reads the rows of its own share of the steps' batches and of the
+validation sequences, 1/W of the files, so no rank loads the parent in GKD (``gkd_top_k`` 0: FSDP2 shards it too and it
 runs live). The one-process and the sharded files differ by their parent fingerprint: a loaded parent's
 weights (``model_fingerprint``, one process) or its stored files (``files_fingerprint``: under torchrun
 no rank holds the whole parent, and the GKD run fingerprints its stored parent so); side by side, a
@@ -139,10 +140,10 @@ def _cached(plan: Plan, world: int) -> bool:
 
 
 def sharded_cache(plan: Plan, shapes: Shapes, world: int) -> tuple[float, float]:
-    """``(held, file)``: bytes of the parent's top-k targets a rank holds under torchrun (every rank reads the whole
-    files, of the training and of the validation sequences; their token ids widened to int64 in memory) and of the
-    files; ``(0, 0)`` when there is none (``gkd_top_k`` 0, or one process: :meth:`GKDStage.resources` counts that
-    cache itself)."""
+    """``(held, file)``: bytes of the parent's top-k targets a rank holds under torchrun (the rows of its share of
+    every step's batch and of the validation sequences, :func:`puzzle.distill.gkd.train_rows` and ``val_rows``; their
+    token ids widened to int64 in memory) and of the files (the training and the validation sequences'); ``(0, 0)``
+    when there is none (``gkd_top_k`` 0, or one process: :meth:`GKDStage.resources` counts that cache itself)."""
     from puzzle.distill import GKDConfig
     from puzzle.distill.teacher_cache import bytes_per_token
 
@@ -150,9 +151,10 @@ def sharded_cache(plan: Plan, shapes: Shapes, world: int) -> tuple[float, float]
     if world == 1 or not s.gkd_top_k:
         return 0.0, 0.0
     k = min(s.gkd_top_k, shapes.parent.vocab_size)
-    tokens = (s.gkd_steps * s.gkd_batch + min(GKDConfig.val_sequences, s.eval_sequences)) * s.quality_context
-    file = tokens * bytes_per_token(k, shapes.parent.hidden_size)
-    return float(file + tokens * 4 * k), float(file)
+    train, val = s.gkd_steps * s.gkd_batch, min(GKDConfig.val_sequences, s.eval_sequences)
+    mine = min(train, s.gkd_steps * (s.gkd_batch // world)) + -(-val // world)  # sequences a rank reads
+    per_token = bytes_per_token(k, shapes.parent.hidden_size)
+    return float(mine * s.quality_context * (per_token + 4 * k)), float((train + val) * s.quality_context * per_token)
 
 
 def _teacher_pass(plan: Plan, cluster: Cluster, shapes: Shapes) -> list[float]:
@@ -233,7 +235,7 @@ class GKDStage(Stage):
         with the parent's log-probability of each next token (``gkd-topK-val-sharded.safetensors``)."""
         from block_library.distributed import init_shard
         from puzzle.distill.artifact import files_fingerprint
-        from puzzle.distill.gkd import gkd_train_ids, gkd_val_ids
+        from puzzle.distill.gkd import gkd_train_ids, gkd_val_ids, train_rows, val_rows
         from puzzle.distill.teacher_sharded import sharded_targets
 
         top_k = GKDSettings.of(ctx.plan).gkd_top_k
@@ -243,8 +245,11 @@ class GKDStage(Stage):
         shard = init_shard([1.0] * ctx.world)  # the search's group (joined), with this rank's device for NCCL
         path = ctx.shared_dir / "teacher" / f"gkd-top{k}{'-val' if validation else ''}-sharded.safetensors"
         ids = gkd_val_ids(cfg, ctx.tokenizer) if validation else gkd_train_ids(cfg, ctx.tokenizer)
+        n = ids.shape[0]  # this rank reads only the rows it trains on (or validates)
+        rows = val_rows(n, shard.rank, shard.world) if validation else train_rows(cfg, n, shard.rank, shard.world)
         return sharded_targets(ctx.source, ids, k, path, shard=shard, parent_sha256=files_fingerprint(parent),
-                               dtype=next(parent.parameters()).dtype, labels=validation, progress=ctx.progress)
+                               dtype=next(parent.parameters()).dtype, labels=validation, progress=ctx.progress,
+                               rows=rows)
 
     def distill(self, ctx: StageContext, model: Any, directory: Path) -> Any:
         """One process: ``model`` distilled from the parent (its checkpoints in ``directory``); a ``GKDResult``."""
@@ -341,7 +346,8 @@ class GKDStage(Stage):
         if held:
             k = min(s.gkd_top_k, shapes.parent.vocab_size)
             how += (f", the parent's top-{k} targets of the training and validation sequences computed layer-sharded "
-                    f"once ({file / 2**30:.2f} GiB), read by every rank: no rank loads the parent in training")
+                    f"once ({file / 2**30:.2f} GiB), each rank reading its share ({held / 2**30:.2f} GiB): no rank "
+                    "loads the parent in training")
         how += f"; {s.gkd_steps} steps of {s.gkd_batch} x {s.quality_context} tokens"
         if train != "all":
             how += _trained_how(plan, cluster, shapes, train)
@@ -355,21 +361,16 @@ class GKDStage(Stage):
 
 def _ranks(cluster: Cluster, layers: int, *, device: float, host: float, cache: tuple[float, float],
            child_disk: float, seconds: float, teacher_pass: list[float]) -> list[RankUse]:
-    """Every rank of the run: ``device`` and ``host`` in training, plus the torchrun cache ``(held, file)`` every rank
-    reads into host RAM (on the CPU ``device`` holds it already). Rank 0 writes the child, the last rank the cache:
-    before training, its parent layers freed, it holds its chunks' targets, the file read back and, while that
-    widens its token ids, their int32 copy (``held - file``). Before that, ``teacher_pass[r]``: rank r computing its
-    share of the targets (on the device; on a GPU its host stages each tensor read)."""
+    """Every rank of the run: ``device`` and ``host`` in training, plus its share of the torchrun cache ``(held,
+    file)`` read into host RAM (on the CPU ``device`` holds it already). Rank 0 writes the child, the last rank the
+    cache (a chunk at a time: :class:`~puzzle.distill.targets_file.TargetsWriter`). Before that, ``teacher_pass[r]``:
+    rank r computing its share of the targets (on the device; on a GPU its host stages each tensor read)."""
     held, file = cache
     ranks = []
     for r in range(cluster.count):
         rank_device = max(device, teacher_pass[r])
         rank_host = max(host, teacher_pass[r]) if cluster.is_cpu else host + held
-        disk = child_disk if r == 0 else 0.0
-        if held and r == cluster.count - 1:
-            writing, disk = PROCESS_BYTES + 2 * held + (held - file), disk + file
-            rank_device = max(rank_device, writing) if cluster.is_cpu else rank_device
-            rank_host = rank_device if cluster.is_cpu else max(rank_host, writing)
+        disk = (child_disk if r == 0 else 0.0) + (file if r == cluster.count - 1 else 0.0)
         ranks.append(RankUse(r, (0, layers), rank_device, rank_host, disk, seconds))
     return ranks
 
