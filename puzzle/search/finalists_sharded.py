@@ -170,9 +170,10 @@ def measure_finalists_sharded(library: Any, parent_source: Any, solutions: Seque
     from puzzle.distill.teacher_sharded import sharded_targets
     from puzzle.schema import blocks_from_list
 
+    none = torch.empty(0, dtype=torch.int64)  # only the last rank compares: the others read none of the rows
     targets = sharded_targets(parent_source, ids, top_k, path, shard=shard, parent_sha256=parent_sha256,
-                              chunk=chunk, progress=progress)
-    if not shard.last:  # only the last rank compares
+                              chunk=chunk, progress=progress, rows=None if shard.last else none)
+    if not shard.last:
         targets = None
         gc.collect()
     out: list[Finalist] = []

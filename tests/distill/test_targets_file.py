@@ -48,8 +48,14 @@ def test_a_rank_reads_its_rows_only_and_maps_the_file_rows(tmp_path):
     assert torch.equal(got.label, t.label[[6, 1]])
     with pytest.raises(ValueError, match=r"rows \[3\] are not among the 4 rows read"):
         part.rows(torch.tensor([3]))
+    header = load_targets(tmp_path / "t.safetensors", rows=torch.empty(0, dtype=torch.int64))  # its key, no rows
+    assert header.key == "key-1" and header.label is not None and header.logp.shape == (0, T - 1, K)
     with pytest.raises(CorruptArtifactError, match="holds 7 rows"):
         read_rows(tmp_path / "t.safetensors", [2, 7])
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) - 100])  # a truncated copy: refused from its header
+    with pytest.raises(CorruptArtifactError, match="not a readable teacher-targets file"):
+        load_targets(tmp_path / "cut.safetensors", rows=torch.empty(0, dtype=torch.int64))
 
 
 def test_an_unfinished_file_is_never_renamed_into_place(tmp_path):
