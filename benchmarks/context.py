@@ -13,8 +13,10 @@ sequences at 256 tokens and 16 at 1024.
 
 Prints the table and writes ``benchmarks/results/context.csv`` (``context_quick.csv`` with ``--quick``): context,
 attention_kept (of the parent's layers), ffn_kept (the child's FFN width over the parent's), speedup (predicted on
-the budget), kl_256, top1_256, kl_1024, top1_1024, ppl_1024, kl_ratio (kl_1024 / kl_256) and search_s (the stages'
-seconds, its own library's included).
+the budget), kl_256, top1_256, kl_1024, top1_1024, ppl_1024, kl_ratio (kl_1024 / kl_256), search_s (the stages'
+seconds, its own library's included) and, for the stages that read the quality context, the run's measured peak RSS
+over today's plan of it (``resources.csv`` against :func:`peak_ratios`; the rank furthest from its plan):
+score_peak_ratio, child_bld_peak_ratio and gkd_peak_ratio.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ CONTEXTS = (256, 1024)
 JUDGED = {256: 16, 1024: 16}
 """Held-out sequences the children are judged on, by context (as ``puzzle evaluate --sequences 16 --context 256
 --context 1024``)."""
+MEMORY_STAGES = ("score", "child_bld", "gkd")
+"""The stages whose memory grows with the quality context: their measured peak against the plan's, per run."""
 SAME_TOKENS_AT_256 = ["--score-sequences", "4", "--gkd-batch", "4", "--eval-sequences", "8"]
 """At 256 tokens: the quick preset's scoring, GKD and evaluation tokens at 1024 (1, 1 and 2 sequences of 1024)."""
 
@@ -53,6 +57,24 @@ def search(out: Path, context: int, flags: list[str]) -> None:
 def stage_seconds(run: Path) -> float:
     """The seconds every stage of ``run`` recorded (``stage.json``): the search's time, its own library's included."""
     return sum(float(json.loads(p.read_text()).get("seconds") or 0.0) for p in run.glob("*/stage.json"))
+
+
+def peak_ratios(run: Path) -> dict[str, float]:
+    """``{stage}_peak_ratio``: the peak RSS ``run`` measured (``resources.csv``) over today's plan of it for the child
+    the run chose (``benchmarks/stage_times.py``'s :func:`replan`), for each of :data:`MEMORY_STAGES` (the rank
+    furthest from its plan); NaN for a stage that did not run."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.stage_times import replan
+
+    _, stages = replan(run)
+    usage = pd.read_csv(run / "resources.csv")
+    out = {}
+    for stage in MEMORY_STAGES:
+        d = usage[(usage.stage == stage) & ~usage.skipped.astype(bool)]
+        planned = [stages[stage].ranks[int(r)].device_bytes / 2**30 for r in d["rank"]]
+        ratio = d.measured_peak_gib.to_numpy() / planned
+        out[f"{stage}_peak_ratio"] = float(ratio[abs(ratio - 1).argmax()]) if len(d) else float("nan")
+    return out
 
 
 def child_row(run: Path, judged: dict[int, int]) -> dict[str, Any]:
@@ -118,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             run = given.get(context) or home / f"context-{context}"
             if context not in given:
                 search(run, context, flags + (SAME_TOKENS_AT_256 if context == 256 and not args.quick else []))
-            rows.append({"context": context, **child_row(run, judged), "search_s": round(stage_seconds(run), 1)})
+            rows.append({"context": context, **child_row(run, judged), "search_s": round(stage_seconds(run), 1),
+                         **peak_ratios(run)})
     table = pd.DataFrame(rows)
     path = args.csv or RESULTS / ("context_quick.csv" if args.quick else "context.csv")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -393,9 +393,25 @@ def context(df: pd.DataFrame) -> str:
     """One row per quality context of benchmarks/context.py: the child it chose and its KL by judged context."""
     rows = [[f"{r.context} tokens", r.attention_kept, f"{r.ffn_kept:.3f}", f"{r.speedup:.3f}x", f"{r.kl_256:.3f}",
              f"{r.kl_1024:.3f}", f"{r.kl_ratio:.2f}", f"{r.top1_1024:.3f}", f"{r.ppl_1024:.1f}",
-             f"{r.search_s / 60:.1f} min"] for r in df.itertuples()]
+             f"{r.search_s / 60:.1f} min",
+             " / ".join(f"{getattr(r, f'{s}_peak_ratio', float('nan')):.2f}" for s in ("score", "child_bld", "gkd"))]
+            for r in df.itertuples()]
     return table(["searched at", "attention kept", "FFN width kept", "predicted speedup", "KL at 256",
-                  "KL at 1024", "KL 1024 / 256", "top-1 at 1024", "perplexity at 1024", "search"], rows)
+                  "KL at 1024", "KL 1024 / 256", "top-1 at 1024", "perplexity at 1024", "search",
+                  "peak measured / plan: score, child_bld, gkd"], rows)
+
+
+def allocations(df: pd.DataFrame) -> str:
+    """One row per allocation of benchmarks/allocations.py: its widths in brief, its KL after the refit and how far
+    below uniform pruning's."""
+    rows = []
+    for r in df.itertuples():
+        ws = [int(w) for w in str(r.widths).split()]
+        brief = f"{ws[0]}, {ws[1]}, ... {ws[-2]}, {ws[-1]} ({min(ws)}-{max(ws)})"
+        vs = "-" if r.allocation == "uniform" else f"{100 * r.vs_uniform:+.0f}%"
+        rows.append([r.allocation.replace("_", " "), brief, f"{r.kl:.3f}", vs, f"{r.top1:.3f}", f"{r.refit_s:.0f} s"])
+    return table(["allocation", "FFN widths: first, second ... last (range)", "KL after the refit", "vs uniform",
+                  "top-1", "refit"], rows)
 
 
 TABLES: dict[str, Callable[..., str]] = {
@@ -406,6 +422,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "quality_fidelity.csv": quality_fidelity, "score_fidelity.csv": score_fidelity, "refine.csv": refine,
     "refine_children.csv": refine_children, "scale.csv": scale, "scale_context.csv": scale, "plan_tables.csv": plan_markdown,
     "reliability.csv": reliability, "stage_times.csv": stage_times, "context.csv": context,
+    "allocations.csv": allocations,
 }
 """CSV name -> the function that turns it into a markdown table (its options are keyword arguments)."""
 

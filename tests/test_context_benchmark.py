@@ -28,5 +28,9 @@ def test_the_context_benchmark_searches_at_each_context_and_judges_both(tmp_path
         assert settings["quality_context"] == settings["score_seq_len"] == r.context  # searched at its context
         assert r.kl_64 > 0 and r.kl_128 > 0 and r.kl_ratio == pytest.approx(r.kl_128 / r.kl_64)
         assert 0 <= r.top1_128 <= 1 and r.search_s > 0 and r.attention_kept.endswith("/6")
+        usage = pd.read_csv(tmp_path / "runs" / f"context-{r.context}" / "resources.csv").set_index("stage")
+        for stage in ("score", "child_bld", "gkd"):  # the run's own measured peak over its plan (the same code's)
+            want = usage.loc[stage, "measured_peak_gib"] / usage.loc[stage, "predicted_peak_gib"]
+            assert getattr(r, f"{stage}_peak_ratio") == pytest.approx(want, rel=1e-6) and 0.3 < want < 3
     with pytest.raises(SystemExit, match="give CONTEXT=DIR"):
         main(["--run", f"64={tmp_path}"])  # not a search's run directory

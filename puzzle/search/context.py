@@ -57,6 +57,11 @@ class StageContext:
             self._parent = load_model(self.source)
         return self._parent
 
+    def drop_parent(self) -> None:
+        """Free the whole parent an earlier stage loaded (one process keeps it between stages); the next
+        :attr:`parent` loads it again. A stage that reads only its own layers of the parent calls it first."""
+        self._parent = None
+
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:

@@ -135,3 +135,39 @@ def test_a_fused_childs_plan_counts_child_bld_as_before_the_fusion():
     before = plan.resources.stage("child_bld")
     after = plan_resources(plan, child=fused, search=False).stage("child_bld")
     assert after.peak_device_bytes == before.peak_device_bytes and after.rounds == before.rounds
+
+
+def test_a_child_with_nothing_to_train_is_planned_as_its_assembly():
+    """The MIP's child keeps the parent's own sub-blocks and no-ops only (the README command's at 1024 tokens: 14
+    attentions kept, every FFN whole): the stage writes it tensor by tensor and plans that (it planned 0 bytes; measured
+    in one process 0.72 GiB against 0.63 planned), not the training it does not run."""
+    import dataclasses
+
+    from puzzle.export.memory import assembly_peak_bytes
+    from puzzle.schema import AttentionConfig
+    from puzzle.search.resource_plan import plan_resources
+
+    plan, _ = _plan(model="smollm2-135m")
+    parent = plan.parent_config
+    child = parent.with_blocks([dataclasses.replace(b, attention=AttentionConfig.no_op()) if i % 2 else b
+                                for i, b in enumerate(parent.blocks)])
+    use = plan_resources(plan, child=child, search=False).stage("child_bld")
+    assert use.how == "rank 0: the child assembled tensor by tensor (it replaces no sub-block: nothing to train)"
+    assert [r.device_bytes for r in use.ranks] == [assembly_peak_bytes(child)] and use.ranks[0].device_bytes > 0.5 * GIB
+    trained = parent.with_blocks([dataclasses.replace(b, attention=AttentionConfig.gqa(1)) if i == 3 else b
+                                  for i, b in enumerate(child.blocks)])  # one attention of another shape: trained
+    assert "one process: the replaced sub-blocks trained" in plan_resources(plan, child=trained,
+                                                                          search=False).stage("child_bld").how
+
+
+def test_a_stage_that_reads_its_own_layers_frees_the_whole_parent_first(tmp_path):
+    """One process keeps the parent an earlier stage loaded (the finalists'); child_bld drops it before it loads
+    its own layers, and the next stage that needs it loads it again."""
+    from puzzle.search.context import StageContext
+
+    plan, _ = _plan(model="smollm2-135m")
+    ctx = StageContext(plan, tmp_path, False)
+    ctx._parent = held = object()  # what the finalists loaded
+    assert ctx.parent is held
+    ctx.drop_parent()
+    assert ctx._parent is None

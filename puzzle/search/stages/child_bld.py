@@ -134,6 +134,7 @@ class ChildBLDStage(Stage):
             if ctx.first:
                 lib.assemble_to(blocks, directory / "child", overwrite=True)
             return {"model": str(directory / "child"), "tokens": 0}
+        ctx.drop_parent()  # it reads its own layers of the parent: the finalists' whole one would sit beside them
         result = self.train_sharded(ctx, lib, blocks, directory)  # every rank its layers; rank 0 writes the child
         log.info("child-aware BLD: %d sub-blocks, NMSE %.4g -> %.4g, %.0f tokens/s", len(result.trained),
                  result.summary()["first_nmse"], result.summary()["last_nmse"], result.tokens_per_s)
@@ -157,9 +158,12 @@ class ChildBLDStage(Stage):
         from puzzle.export.memory import assembly_peak_bytes
 
         s, child, C = ChildBLDSettings.of(plan), shapes.child_config, shapes.child_params
-        if s.child_bld_tokens == 0:
+        nothing = (shapes.child is not None and len(child.blocks) == len(shapes.parent.blocks)
+                   and not _parts(shapes))  # the MIP's child keeps the parent's own sub-blocks and no-ops only
+        if s.child_bld_tokens == 0 or nothing:
             assembly = assembly_peak_bytes(child)  # rank 0 writes the MIP's child tensor by tensor
-            return stage_use(self.name, "rank 0: the child assembled tensor by tensor (child-aware BLD off)",
+            why = "child-aware BLD off" if s.child_bld_tokens == 0 else "it replaces no sub-block: nothing to train"
+            return stage_use(self.name, f"rank 0: the child assembled tensor by tensor ({why})",
                              one_rank(cluster, device=assembly if cluster.is_cpu else base_bytes(cluster),
                                       host=assembly, disk=C * 4, seconds=2 * C * 4 / DISK_BYTES_PER_S), cluster)
         return _layer_sharded(s, training_config(s), cluster, shapes)
