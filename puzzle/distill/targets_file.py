@@ -58,8 +58,12 @@ class TargetsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         self.tmp, self.fd = Path(tmp), fd
-        os.write(fd, struct.pack("<Q", len(text)) + text)
-        os.ftruncate(fd, self.data + start)
+        try:
+            os.write(fd, struct.pack("<Q", len(text)) + text)
+            os.ftruncate(fd, self.data + start)
+        except BaseException:  # a full disk: no temporary file left behind
+            self.abort()
+            raise
 
     def write(self, start: int, logp: torch.Tensor, index: torch.Tensor, rest: torch.Tensor, hidden: torch.Tensor,
               label: torch.Tensor | None = None) -> None:

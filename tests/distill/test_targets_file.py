@@ -71,6 +71,19 @@ def test_an_unfinished_file_is_never_renamed_into_place(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_file_that_cannot_be_sized_leaves_nothing(tmp_path, monkeypatch):
+    import os
+
+    def full(fd, size):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "ftruncate", full)
+    with pytest.raises(OSError, match="No space left"):
+        TargetsWriter(tmp_path / "t.safetensors", n=N, seq_len=T, top_k=K, hidden_size=H, key="k", labels=False,
+                      fmt=FORMAT)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_the_ranks_rows_are_the_rows_their_steps_visit(world):
     cfg = GKDConfig(steps=5, batch=4, seed=3)
