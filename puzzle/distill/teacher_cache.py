@@ -161,13 +161,14 @@ def teacher_targets(parent: PuzzleForCausalLM, ids: torch.Tensor, top_k: int, pa
 
 
 def save_targets(targets: TeacherTargets, path: str | Path) -> None:
-    from block_library.artifact import write_state
+    """``targets`` written to ``path`` atomically, in one piece (the file layout is
+    :class:`~puzzle.distill.targets_file.TargetsWriter`'s, which also writes it a chunk at a time)."""
+    from puzzle.distill.targets_file import TargetsWriter
 
-    tensors = {"logp": targets.logp, "index": targets.index.to(torch.int32), "rest": targets.rest,
-               "hidden": targets.hidden}
-    if targets.label is not None:
-        tensors["label"] = targets.label
-    write_state(tensors, Path(path), metadata={"format": FORMAT, "key": targets.key})
+    n, t1, k = targets.logp.shape
+    with TargetsWriter(path, n=n, seq_len=t1 + 1, top_k=k, hidden_size=targets.hidden.shape[-1], key=targets.key,
+                       labels=targets.label is not None, fmt=FORMAT, hidden_dtype=targets.hidden.dtype) as w:
+        w.write(0, targets.logp, targets.index, targets.rest, targets.hidden, targets.label)
 
 
 def load_targets(path: str | Path, rows: torch.Tensor | None = None) -> TeacherTargets:

@@ -24,8 +24,12 @@ def _targets(labels: bool) -> TeacherTargets:
 
 @pytest.mark.parametrize("labels", [False, True])
 def test_chunks_written_out_of_order_read_back_as_the_whole_file(tmp_path, labels):
+    from block_library.artifact import write_state
+
     t = _targets(labels)
-    save_targets(t, tmp_path / "whole.safetensors")
+    tensors = {"logp": t.logp, "index": t.index.to(torch.int32), "rest": t.rest, "hidden": t.hidden,
+               **({"label": t.label} if labels else {})}  # safetensors' own writer: the reference layout
+    write_state(tensors, tmp_path / "whole.safetensors", metadata={"format": FORMAT, "key": "key-1"})
     with TargetsWriter(tmp_path / "chunks.safetensors", n=N, seq_len=T, top_k=K, hidden_size=H, key="key-1",
                        labels=labels, fmt=FORMAT) as w:
         for start in (4, 0, 2, 6):  # chunks of 2 (the last of 1), in any order
@@ -40,7 +44,8 @@ def test_chunks_written_out_of_order_read_back_as_the_whole_file(tmp_path, label
 
 def test_a_rank_reads_its_rows_only_and_maps_the_file_rows(tmp_path):
     t = _targets(True)
-    save_targets(t, tmp_path / "t.safetensors")
+    save_targets(t, tmp_path / "t.safetensors")  # one piece, through the same writer
+    assert torch.equal(load_targets(tmp_path / "t.safetensors").hidden, t.hidden)
     part = load_targets(tmp_path / "t.safetensors", rows=torch.tensor([5, 1, 2, 6]))
     assert part.logp.shape == (4, T - 1, K) and part.held.tolist() == [1, 2, 5, 6]
     got = part.rows(torch.tensor([6, 1]))  # rows of the whole file
