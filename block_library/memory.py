@@ -36,10 +36,12 @@ HELD_ONE_STEP_BYTES_PER_PARAM = 12
 never held together. From the second step on, the backward refills every gradient beside the moments."""
 INIT_BYTES_PER_PARAM = 4
 """An initialized (fp32) variant module, before training."""
-PROCESS_BYTES = 0.42 * 2**30
+PROCESS_BYTES = 0.58 * 2**30
 """Resident memory of a rank outside its stage's work: Python, torch, transformers, pandas, puzzle, the
-tokenizer, a gloo process group and what earlier stages leave in the heap. Measured on idle ranks of
-2-rank torchrun searches on CPU (torch 2.13): 0.33-0.48 GiB from one run to the next; 0.42 is the middle."""
+tokenizer, a gloo process group and what earlier stages leave in the heap. Measured on the idle ranks of
+2-rank torchrun searches on CPU (torch 2.13, transformers 5.19; ``benchmarks/scale.py``, both shapes): 0.53-0.58
+GiB, and 0.60-0.65 where scikit-learn is installed (the ``eval`` extra brings it), which transformers then imports
+with its generation code. Importing torch, pandas, transformers' Llama and puzzle alone takes 0.46 GiB (0.53)."""
 CUDA_CONTEXT_BYTES = 0.6 * 2**30
 """Device memory the CUDA context and cuBLAS workspaces take before any tensor."""
 
@@ -120,8 +122,9 @@ def teacher_bytes(config: Any, sizes: Sequence[LayerSizes], layers: Sequence[int
 
 def activation_bytes(config: Any, sizes: Sequence[LayerSizes], layers: Sequence[int], *, batch: int, seq_len: int,
                      dtype_bytes: int, training: bool = True) -> float:
-    """Peak activations of one batch (B, T) on the rank: the teacher's streams and one layer's internals,
-    plus (``training``) the autograd graph of its widest trainable variant, in fp32."""
+    """Peak activations of one batch (B, T) on the rank: the teacher's streams and the larger of one layer's
+    internals and (``training``) the autograd graph of its widest trainable variant, in fp32: the teacher's
+    layer returns its streams before the variants of that layer train on them (``block_library.teacher.run_pass``)."""
     if not layers:
         return 0.0
     H, BT = config.hidden_size, batch * seq_len
@@ -139,7 +142,7 @@ def activation_bytes(config: Any, sizes: Sequence[LayerSizes], layers: Sequence[
         graph = 2 * (2 * BT * H + 4 * BT * widest) * 4
         if any(v.kind == "gqa" for l in layers for v in sizes[l].trainable):
             graph = max(graph, 2 * (2 * BT * H + 4 * BT * heads * hd) * 4)
-    return streams + teacher_layer + graph
+    return streams + max(teacher_layer, graph)
 
 
 def bld_fixed_bytes(config: Any, sizes: Sequence[LayerSizes], layers: Sequence[int], *, first: bool,

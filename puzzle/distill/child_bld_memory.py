@@ -143,10 +143,11 @@ def base_bytes(cpu: bool) -> float:
 
 def step_work_bytes(shape: LayerShape, layers: Sequence[int], batch: int, seq_len: int) -> float:
     """One training step's work beside the weights: one layer's activations and their backward (the stream, norms,
-    q/k/v/o, the FFN's projections), SDPA's scores, and the stream in and out (float32)."""
+    q/k/v/o, the FFN's projections) and the stream in and out (float32). Causal SDPA runs flash kernels, on the CPU
+    too (torch 2.13: 8 MiB for 8 heads of 2048 tokens, whose scores would be 128 MiB): no (B, nh, T, T) scores."""
     H, BT = shape.hidden, batch * seq_len
     width = max((shape.width[l] for l in layers), default=0)
-    return BT * (16 * H + 4 * width) * FP32 + batch * shape.heads * seq_len * seq_len * FP32 + 2 * BT * H * FP32
+    return BT * (16 * H + 4 * width) * FP32 + 2 * BT * H * FP32  # causal SDPA: flash forward and backward, no (T, T)
 
 
 def window_steps(steps: int, every: int, step_bytes: float, bound: float = WINDOW_BYTES) -> int:

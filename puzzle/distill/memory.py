@@ -21,11 +21,14 @@ With ``world`` processes, FSDP2 (:mod:`puzzle.distill.sharding`) and ``b = micro
   - the logits and what the KL makes of them, ``LOGIT_BYTES * vocab`` per token (``CACHED_LOGIT_BYTES``
     with cached targets: no parent logits).
 
-So, every weight trained and a live teacher::
+The units and the logits' buffers are not alive together: the logits, the KL's buffers and their gradients come
+first in the backward, beside the LM head's weights and the last layer's prefetched (:func:`loss_units_bytes`);
+a unit's gradient and the reduce-scatter's copy come after. So, every weight trained and a live teacher::
 
-    bytes = 16 * C / world + d * P / world + 16 * U
-            + b * T * (A * H * L + d * H * (L + 1) + LOGIT_BYTES * V)      no checkpointing
-            + b * T * (4 * H * L + A * H + d * H * (L + 1) + LOGIT_BYTES * V)  with checkpointing
+    bytes = 16 * C / world + d * P / world + b * T * G
+            + max(b * T * (d * H * (L + 1) + LOGIT_BYTES * V) + 4 * (V * H + U_layer), 16 * U)
+    G = A * H * L                  no checkpointing
+    G = 4 * H * L + A * H          with checkpointing
 
 (``A = ACT_BYTES_PER_HIDDEN``). Not counted: the process itself (``block_library.memory.PROCESS_BYTES``,
 on a GPU also a CUDA context), the models handed to ``distill_child`` (kept by the caller, on the CPU when
@@ -62,6 +65,23 @@ FROZEN_UNIT_BYTES_PER_PARAM = 8
 gradient through to the units before it) and the next unit's prefetched; no gradient to reduce."""
 
 
+def loss_units_bytes(layers: Sequence[tuple[int, int]], edges: tuple[int, int], *, vocab_hidden: int, tied: bool,
+                     units: float) -> float:
+    """Bytes FSDP2 holds whole while the logits and the KL's buffers are alive (the peak of a step's memory), for a
+    student whose decoder layers and edges (the embedding, the LM head and the final norm) hold ``(trained, frozen)``
+    parameters each; ``units`` is :func:`gathered_bytes`. A frozen tied embedding sits in the root unit, gathered
+    from the forward's start to the backward's end beside the layer running: ``units`` itself. Otherwise the LM
+    head's weights and the last layer's, prefetched for its backward, fp32 (``FROZEN_BYTES_PER_PARAM``): the head's
+    gradient, the reduce-scatter's copy and the next units come after the logits' gradient is freed. Measured on a
+    4-layer, hidden-512, 49k-vocabulary shape under 2-process torchrun, every weight trained, 1024-token sequences:
+    each sequence added 1.24 GiB (the plan's per-token terms 1.28) and a step's peak without sequences was the shards
+    and the process alone (``benchmarks/scale.py --quick``)."""
+    _, frozen = edges
+    if frozen and tied:
+        return float(units)
+    return float(FROZEN_BYTES_PER_PARAM * (vocab_hidden + max((t + f for t, f in layers), default=0)))
+
+
 def gathered_bytes(layers: Sequence[tuple[int, int]], edges: tuple[int, int], *, vocab_hidden: int,
                    tied: bool) -> float:
     """Bytes of the units FSDP2 holds whole at once, for a student whose decoder layers and edges (the embedding,
@@ -85,7 +105,8 @@ def gathered_bytes(layers: Sequence[tuple[int, int]], edges: tuple[int, int], *,
 def gkd_rank_bytes(child_params: int, parent_params: int, *, largest_unit_params: int = 0, world: int,
                    micro_batch: int, seq_len: int, hidden: int, layers: int, vocab: int,
                    checkpointing: bool = False, dtype_bytes: int = 4, frozen_params: int = 0,
-                   unit_bytes: float | None = None, teacher: bool = True) -> float:
+                   unit_bytes: float | None = None, teacher: bool = True,
+                   loss_unit_bytes: float | None = None) -> float:
     """Peak bytes one of ``world`` processes of sharded GKD holds (see the module docstring for each term).
 
     ``largest_unit_params``: parameters of the largest unit FSDP gathers at once (the largest decoder layer,
@@ -95,6 +116,8 @@ def gkd_rank_bytes(child_params: int, parent_params: int, *, largest_unit_params
     ``dtype_bytes``: bytes per parent weight and activation (2 for bf16). ``frozen_params``: of ``child_params``,
     those that do not train. ``teacher`` False: every target of training and validation is cached (the parent is
     not loaded; its term and its activations drop, the cached last hidden state and logits' share stay).
+    ``loss_unit_bytes``: what FSDP2 holds whole while the logits and their gradient are alive
+    (:func:`loss_units_bytes`); None counts ``unit_bytes`` there too (the two phases summed, an upper bound).
     """
     if world < 1 or micro_batch < 1 or seq_len < 1:
         raise ValueError(f"world, micro_batch and seq_len must be >= 1, got {world}, {micro_batch}, {seq_len}")
@@ -103,13 +126,17 @@ def gkd_rank_bytes(child_params: int, parent_params: int, *, largest_unit_params
     student = TRAIN_BYTES_PER_PARAM * (child_params - frozen_params) + FROZEN_BYTES_PER_PARAM * frozen_params
     shards = (student + (dtype_bytes * parent_params if teacher else 0)) / world
     units = UNIT_BYTES_PER_PARAM * largest_unit_params if unit_bytes is None else unit_bytes
+    at_loss = units if loss_unit_bytes is None else loss_unit_bytes
     if world == 1:  # no FSDP: nothing gathered, its gradients are in the student's 16 B a parameter (measured on
-        units = 0.0  # SmolLM2's one-process GKD at 1024 tokens: 5.15 GiB, the plan 6.05 without a unit, 6.46 with)
+        units = at_loss = 0.0  # SmolLM2's one-process GKD at 1024 tokens: 5.15 GiB, the plan 6.05 without a unit)
     graph = (4 * hidden * layers + ACT_BYTES_PER_HIDDEN * hidden) if checkpointing \
         else ACT_BYTES_PER_HIDDEN * hidden * layers
     targets = (dtype_bytes * hidden * (layers + 1) + LOGIT_BYTES * vocab if teacher  # the parent's, live
                else 4 * hidden + CACHED_LOGIT_BYTES * vocab)
-    return float(shards + units + micro_batch * seq_len * (graph + targets))
+    tokens = micro_batch * seq_len
+    # the logits' phase (the units it holds beside them) and the layers' backward (the largest unit, after the
+    # logits and their gradient are freed); the graph of the layers lives through both
+    return float(shards + tokens * graph + max(tokens * targets + at_loss, units))
 
 
 def teacher_pass_bytes(config: Any, world: int, *, seq_len: int, dtype_bytes: int, chunk: int = 2) -> list[float]:

@@ -12,7 +12,7 @@ context) and, one model at a time (the parent's phase, then the child's):
   norm and LM head (a tied head is the embedding, read for it);
 * the largest of: loading (the file pages of the tensor being read, mapped while it is copied: the
   copy is one of the weights), a chunk (b, T) through its layers (residual stream, RoPE tables,
-  one layer's internals: the CPU attention kernel materializes the (b, heads, T, T) scores) and,
+  one layer's internals; causal SDPA runs a flash kernel on the CPU too, with no (b, heads, T, T) scores) and,
   on the last rank in the child's phase, scoring ``logit_positions`` positions: five (n, V)
   float32 buffers (both log-probs; exp p, p - q and their product inside the KL);
 * on the last rank, from the parent's phase on: the parent's final hidden states (N, T, H) (kept
@@ -74,7 +74,7 @@ def chunk_activation_bytes(config: Any, layers: Sequence[int], *, chunk: int, se
     streams = 4 * b * T * H + 2 * b * T * hd  # x, the block's output, a norm, a received buffer; RoPE cos, sin
     widths = [config.blocks[l].ffn.intermediate_size for l in layers if config.blocks[l].ffn.kind == "swiglu"]
     ffn = 4 * b * T * max(widths, default=H)  # gate, up, silu(gate), product
-    attention = 4 * b * T * heads * hd + 2 * b * heads * T * T  # q, k, v, output; scores and their softmax
+    attention = 4 * b * T * heads * hd  # q, k, v, output: causal SDPA runs a flash kernel, no (b, nh, T, T) scores
     return float((streams + max(ffn, attention)) * dtype_bytes)
 
 

@@ -70,7 +70,7 @@ def _weights_params(config: Any, layers: Sequence[int], *, first: bool, last: bo
 
 def _pass_bytes(config: Any, layers: Sequence[int], *, sequences: int, seq_len: int, dtype_bytes: int) -> float:
     """One pass of ``sequences`` through the rank's widest layer: streams in and out, the normed input,
-    the FFN's gate, up and product, or the attention's q, k, v, output and (B, nh, T, T) scores."""
+    the FFN's gate, up and product, or the attention's q, k, v and output."""
     if not layers:
         return 0.0
     H, BT = config.hidden_size, sequences * seq_len
@@ -78,7 +78,7 @@ def _pass_bytes(config: Any, layers: Sequence[int], *, sequences: int, seq_len: 
     widest = max((config.blocks[l].ffn.intermediate_size for l in layers if config.blocks[l].ffn.kind == "swiglu"),
                  default=H)
     attention = any(config.blocks[l].attention.kind != "no_op" for l in layers)
-    inner = max(3 * BT * widest, (4 * BT * heads * hd + 2 * sequences * heads * seq_len * seq_len) if attention else 0)
+    inner = max(3 * BT * widest, 4 * BT * heads * hd if attention else 0)  # causal SDPA: flash, no (B, nh, T, T)
     return float((4 * BT * H + 2 * BT * hd + inner) * dtype_bytes)
 
 

@@ -59,7 +59,7 @@ class StageContext:
 
     def drop_parent(self) -> None:
         """Free the whole parent an earlier stage loaded (one process keeps it between stages); the next
-        :attr:`parent` loads it again. A stage that reads only its own layers of the parent calls it first."""
+        :attr:`parent` loads it again. The pipeline calls it before every stage not marked ``whole_parent``."""
         self._parent = None
 
     @property

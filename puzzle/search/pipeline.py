@@ -7,13 +7,12 @@
 
 The config is resolved once into a :class:`~puzzle.search.plan.Plan` and checked (model, data,
 target, budget feasibility, resources, run directory) before anything is written; ``run_dir/plan.json``
-records it. One search writes a run directory at a time (:mod:`puzzle.search.lock`); the parent
-enters the first key by its content, so a parent re-trained in place redoes every stage. Every stage lives in ``run_dir/<stage>/`` with a
-``stage.json`` manifest (:mod:`puzzle.search.manifest`): a rerun skips stages whose key and recorded
-files did not change, an interrupted run resumes (BLD from its checkpoint, scoring from its finished
-layers), and changing only the budget re-solves without retraining. A stage's key holds its settings
-and the hashes of the *outputs* of the stages it reads, so redoing one stage redoes exactly the ones
-after it. This module is only the loop: each stage's settings, key, run and resources are in its own file.
+records it. One search writes a run directory at a time (:mod:`puzzle.search.lock`); the parent enters the first
+key by its content, so a parent re-trained in place redoes every stage. Every stage lives in ``run_dir/<stage>/``
+with a ``stage.json`` manifest (:mod:`puzzle.search.manifest`): a rerun skips stages whose key and recorded files
+did not change, an interrupted run resumes, and changing only the budget re-solves without retraining. A
+stage's key holds its settings and the hashes of the *outputs* of the stages it reads, so redoing one stage
+redoes exactly the ones after it. This module is only the loop: each stage's settings, key, run and resources are in its own file.
 """
 
 from __future__ import annotations
@@ -152,6 +151,8 @@ def _run_stages(plan: Plan, run_dir: Path, shared: Path, group: Group, *, progre
     usage = Usage(run_dir, group)
     stages = REGISTRY.of(plan)
     for k, stage in enumerate(stages, start=1):
+        if not stage.whole_parent:
+            ctx.drop_parent()  # an earlier stage's whole parent would count in this stage's peak
         release_memory()
         reset_peak()
         root = shared if stage.shareable else run_dir

@@ -23,7 +23,7 @@ import torch
 from puzzle.distill import distill_child
 from puzzle.distill.artifact import model_fingerprint
 from puzzle.distill.gkd import gkd_val_ids
-from puzzle.distill.memory import gathered_bytes, gkd_rank_bytes
+from puzzle.distill.memory import gathered_bytes, gkd_rank_bytes, loss_units_bytes
 from puzzle.distill.teacher_cache import compute_targets, targets_key
 from puzzle.distill.trainable import param_split, trained_names
 from puzzle.errors import ConfigError
@@ -141,6 +141,24 @@ def test_the_memory_formula_counts_frozen_weights_and_a_cached_teacher():
     assert gathered_bytes(layers, (0, 1000), vocab_hidden=1000, tied=True) == 4 * 1000 + 16 * 10 + 8 * 90
     assert gathered_bytes(layers, (0, 2000), vocab_hidden=1000, tied=False) == 8 * 1000
     assert gathered_bytes(layers, (1016, 0), vocab_hidden=1000, tied=True) == 16 * 1000
+
+
+def test_the_largest_unit_and_the_logits_are_not_counted_together():
+    kw = dict(world=2, micro_batch=2, seq_len=8, hidden=16, layers=4, vocab=100, unit_bytes=16_000.0, teacher=False)
+    summed = gkd_rank_bytes(10_000, 20_000, **kw)  # no phase given: the unit beside the logits, an upper bound
+    tokens_targets = 2 * 8 * (4 * 16 + 24 * 100)  # the cached last state and the logits' buffers
+    # beside the logits only the head's weights (4 B x V x H = 6,400 here): the unit (16,000) is freed by then
+    assert summed - gkd_rank_bytes(10_000, 20_000, loss_unit_bytes=6_400.0, **kw) == 16_000 - 6_400
+    # a unit larger than the logits' phase is the peak on its own
+    big = dict(kw, unit_bytes=100_000.0)
+    assert gkd_rank_bytes(10_000, 20_000, loss_unit_bytes=6_400.0, **big) == \
+        gkd_rank_bytes(10_000, 20_000, **big) - tokens_targets
+    # what is held beside the logits: a frozen tied embedding's root unit stays gathered through the step; else the
+    # head's fp32 weights and the largest layer's (the last one, prefetched for its backward)
+    layers = [(10, 90), (0, 100), (120, 0)]
+    assert loss_units_bytes(layers, (0, 1000), vocab_hidden=1000, tied=True, units=5_000.0) == 5_000
+    assert loss_units_bytes(layers, (1016, 0), vocab_hidden=1000, tied=True, units=16_000.0) == 4 * (1000 + 120)
+    assert loss_units_bytes(layers, (0, 2000), vocab_hidden=1000, tied=False, units=8_000.0) == 4 * (1000 + 120)
 
 
 @pytest.fixture(scope="module")

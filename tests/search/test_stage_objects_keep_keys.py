@@ -133,18 +133,24 @@ def _without_evaluate(plan: dict) -> dict:
     return plan
 
 
-def _without_score_first_rank(plan: dict) -> dict:
-    """Two memory figures changed on purpose (issue 32, measured at 1024 tokens): scoring's first rank when it is not
-    the last too (its memory-mapped embedding is resident around every looked-up token, whole on a GPU: it was left
-    out) and one-process GKD (no FSDP unit is gathered there: it was counted)."""
+def _without_memory(plan: dict) -> dict:
+    """Every memory figure was measured again since, on purpose (issue 32, at 1024 tokens and on both of
+    ``benchmarks/scale.py``'s shapes): the process itself (0.42 -> 0.58 GiB), scoring's memory-mapped embedding, a
+    one-process GKD gathers no unit, a sharded step's largest unit comes after its logits are freed, BLD's teacher
+    layer and its variants' graph are not alive together, causal attention keeps no (T, T) scores. The plan checks
+    them against measured peaks there (``benchmarks/scale.py``, ``benchmarks/context.py``); here the rest of every
+    stage's plan (layers, rounds, disk, whether it fits) stays what it was, but BLD's rounds and disk: rounds are packed
+    into what the memory leaves, and the checkpoint holds the round in flight."""
     plan = json.loads(json.dumps(plan))
     for what in ("resources", "child_resources"):
         for stage in plan[what]["stages"]:
-            if (stage["stage"] == "score" and len(stage["ranks"]) > 1) or (
-                    stage["stage"] == "gkd" and len(stage["ranks"]) == 1):
-                for d in (stage, stage["ranks"][0]):
-                    d.pop("peak_device_gib")
-                    d.pop("peak_host_gib")
+            for d in (stage, *stage["ranks"]):
+                d.pop("peak_device_gib")
+                d.pop("peak_host_gib")
+                if stage["stage"] == "bld":
+                    d.pop("disk_gib")
+                    d.pop("rounds")
+                    d.pop("note", None)  # "N rounds of variants per rank"
     return plan
 
 
@@ -158,7 +164,7 @@ def test_keys_settings_and_resources_are_what_they_were_before_the_move(case, fi
         now["settings"][name]["source"] = before["settings"][name]["source"]
     before, now = _without_child_bld_resources(before), _without_child_bld_resources(now)
     before, now = _without_evaluate(before), _without_evaluate(now)
-    before, now = _without_score_first_rank(before), _without_score_first_rank(now)
+    before, now = _without_memory(before), _without_memory(now)
     if before["settings"]["gkd_top_k"]["source"] == "default":  # its 64 is a preset value now (production: 0)
         before["settings"]["gkd_top_k"]["source"] = "preset"
     if any(before["settings"][n]["source"] == "derived" for n in SHARDED_QUALITY["settings"]):  # several ranks

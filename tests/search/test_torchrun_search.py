@@ -28,14 +28,14 @@ def test_two_rank_search_runs_every_stage_within_its_plan(tmp_path):
     stages = ["library", "bld", "score", "profile", "solve", "child_bld", "fuse", "gkd", "export", "evaluate"]
     assert list(dict.fromkeys(usage.stage)) == stages and set(usage["rank"]) == {0, 1}
     assert not usage.skipped.any()
-    # no rank ever held more than its limit; where a rank works, the plan tracks it (this shape is small enough
-    # that the process itself, 0.33-0.48 GiB, dominates: the 15% check is benchmarks/scale.py's, on the 1B shape)
+    # no rank ever held more than its limit; where a rank works, the plan tracks it (measured 0.90-1.13 of the plan
+    # at this shape, where the process itself, 0.53-0.65 GiB, is most of a rank: benchmarks/scale.py checks 15%)
     from block_library.memory import PROCESS_BYTES
 
     assert (usage.measured_peak_gib <= 2.5).all()
     working = usage[usage.predicted_peak_gib > PROCESS_BYTES / 2**30 + 0.05]
     ratio = working.measured_peak_gib / working.predicted_peak_gib
-    assert len(working) >= 9 and ratio.between(0.5, 1.5).all(), working
+    assert len(working) >= 9 and ratio.between(0.8, 1.2).all(), working
     plan = json.loads((run / "plan.json").read_text())
     assert plan["resources"]["cluster"]["ranks"] == 2 and plan["resources"]["fits"]
     # the child: exported as DeciLM, GKD'd over 2 ranks, evaluated by the sharded evaluation

@@ -42,6 +42,9 @@ class Stage:
     """Independent of the budget: searches at other budgets may share its result (``shared_dir``)."""
     sharded: ClassVar[bool] = False
     """Under ``torchrun`` its run is called on every rank (each does its share); else on rank 0 alone."""
+    whole_parent: ClassVar[bool] = False
+    """Its run reads the whole parent one process keeps between stages (``ctx.parent``); before any other stage
+    that copy is freed, so that the stage's memory (and its measured peak) is its own."""
     optional: ClassVar[bool] = False
     """Runs only when :meth:`enabled` says so (the baselines); the others run in every search."""
     record: ClassVar[tuple[str, ...] | None] = None

@@ -53,7 +53,7 @@ class BaselinesSettings(Section):
 class BaselinesStage(Stage):
     name, order = "baselines", 110
     sections = (BaselinesSettings, child_bld.ChildBLDSettings, gkd.GKDSettings, ProfileSettings)
-    optional = True
+    optional = whole_parent = True
 
     def enabled(self, plan: Plan) -> bool:
         return bool(BaselinesSettings.of(plan).baselines)

@@ -134,7 +134,6 @@ class ChildBLDStage(Stage):
             if ctx.first:
                 lib.assemble_to(blocks, directory / "child", overwrite=True)
             return {"model": str(directory / "child"), "tokens": 0}
-        ctx.drop_parent()  # it reads its own layers of the parent: the finalists' whole one would sit beside them
         result = self.train_sharded(ctx, lib, blocks, directory)  # every rank its layers; rank 0 writes the child
         log.info("child-aware BLD: %d sub-blocks, NMSE %.4g -> %.4g, %.0f tokens/s", len(result.trained),
                  result.summary()["first_nmse"], result.summary()["last_nmse"], result.tokens_per_s)

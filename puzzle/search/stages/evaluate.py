@@ -48,6 +48,7 @@ class EvaluateStage(Stage):
     name, order = "evaluate", 100
     sections = (EvaluateSettings, ProfileSettings)
     sharded = True
+    whole_parent = True
 
     def key(self, plan: Plan, upstream: Mapping[str, str]) -> dict[str, Any]:
         s = EvaluateSettings.of(plan)

@@ -39,6 +39,7 @@ class FuseStage(Stage):
     name, order = "fuse", 70
     sections = (FuseSettings,)
     sharded = True
+    whole_parent = True
 
     def key(self, plan: Plan, upstream: Mapping[str, str]) -> dict[str, Any]:
         s = FuseSettings.of(plan)

@@ -114,18 +114,25 @@ def _split(shapes: Shapes, train: str) -> Any:
 
 def _rank_bytes(plan: Plan, cluster: Cluster, shapes: Shapes, *, checkpointing: bool, offload: bool,
                 train: str = "all") -> float:
-    from puzzle.distill.memory import FROZEN_BYTES_PER_PARAM, gathered_bytes, gkd_rank_bytes
+    from puzzle.distill.memory import FROZEN_BYTES_PER_PARAM, gathered_bytes, gkd_rank_bytes, loss_units_bytes
 
     s, config, world = GKDSettings.of(plan), shapes.parent, cluster.count
     split = _split(shapes, train)
     P, C = shapes.parent_params, split.trained + split.frozen
-    units = gathered_bytes(split.layers, split.edges, vocab_hidden=embedding_params(config), tied=split.tied)
+    vh = embedding_params(config)
+    units = gathered_bytes(split.layers, split.edges, vocab_hidden=vh, tied=split.tied)
+    at_loss = loss_units_bytes(split.layers, split.edges, vocab_hidden=vh, tied=split.tied, units=units)
+    # one process with gkd_top_k: the training steps read the parent's targets cached in host RAM (its validation
+    # passes run the parent live, chunk by chunk, without a graph: smaller than a step)
+    cached = _cached(plan, world) or (world == 1 and bool(s.gkd_top_k))
     device = gkd_rank_bytes(C, P, unit_bytes=units, world=world, micro_batch=max(1, s.gkd_batch // world),
                             seq_len=s.quality_context, hidden=config.hidden_size, layers=len(shapes.layers),
                             vocab=config.vocab_size, checkpointing=checkpointing, dtype_bytes=cluster.dtype_bytes,
-                            frozen_params=split.frozen, teacher=not _cached(plan, world))
+                            frozen_params=split.frozen, teacher=not cached, loss_unit_bytes=at_loss)
     if world == 1:
         device += C * 4  # the child as loaded, beside its fp32 student copy
+        if cached:  # the parent is loaded all the same, for the validation
+            device += cluster.dtype_bytes * P
     elif cluster.is_cpu:  # one memory: the cached targets every rank holds count against it
         device += sharded_cache(plan, shapes, world)[0]
     if offload:  # the fp32 student shards, their gradients and moments move to host RAM
@@ -196,6 +203,7 @@ class GKDStage(Stage):
     name, order = "gkd", 80
     sections = (GKDSettings,)
     sharded = True
+    whole_parent = True
 
     def key(self, plan: Plan, upstream: Mapping[str, str]) -> dict[str, Any]:
         s, train = GKDSettings.of(plan), planned_options(plan)[2]

@@ -108,6 +108,7 @@ class SolveStage(Stage):
     name, order = "solve", 50
     sections = (SolveSettings,)
     sharded = True
+    whole_parent = True
     """Under torchrun every rank runs it: with finalists they are measured layer-sharded, else rank 0 alone
     solves and the others return at once."""
 
