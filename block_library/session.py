@@ -82,7 +82,8 @@ TOKENIZER_FINGERPRINT_FILES = ("tokenizer.json", "tokenizer_config.json", "speci
 
 def parent_fingerprint(source: Source, *, verify: bool = False) -> str:
     """sha256 of what every result from a parent depends on: its config.json, the bytes of each weight
-    file and of its tokenizer files. A parent re-trained in place with the same sizes changes it.
+    file and of its tokenizer files (and, for a hub snapshot, the commit it is of). A parent re-trained in place
+    with the same sizes changes it.
 
     The weight files' hashes are cached by file identity (:func:`puzzle.parents.hashes.content_sha256`:
     a few seconds once for SmolLM2, nothing read after); ``verify`` reads every byte again."""
@@ -90,8 +91,11 @@ def parent_fingerprint(source: Source, *, verify: bool = False) -> str:
 
     from puzzle.io import safetensors_files
     from puzzle.parents.hashes import content_sha256
+    from puzzle.parents.hub import snapshot_of
 
     h = hashlib.sha256((source.directory / "config.json").read_bytes())
+    if (snap := snapshot_of(source.directory)) is not None:  # a hub snapshot: the commit it is of
+        h.update(f"hub:{snap[0]}@{snap[1]}".encode())
     for f in safetensors_files(source.directory):
         h.update(f"{f.name}:{content_sha256(f, verify=verify)}".encode())
     for name in TOKENIZER_FINGERPRINT_FILES:

@@ -6,15 +6,15 @@
     load_layers(source, [3, 4])     -> PuzzleForCausalLM with layers 3 and 4 read, the rest on meta
     load_tokenizer(source)          -> a transformers tokenizer
 
-Nothing here contacts a model hub or executes code from a checkpoint directory: DeciLM
-configs are parsed by this project's own ``configuration_decilm`` module.
+Nothing here executes code from a checkpoint directory: DeciLM configs are parsed by this project's own
+``configuration_decilm`` module. A hub id is read through huggingface_hub's cache (:mod:`puzzle.parents.hub`:
+config, safetensors and tokenizer files only).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ from puzzle.errors import CorruptArtifactError, ModelFilesError, UnknownModelErr
 from puzzle.io import load_safetensors, read_json_file, safetensors_files
 from puzzle.model import PuzzleConfig, PuzzleForCausalLM
 from puzzle.model.weights import adopt, meta_model, model_from_state_dict, part_weight_names, runtime_weight_names
-from puzzle.parents import embedded
+from puzzle.parents import embedded, hub
 from puzzle.parents.hf import (WeightSource, hf_state_dict_to_runtime, hf_weight_source, puzzle_config_from_hf,
                                read_config_json)
 from puzzle.schema import AttentionConfig, BlockConfig, FFNConfig
@@ -49,10 +49,13 @@ class Source:
     """``embedded`` (cached embedded parent), ``hf`` (Llama/Mistral/Qwen2 dir), ``runtime`` or ``decilm``."""
     directory: Path
     """The directory holding config.json, weights and tokenizer files."""
+    commit: str | None = None
+    """For a hub id (``org/name[@revision]``): the commit its snapshot is of (:mod:`puzzle.parents.hub`)."""
 
 
-def resolve_source(source: str | Path | Source) -> Source:
-    """Classify a model name or directory; raise a clear error when it is neither."""
+def resolve_source(source: str | Path | Source, *, config_only: bool = False) -> Source:
+    """Classify a model name, directory or hub id; raise a clear error when it is none of them. A hub id is read
+    from huggingface_hub's cache, downloaded there first when missing (``config_only``: its config.json alone)."""
     if isinstance(source, Source):
         return source
     text = str(source)
@@ -64,13 +67,13 @@ def resolve_source(source: str | Path | Source) -> Source:
         raise ModelFilesError(f"{text} is a file; pass a model directory (with config.json) or an embedded name")
     if embedded.canonical_name(text) is not None:
         return Source(name=text, kind="embedded", directory=embedded.resolve_embedded(text))
+    if hub.is_hub_id(text):
+        snap = hub.snapshot(text, config_only=config_only)
+        return Source(name=text, kind=_kind_of(read_config_json(snap.directory)), directory=snap.directory,
+                      commit=snap.commit)
     known = ", ".join(sorted(embedded.EMBEDDED))
-    hint = ""
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
-        hint = " It looks like a hub id: puzzle never downloads; fetch the model yourself and pass its directory."
-    raise UnknownModelError(
-        f"unknown model {text!r}: not an existing directory and not an embedded model ({known}).{hint}"
-    )
+    raise UnknownModelError(f"unknown model {text!r}: not an existing directory, an embedded model ({known}) or a hub "
+                            "id (org/name[@revision])")
 
 
 def _kind_of(cfg: dict[str, Any]) -> str:

@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches a model hub: hub ids resolve from a local cache or fail
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 

@@ -128,6 +128,10 @@ def preflight(plan: Plan, run_dir: str | Path, *, force: bool = False, searching
     if plan.parent["directory"] is None:
         raise ModelFilesError(f"{plan.model} is a shape for planning (`puzzle plan --model {plan.model}`); a search "
                               "needs a model directory with its safetensors weights")
+    if searching and plan.parent.get("commit"):  # a hub id: the plan read its config.json alone; fetch the rest
+        from puzzle.loading import resolve_source  # into huggingface_hub's cache (the same commit), not the run
+
+        resolve_source(plan.model)
     check_weights(plan.parent["directory"])  # safetensors (never a pickle), each header parses, no file cut short
     check_sources(plan.data)  # every source opened, its first document read
     check_plan(plan)

@@ -89,7 +89,10 @@ def resolve(config: SearchConfig | None = None) -> Plan:
     limits = Budget(speedup=settings["speedup"].value, throughput=v["throughput"], memory_bytes=memory_bytes)
     feasibility = _feasibility(parent, shape, target, scenarios[0], limits, approximate=bool(settings["calibrate"].value),
                                space=search_space(v.get("space"), settings["engine"].value))
+    from puzzle.parents.hub import snapshot_of
+
     summary = {"model": v["model"], "directory": None if directory is None else str(directory),
+               **({"commit": snap[1]} if directory is not None and (snap := snapshot_of(directory)) else {}),
                "weights": directory is not None and _has_weights(directory), "layers": parent.num_hidden_layers,
                "hidden_size": parent.hidden_size, "num_attention_heads": parent.num_attention_heads,
                "num_key_value_heads": sorted({b.attention.num_key_value_heads for b in parent.blocks
@@ -165,7 +168,7 @@ def parent_of(model: str) -> tuple[Any, Any]:
 
     if not Path(model).expanduser().exists() and canonical_name(model) is None and canonical_shape(model):
         return puzzle_config_from_hf(shape_config_json(model), where=model), None
-    source = resolve_source(model)
+    source = resolve_source(model, config_only=True)  # a hub id: its config.json alone (the search reads the rest)
     return load_config(source), source.directory
 
 

@@ -75,8 +75,9 @@ _BUDGET = "Speedup, throughput and memory are costed on --budget, in --scenario,
 SETTINGS = Table([
     # ---- the parent, the data, the hardware: what a user says
     Spec(name="model", kind="str", stages=(PLAN,), default="smollm2-135m",
-         help="The parent: an embedded name (smollm2-135m), a model directory with safetensors weights, or a shape "
-              "name for planning only (llama-3.1-70b)."),
+         help="The parent: an embedded name (smollm2-135m), a model directory with safetensors weights, a hub id "
+              "(org/name[@revision], read through huggingface_hub's cache: HF_TOKEN and HF_HUB_OFFLINE=1 work), or a "
+              "shape name for planning only (llama-3.1-70b)."),
     Spec(name="data", kind="strs", stages=("library", "bld", "score", "solve", "child_bld", "fuse", "gkd",
                                            "evaluate", "baselines"), default=("stdlib",), validate=_data, metavar="SOURCE",
          help="Corpus of every stage: stdlib (the Python standard library's source), text files, directories, "

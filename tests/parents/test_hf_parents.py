@@ -68,8 +68,12 @@ def test_unknown_name_lists_embedded_models():
         resolve_source("no-such-model")
 
 
-def test_hub_id_gets_a_no_download_hint():
-    with pytest.raises(UnknownModelError, match="never downloads"):
+def test_a_hub_id_offline_and_not_cached_says_how_to_fetch_it(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # HF_HUB_OFFLINE=1: conftest.py
+    with pytest.raises(UnknownModelError, match="not in the local hub cache and HF_HUB_OFFLINE is set: fetch it "
+                                                "with `hf download meta-llama/Llama-3.1-8B`"):
         resolve_source("meta-llama/Llama-3.1-8B")
 
 
