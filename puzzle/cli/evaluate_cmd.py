@@ -6,6 +6,7 @@
     puzzle evaluate smollm2-135m --speed --scenario decode:batch=1,context=512
     puzzle evaluate runs/search/export/model --parent smollm2-135m --engine vllm  # + speed inside vLLM
     puzzle evaluate runs/child --parent smollm2-135m --context 256 --context 1024    # quality by context length
+    puzzle evaluate runs/child --parent smollm2-135m --lm-eval python_stdlib_mc arc_easy  # lm-evaluation-harness
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", nargs="+", default=[], metavar="FILE", help="multiple-choice task files, JSONL with "
                    '{"context": str, "choices": [str, ...], "answer": int} per line (see '
                    "examples/tasks/python_stdlib_mc.jsonl); each choice is scored by its tokens' summed log-prob")
+    p.add_argument("--lm-eval", nargs="+", default=[], metavar="TASK", help="lm-evaluation-harness tasks run on "
+                   "MODEL and --parent with the same settings, side by side (needs pip install 'puzzle-nas[eval]'): "
+                   "lm-eval's names (arc_easy, hellaswag, mmlu, ...), python_stdlib_mc (shipped, offline) or tasks of "
+                   "--lm-eval-include; writes lm_eval.csv with --out")
+    p.add_argument("--lm-eval-include", action="append", default=[], metavar="DIR", help="a directory of local "
+                   "lm-eval task YAML files, repeatable")
+    p.add_argument("--lm-eval-limit", type=int, metavar="N", help="at most N examples of each lm-eval task")
+    p.add_argument("--lm-eval-fewshot", type=int, metavar="K", help="few-shot examples (default: each task's own)")
     p.add_argument("--speed", action="store_true", help="measure step times on this device (interleaved rounds, "
                    "fastest kept): default scenarios prefill batch 1 x 1024 and decode batch 8, context 1024")
     p.add_argument("--scenario", nargs="+", metavar="SPEC", help="speed scenarios instead of the defaults, e.g. "
@@ -71,6 +80,15 @@ def run(args: argparse.Namespace) -> int:
     check_contexts(args.context, None)
     scenarios = [parse_scenario(s) for s in args.scenario] if args.scenario else None
     tasks = load_tasks(args.tasks)
+    if args.lm_eval:
+        from puzzle.evaluation.harness import check_tasks
+
+        if (args.lm_eval_limit is not None and args.lm_eval_limit < 1) or (args.lm_eval_fewshot or 0) < 0:
+            from puzzle.errors import ConfigError
+
+            raise ConfigError(f"--lm-eval-limit must be at least 1 and --lm-eval-fewshot at least 0, got "
+                              f"{args.lm_eval_limit} and {args.lm_eval_fewshot}")
+        check_tasks(args.lm_eval, args.lm_eval_include)
     src = resolve_source(args.model)
     parent_src = resolve_source(args.parent) if args.parent else None
     if args.engine:
@@ -105,6 +123,16 @@ def run(args: argparse.Namespace) -> int:
                   progress=not args.no_progress)
     print(f"model {args.model}" + (f", parent {args.parent}" if args.parent else ""))
     print(ev.format())
+    harness = None
+    if args.lm_eval:
+        from puzzle.evaluation.harness import harness_scores, side_by_side
+
+        kw = dict(include=args.lm_eval_include, limit=args.lm_eval_limit, num_fewshot=args.lm_eval_fewshot)
+        mine = harness_scores(model, tokenizer, args.lm_eval, **kw)
+        harness = side_by_side(harness_scores(parent, tokenizer, args.lm_eval, **kw) if parent is not None else None,
+                               mine)
+        print("\nlm-evaluation-harness (child as % of parent):")
+        print(harness.to_string(index=False, float_format="{:.4g}".format))
     engine_table = None
     if args.engine:
         from puzzle.evaluation.engine_speed import engine_speed, present_target
@@ -127,5 +155,8 @@ def run(args: argparse.Namespace) -> int:
         if engine_table is not None:
             atomic_write_text(out / "engine_speed.csv", engine_table.to_csv(index=False))
             written.append("engine_speed.csv")
+        if harness is not None:
+            atomic_write_text(out / "lm_eval.csv", harness.to_csv(index=False))
+            written.append("lm_eval.csv")
         print(f"wrote {', '.join(str(out / w) for w in written)}")
     return 0
