@@ -49,8 +49,6 @@ class Source:
     """``embedded`` (cached embedded parent), ``hf`` (Llama/Mistral/Qwen2 dir), ``runtime`` or ``decilm``."""
     directory: Path
     """The directory holding config.json, weights and tokenizer files."""
-    commit: str | None = None
-    """For a hub id (``org/name[@revision]``): the commit its snapshot is of (:mod:`puzzle.parents.hub`)."""
 
 
 def resolve_source(source: str | Path | Source, *, config_only: bool = False) -> Source:
@@ -69,8 +67,7 @@ def resolve_source(source: str | Path | Source, *, config_only: bool = False) ->
         return Source(name=text, kind="embedded", directory=embedded.resolve_embedded(text))
     if hub.is_hub_id(text):
         snap = hub.snapshot(text, config_only=config_only)
-        return Source(name=text, kind=_kind_of(read_config_json(snap.directory)), directory=snap.directory,
-                      commit=snap.commit)
+        return Source(name=text, kind=_kind_of(read_config_json(snap.directory)), directory=snap.directory)
     known = ", ".join(sorted(embedded.EMBEDDED))
     raise UnknownModelError(f"unknown model {text!r}: not an existing directory, an embedded model ({known}) or a hub "
                             "id (org/name[@revision])")

@@ -13,7 +13,6 @@ task (``acc`` and ``acc_norm``), so the path runs end to end offline, in CI too.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,6 @@ from typing import Any
 import pandas as pd
 
 from puzzle.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 SHIPPED_TASK = "python_stdlib_mc"
 """The local lm-eval task the project ships (always on the include path)."""

@@ -6,8 +6,8 @@
 Only what a parent needs is fetched: ``config.json``, safetensors weights and their index, tokenizer files
 (:data:`PATTERNS`); never pickled weights (``*.bin``, ``*.pt``), never code. The standard cache, ``HF_TOKEN`` and
 ``HF_HUB_OFFLINE=1`` work as in transformers (huggingface_hub reads them). The commit a revision resolved to is the
-snapshot directory's name: the run records it (:class:`puzzle.loading.Source` ``revision``) and the parent's
-fingerprint includes it.
+snapshot directory's name (:func:`snapshot_of` reads it back from the path): ``plan.json`` records it and the
+parent's fingerprint includes it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from puzzle.errors import ModelFilesError, UnknownModelError, UnsafeCheckpointError
+from puzzle.io import PICKLE_SUFFIXES
 
 HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 """``org/name`` with an optional ``@revision`` (a branch, a tag or a commit)."""
@@ -25,7 +26,6 @@ PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.saf
             "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
             "merges.txt", "added_tokens.json")
 """What a parent is read from: config, safetensors weights and the tokenizer."""
-PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _COMMITS: dict[str, str] = {}
 
 
@@ -101,7 +101,7 @@ def snapshot(text: str, *, config_only: bool = False) -> HubSnapshot:
         raise ModelFilesError(f"{text} (commit {snap.commit[:12]}) has no config.json in the local hub cache: "
                               f"fetch it with {fetch}")
     if not config_only and not any(path.glob("*.safetensors")):
-        pickled = sorted(p.name for pattern in PICKLED for p in path.glob(pattern))
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickled or not offline():
             raise UnsafeCheckpointError(f"{text} has no safetensors weights{f' (only {pickled[0]})' if pickled else ''}"
                                         ": puzzle never loads pickled weights; convert them to safetensors first")

@@ -18,6 +18,7 @@ import pytest
 
 from puzzle.errors import UnknownModelError, UnsafeCheckpointError
 from puzzle.loading import load_config, resolve_source
+from puzzle.parents.hub import snapshot_of
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMIT, OTHER = "a" * 40, "b" * 40
@@ -57,13 +58,13 @@ def hub_cache(tmp_path, monkeypatch):
 def test_a_cached_hub_id_resolves_to_its_snapshot_and_its_commit(hub_cache, tiny_llama_dir):
     snap = _repo(hub_cache, "some-org/some-model", tiny_llama_dir)
     src = resolve_source("some-org/some-model")
-    assert (src.directory, src.commit, src.kind) == (snap, COMMIT, "hf")
+    assert (src.directory, src.kind) == (snap, "hf") and snapshot_of(src.directory) == ("some-org/some-model", COMMIT)
     assert load_config("some-org/some-model").num_hidden_layers == load_config(tiny_llama_dir).num_hidden_layers
     # a revision: another ref (a tag) pointing at another commit
     other = hub_cache / "models--some-org--some-model" / "snapshots" / OTHER
     shutil.copytree(snap, other)
     (hub_cache / "models--some-org--some-model" / "refs" / "v1").write_text(OTHER)
-    assert resolve_source("some-org/some-model@v1").commit == OTHER
+    assert snapshot_of(resolve_source("some-org/some-model@v1").directory)[1] == OTHER
     assert resolve_source(f"some-org/some-model@{OTHER}").directory == other
     # the fingerprint holds the commit: the same bytes from another commit are another parent
     from block_library.session import parent_fingerprint
